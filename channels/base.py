@@ -1,0 +1,93 @@
+"""The channel adapter interface and its value types.
+
+An adapter turns a platform's webhook request into channel-neutral ``InboundEvent``s (verifying
+the signature first) and sends a text to a conversation. It knows nothing of sessions: the
+conversation id it produces is also the address it sends to.
+
+Conversation ids (DESIGN.md): messenger the PSID; line the userId, groupId or roomId; slack
+``<channel>`` or ``<channel>:<thread_ts>``; twilio the user's E.164 number; webchat the client's id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import aiohttp
+
+from gateway.models import InboundEvent, OutboundMessage
+
+
+@dataclass(slots=True, frozen=True)
+class WebhookRequest:
+    """A platform's HTTP request, as the web layer received it.
+
+    ``public_url`` is the URL the platform called (``server.public_url`` + path + query, or
+    rebuilt from X-Forwarded-* / Host): Twilio signs it.
+    """
+
+    method: str
+    path: str
+    query: Mapping[str, str]
+    public_url: str
+    headers: Mapping[str, str]  # case-insensitive (a CIMultiDictProxy)
+    body: bytes
+    content_type: str = ""
+    form: Mapping[str, str] | None = None  # parsed form fields (a MultiDict) for form posts
+
+
+@dataclass(slots=True, frozen=True)
+class WebhookResponse:
+    """What the platform gets back immediately (after the events are durably recorded)."""
+
+    status: int = 200
+    text: str = ""
+    content_type: str = "text/plain"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ParsedWebhook:
+    """The outcome of one verified webhook request."""
+
+    events: list[InboundEvent] = field(default_factory=list)
+    ignored: int = 0  # housekeeping events counted and dropped (echoes, receipts, ...)
+    response: WebhookResponse = field(default_factory=WebhookResponse)
+
+
+class ChannelAdapter(Protocol):
+    """Sends to one endpoint's platform. One instance per endpoint, created at start."""
+
+    channel: str
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        """Create platform clients inside the running loop (Slack may call auth.test here)."""
+
+    async def aclose(self) -> None:
+        """Close platform clients. Safe to call twice."""
+
+    async def send(self, message: OutboundMessage) -> None:
+        """Deliver ``message.text`` to ``message.conversation``.
+
+        Raises ``DeliveryError`` (``retryable``, ``retry_after_s``) on failure,
+        ``DeliverySkipped`` when platform policy forbids the send, ``DeliveryDeferred`` when
+        nobody can receive it now (web chat).
+        """
+
+
+@runtime_checkable
+class WebhookChannel(ChannelAdapter, Protocol):
+    """A platform that calls ``/webhooks/<endpoint>``."""
+
+    def handshake(self, request: WebhookRequest) -> WebhookResponse:
+        """Answer a GET on the webhook path (Messenger verification). Raises ``Forbidden``
+        on a wrong token and ``BadPayload`` when the channel has no GET handshake."""
+
+    def parse_webhook(self, request: WebhookRequest) -> ParsedWebhook:
+        """Verify the signature over the raw body, then parse every event of the batch.
+
+        Raises ``BadSignature`` (missing/wrong/stale) before looking at the body, and
+        ``BadPayload`` for a body that cannot be the platform's payload. Never anything else
+        for bad input.
+        """

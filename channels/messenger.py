@@ -1,0 +1,348 @@
+"""Facebook Messenger: the verification handshake, signed webhooks and the Send API.
+
+No official Python SDK: the Graph API is called with the shared ``aiohttp.ClientSession``.
+The conversation id is the user's page-scoped id (PSID). See CHANNELS.md, "Facebook Messenger".
+
+The page access token travels in the URL query (``?access_token=``), so nothing here logs or
+raises with a URL: logs name the path only and error reasons are scrubbed of the token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+
+from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse
+from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped, Forbidden
+from gateway.models import EventKind, InboundEvent, JSONDict, MessageKind, OutboundMessage
+from gateway.settings import EndpointSettings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_API_BASE_URL = "https://graph.facebook.com"
+DEFAULT_API_VERSION = "v21.0"
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+MAX_TEXT_CHARS = 2000
+MESSAGING_WINDOW_S = 24 * 3600.0
+REQUEST_TIMEOUT_S = 10.0
+# Graph API error codes worth retrying: 1/2 temporary API errors, 4/17/32/613 rate limits,
+# 1200 "temporary send message failure".
+RETRYABLE_CODES = frozenset({1, 2, 4, 17, 32, 613, 1200})
+OUTSIDE_WINDOW_CODE = 10
+OUTSIDE_WINDOW_SUBCODE = 2018278
+# Parts already delivered of a split message, remembered for this many message keys at most.
+MAX_TRACKED_PARTS = 1024
+
+_HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+# -- pure predicates on one ``entry[].messaging[]`` item (S16 housekeeping) -------------------
+
+
+def is_echo(item: Mapping[str, Any]) -> bool:
+    """Our own send, echoed back to the page."""
+    message = item.get("message")
+    return isinstance(message, Mapping) and message.get("is_echo") is True
+
+
+def is_user_message(item: Mapping[str, Any]) -> bool:
+    """A message the user wrote (text or not), as opposed to an echo of ours."""
+    return isinstance(item.get("message"), Mapping) and not is_echo(item)
+
+
+def is_postback(item: Mapping[str, Any]) -> bool:
+    """A tap on a button (postback), an interaction like a message."""
+    return isinstance(item.get("postback"), Mapping)
+
+
+def is_interaction(item: Mapping[str, Any]) -> bool:
+    """User messages and postbacks open and extend sessions; delivery, read, reactions,
+    echoes and everything else are housekeeping (S16)."""
+    return is_user_message(item) or is_postback(item)
+
+
+def split_text(text: str, limit: int = MAX_TEXT_CHARS) -> list[str]:
+    """``text`` cut into parts of at most ``limit`` characters, on whitespace where possible.
+
+    The whitespace at a cut is dropped; a word longer than ``limit`` is cut where it must be.
+    """
+    parts: list[str] = []
+    rest = text
+    while len(rest) > limit:
+        rest = rest.lstrip()  # a long text's leading whitespace is not worth a part of its own
+        if len(rest) <= limit:
+            break
+        window = rest[: limit + 1]  # a space right after the limit is a clean cut too
+        cut = max(window.rfind(" "), window.rfind("\n"), window.rfind("\t"))
+        head = rest[:cut].rstrip() if cut > 0 else ""
+        if not head:
+            head, cut = rest[:limit], limit
+        parts.append(head)
+        rest = rest[cut:].lstrip()
+    if rest or not parts:
+        parts.append(rest)
+    return parts
+
+
+def classify_error(status: int, body: Any, retry_after_s: float | None) -> DeliveryError:
+    """The ``DeliveryError`` for a non-2xx Send API answer (``body`` is the decoded JSON, if any)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    error = error if isinstance(error, dict) else {}
+    code = error.get("code")
+    subcode = error.get("error_subcode")
+    message = str(error.get("message") or "")
+    reason = f"messenger: HTTP {status}"
+    if code is not None:
+        reason += f", code {code}" + (f"/{subcode}" if subcode is not None else "")
+    if message:
+        reason += f": {message}"
+    if status >= 500 or status == 429 or code in RETRYABLE_CODES or error.get("is_transient") is True:
+        return DeliveryError(reason, retryable=True, retry_after_s=retry_after_s)
+    if code == OUTSIDE_WINDOW_CODE or subcode == OUTSIDE_WINDOW_SUBCODE or "(#10)" in message:
+        return DeliverySkipped(f"outside the 24 h messaging window ({reason})")
+    # 551 user unavailable, 190 bad token, 100 bad parameter, other 4xx: retrying cannot help.
+    return DeliveryError(reason, retryable=False)
+
+
+# -- the adapter ------------------------------------------------------------------------------
+
+
+class MessengerAdapter:
+    """One Messenger page (endpoint): verifies and parses its webhooks, sends to its users."""
+
+    channel = "messenger"
+
+    def __init__(self, endpoint: EndpointSettings, *, clock: Callable[[], float] = time.time) -> None:
+        self._endpoint = endpoint
+        self._clock = clock
+        self._http: aiohttp.ClientSession | None = None
+        self._closed = False
+        base = (endpoint.api_base_url or DEFAULT_API_BASE_URL).rstrip("/")
+        self._path = f"/{endpoint.credential('api_version') or DEFAULT_API_VERSION}/me/messages"
+        self._url = base + self._path
+        # message key -> parts already delivered, so a retry does not repeat them
+        self._sent_parts: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"MessengerAdapter(endpoint={self._endpoint.name!r}, path={self._path!r})"
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        self._http = http
+        self._closed = False
+
+    async def aclose(self) -> None:
+        # The session is shared and owned by the app: only forget it.
+        self._http = None
+        self._closed = True
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    def handshake(self, request: WebhookRequest) -> WebhookResponse:
+        """Meta's subscription check: echo ``hub.challenge`` when ``hub.verify_token`` matches."""
+        mode = request.query.get("hub.mode")
+        token = request.query.get("hub.verify_token")
+        challenge = request.query.get("hub.challenge")
+        if mode is None or token is None or challenge is None:
+            raise BadPayload("expected hub.mode, hub.verify_token and hub.challenge")
+        expected = self._endpoint.credential("verify_token")
+        if mode != "subscribe" or not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+            raise Forbidden("wrong verify token")
+        return WebhookResponse(200, text=challenge)
+
+    def parse_webhook(self, request: WebhookRequest) -> ParsedWebhook:
+        """Verify ``X-Hub-Signature-256`` over the raw body, then turn every messaging item of
+        every entry into an event (interactions) or a count (housekeeping), ordered by time."""
+        self._verify_signature(request)
+        try:
+            payload = json.loads(request.body)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise BadPayload("body is not JSON") from exc
+        if not isinstance(payload, dict) or payload.get("object") != "page":
+            raise BadPayload('expected an object with "object": "page"')
+        entries = payload.get("entry")
+        if not isinstance(entries, list):
+            raise BadPayload('expected an "entry" list')
+        parsed = ParsedWebhook(response=WebhookResponse(200, text="EVENT_RECEIVED"))
+        for entry in entries:
+            items = _messaging_items(entry)
+            parsed.ignored += _housekeeping_count(entry)
+            for item in items:
+                if is_interaction(item):
+                    parsed.events.append(_event_of(item))
+                else:
+                    parsed.ignored += 1
+        # Meta does not guarantee order within or across entries.
+        parsed.events.sort(key=lambda event: event.timestamp or 0.0)
+        return parsed
+
+    def _verify_signature(self, request: WebhookRequest) -> None:
+        header = request.headers.get(SIGNATURE_HEADER)
+        if header is None:
+            raise BadSignature(f"missing {SIGNATURE_HEADER}")
+        algorithm, _, given = header.strip().partition("=")
+        if algorithm.lower() != "sha256" or not _HEX_SHA256.fullmatch(given):
+            raise BadSignature(f"malformed {SIGNATURE_HEADER}")
+        secret = self._endpoint.credential("app_secret")
+        if not secret:
+            raise BadSignature("no app_secret configured")
+        expected = hmac.new(secret.encode(), request.body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, given.lower()):
+            raise BadSignature("wrong signature")
+
+    # -- outbound ----------------------------------------------------------------------------
+
+    async def send(self, message: OutboundMessage) -> None:
+        """Send ``message.text`` to the PSID, in parts of at most 2000 characters.
+
+        Free-form messages (replies and notices alike) are allowed only within 24 h of the
+        user's last message: outside it, or when that time is unknown, ``DeliverySkipped``.
+        """
+        last_seen = message.user_last_seen_at
+        if last_seen is None or self._clock() - last_seen > MESSAGING_WINDOW_S:
+            raise DeliverySkipped("outside the 24 h messaging window")
+        if not message.text.strip():
+            raise DeliverySkipped("empty text")
+        http = self._http
+        if http is None:
+            raise DeliveryError("messenger adapter is not running", retryable=True)
+        token = self._endpoint.credential("page_access_token")
+        if not token:
+            raise DeliveryError("messenger: no page_access_token configured", retryable=False)
+        messaging_type = "RESPONSE" if message.kind is MessageKind.REPLY else "UPDATE"
+        parts = split_text(message.text)
+        for index in range(self._sent_parts.get(message.key, 0), len(parts)):
+            body = {
+                "recipient": {"id": message.conversation},
+                "messaging_type": messaging_type,
+                "message": {"text": parts[index]},
+            }
+            try:
+                await self._post(http, token, body)
+            except DeliveryError as exc:
+                if not exc.retryable:
+                    self._sent_parts.pop(message.key, None)
+                logger.warning(
+                    "messenger send to %s failed (part %d/%d): %s", self._path, index + 1, len(parts), exc.reason
+                )
+                raise
+            self._remember_part(message.key, index + 1)
+        self._sent_parts.pop(message.key, None)
+
+    async def _post(self, http: aiohttp.ClientSession, token: str, body: JSONDict) -> None:
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        try:
+            async with http.post(self._url, params={"access_token": token}, json=body, timeout=timeout) as resp:
+                if 200 <= resp.status < 300:
+                    return
+                raw = await resp.read()
+                retry_after_s = _retry_after_s(resp.headers.get("Retry-After"))
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Some aiohttp errors print the full URL, token included: keep only a scrubbed text
+            # and do not chain the original (a logged traceback would show it).
+            detail = _scrub(str(exc), token) or "timeout"
+            raise DeliveryError(f"messenger: {type(exc).__name__}: {detail}", retryable=True) from None
+        try:
+            decoded: Any = json.loads(_scrub(raw.decode("utf-8", "replace"), token))
+        except (ValueError, RecursionError):
+            decoded = None
+        raise classify_error(status, decoded, retry_after_s)
+
+    def _remember_part(self, key: str, done: int) -> None:
+        self._sent_parts.pop(key, None)
+        self._sent_parts[key] = done
+        while len(self._sent_parts) > MAX_TRACKED_PARTS:
+            del self._sent_parts[next(iter(self._sent_parts))]
+
+
+# -- parsing helpers --------------------------------------------------------------------------
+
+
+def _messaging_items(entry: Any) -> list[Mapping[str, Any]]:
+    """The ``messaging`` items of one entry (a list of objects, possibly absent)."""
+    if not isinstance(entry, dict):
+        raise BadPayload("an entry is not an object")
+    items = entry.get("messaging", [])
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise BadPayload('"messaging" is not a list of objects')
+    return items
+
+
+def _housekeeping_count(entry: Mapping[str, Any]) -> int:
+    """Items of an entry outside ``messaging``: ``standby`` (another app holds the thread) and
+    ``changes`` (page feed) are housekeeping, counted and dropped."""
+    return sum(len(value) for key in ("standby", "changes") if isinstance(value := entry.get(key), list))
+
+
+def _event_of(item: Mapping[str, Any]) -> InboundEvent:
+    """The event of a user message or postback item; BadPayload if it lacks sender or time."""
+    sender = item.get("sender")
+    psid = sender.get("id") if isinstance(sender, dict) else None
+    if isinstance(psid, int) and not isinstance(psid, bool):
+        psid = str(psid)
+    if not isinstance(psid, str) or not psid:
+        raise BadPayload("a messaging item has no sender.id")
+    timestamp_ms = item.get("timestamp")
+    if not isinstance(timestamp_ms, int | float) or isinstance(timestamp_ms, bool):
+        raise BadPayload("a messaging item has no timestamp")
+    timestamp = timestamp_ms / 1000
+    if is_postback(item):
+        postback: Mapping[str, Any] = item["postback"]
+        mid = _str_or_none(postback.get("mid"))
+        return InboundEvent(
+            conversation=psid,
+            kind=EventKind.POSTBACK,
+            dedup_key=mid or f"postback:{psid}:{timestamp_ms}",
+            message_id=mid,
+            text=_str_or_none(postback.get("title")),
+            attachments=({"type": "postback", "payload": postback.get("payload")},),
+            timestamp=timestamp,
+        )
+    message: Mapping[str, Any] = item["message"]
+    mid = _str_or_none(message.get("mid"))
+    if mid is None:
+        raise BadPayload("a message has no mid")
+    raw_attachments = message.get("attachments")
+    raw_attachments = raw_attachments if isinstance(raw_attachments, list) else []
+    attachments = [dict(att) for att in raw_attachments if isinstance(att, dict)]
+    for attachment in attachments:
+        attachment.setdefault("type", "unknown")
+    quick_reply = message.get("quick_reply")
+    if isinstance(quick_reply, dict):
+        attachments.append({"type": "quick_reply", "payload": quick_reply.get("payload")})
+    return InboundEvent(
+        conversation=psid,
+        kind=EventKind.MESSAGE,
+        dedup_key=mid,
+        message_id=mid,
+        text=_str_or_none(message.get("text")),
+        attachments=tuple(attachments),
+        timestamp=timestamp,
+    )
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form; an HTTP date is ignored)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _scrub(text: str, token: str) -> str:
+    return text.replace(token, "***") if token else text

@@ -1,0 +1,395 @@
+"""Slack Events API in, ``chat.postMessage`` out, through slack-sdk's own verifier and async client.
+
+Conversation ids (DESIGN.md): ``<channel>`` for a top-level message, ``<channel>:<thread_ts>``
+for a reply inside a thread (a thread is its own conversation). Replies to a top-level message
+go to the channel, replies in a thread stay in that thread.
+
+Text passes through unchanged both ways: inbound text is Slack's own markup (``&lt;``,
+``<@U123>``), and replies are posted as Slack mrkdwn, so an echo round-trips exactly.
+
+What slack-sdk 3.47 does that this module works around:
+
+- ``AsyncBaseClient`` copies HTTPS_PROXY/HTTP_PROXY into a per-request ``proxy=`` and ignores
+  NO_PROXY, so a test's 127.0.0.1 API would go through the proxy. The attribute is reset after
+  construction; proxying is then the shared session's business (``trust_env`` honours NO_PROXY).
+- With a shared session the SDK's ``timeout`` is not applied per request: each call is bounded
+  here with ``asyncio.timeout``.
+- Errors are not uniform: a 2xx that is not JSON raises ``SlackApiError`` whose ``response`` is
+  the raw ``aiohttp.ClientResponse`` (``.status``, not ``.status_code``), and a 200 ``text/plain``
+  raises ``AttributeError`` from ``AsyncSlackResponse.validate``. ``_api_error`` reads both shapes.
+- The default retry handlers retry connection errors once and nothing else (no 429 or 5xx
+  retry): pinned explicitly so that the outbox stays the one place that schedules retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from enum import StrEnum
+from typing import Any
+
+import aiohttp
+from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetryHandler
+from slack_sdk.signature import Clock, SignatureVerifier
+from slack_sdk.web.async_client import AsyncWebClient
+
+from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse
+from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
+from gateway.models import EventKind, InboundEvent, JSONDict, OutboundMessage
+from gateway.settings import EndpointSettings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_API_BASE_URL = "https://slack.com"
+SIGNATURE_HEADER = "X-Slack-Signature"
+TIMESTAMP_HEADER = "X-Slack-Request-Timestamp"
+# Slack truncates text beyond 40 000 characters and advises at most 4 000 per message; cut
+# below that, leaving room for characters Slack counts as more than one.
+MAX_TEXT_CHARS = 3500
+REQUEST_TIMEOUT_S = 10.0
+# Parts already delivered of a split message, remembered for this many message keys at most.
+MAX_TRACKED_PARTS = 1024
+# Message subtypes that are still a user writing: a file upload with its comment, and a thread
+# reply also sent to the channel. Every other subtype (edits, deletions, joins, bot_message,
+# ...) is housekeeping (S16).
+USER_MESSAGE_SUBTYPES = frozenset({"file_share", "thread_broadcast"})
+# ok:false codes that a later attempt can cure; any other code is permanent (channel_not_found,
+# not_in_channel, is_archived, invalid_auth, account_inactive, token_revoked, msg_too_long, ...).
+RETRYABLE_ERRORS = frozenset({"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"})
+
+
+# -- pure predicates on one ``event_callback`` event (S16 housekeeping) ------------------------
+
+
+def is_user_message(event: Mapping[str, Any], bot_user_id: str | None) -> bool:
+    """A message a person wrote in a channel, DM or thread (text or files).
+
+    Not: other event types (``app_mention`` included: the same words also arrive as a
+    ``message`` event with another event_id, so handling both would answer twice), messages
+    of any bot (``bot_id``), our own user's messages, and subtypes other than
+    ``USER_MESSAGE_SUBTYPES``.
+    """
+    if event.get("type") != "message" or event.get("bot_id"):
+        return False
+    subtype = event.get("subtype")
+    if subtype is not None and subtype not in USER_MESSAGE_SUBTYPES:
+        return False
+    user = event.get("user")
+    if not isinstance(user, str) or not user or (bot_user_id and user == bot_user_id):
+        return False
+    channel = event.get("channel")
+    return isinstance(channel, str) and bool(channel)
+
+
+def conversation_of(event: Mapping[str, Any]) -> str:
+    """``<channel>:<thread_ts>`` for a reply inside a thread, else ``<channel>``.
+
+    A thread's parent carries ``thread_ts == ts`` once it has replies: it is still top-level.
+    """
+    channel = str(event.get("channel") or "")
+    thread_ts = event.get("thread_ts")
+    if isinstance(thread_ts, str) and thread_ts and thread_ts != event.get("ts"):
+        return f"{channel}:{thread_ts}"
+    return channel
+
+
+def split_conversation(conversation: str) -> tuple[str, str | None]:
+    """The channel and thread_ts (None for the channel itself) of a conversation id."""
+    channel, _, thread_ts = conversation.partition(":")
+    return channel, thread_ts or None
+
+
+def split_text(text: str, limit: int = MAX_TEXT_CHARS) -> list[str]:
+    """``text`` cut into parts of at most ``limit`` characters, preferring line breaks, then
+    spaces; the whitespace at a cut is dropped, a longer word is cut where it must be."""
+    parts: list[str] = []
+    rest = text
+    while len(rest) > limit:
+        window = rest[: limit + 1]  # whitespace right after the limit is a clean cut too
+        cut = window.rfind("\n")
+        if cut < limit // 2:
+            cut = max(cut, window.rfind(" "), window.rfind("\t"))
+        head = rest[:cut].rstrip() if cut > 0 else ""
+        if not head:
+            head, cut = rest[:limit], limit
+        parts.append(head)
+        rest = rest[cut:].lstrip()
+    if rest or not parts:
+        parts.append(rest)
+    return parts
+
+
+# -- the adapter ------------------------------------------------------------------------------
+
+
+class _State(StrEnum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class _AdapterClock(Clock):
+    """The verifier's clock, reading the adapter's (tests move time through it)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+
+    def now(self) -> float:
+        return self._clock()
+
+
+class SlackAdapter:
+    """One Slack app (endpoint): verifies and parses its Events API calls, posts replies."""
+
+    channel = "slack"
+
+    def __init__(self, endpoint: EndpointSettings, *, clock: Callable[[], float] = time.time) -> None:
+        signing_secret = endpoint.credential("signing_secret")
+        if not signing_secret.strip():
+            raise ConfigError([f"endpoints.{endpoint.name}.credentials.signing_secret: required for slack"])
+        self._endpoint = endpoint
+        self._clock = clock
+        self._verifier = SignatureVerifier(signing_secret, clock=_AdapterClock(clock))
+        self._base_url = (endpoint.api_base_url or DEFAULT_API_BASE_URL).rstrip("/") + "/api/"
+        self._bot_user_id: str | None = endpoint.credential("bot_user_id") or None
+        self._state = _State.NEW
+        self._http: aiohttp.ClientSession | None = None
+        self._client: AsyncWebClient | None = None
+        # message key -> parts already delivered, so a retry does not repeat them
+        self._sent_parts: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"SlackAdapter(endpoint={self._endpoint.name!r}, bot_user_id={self._bot_user_id!r}, {self._state})"
+
+    @property
+    def bot_user_id(self) -> str | None:
+        """Our own bot user (from credentials or ``auth.test``); its messages are ignored."""
+        return self._bot_user_id
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        """Create the API client on the shared session; learn our bot user if not configured."""
+        if self._state is _State.CLOSED:
+            raise RuntimeError("SlackAdapter is closed")
+        if self._state is _State.RUNNING:
+            return
+        client = AsyncWebClient(
+            token=self._endpoint.credential("bot_token") or None,
+            base_url=self._base_url,
+            session=http,
+            timeout=int(REQUEST_TIMEOUT_S),
+            retry_handlers=[AsyncConnectionErrorRetryHandler(max_retry_count=1)],
+            logger=logging.getLogger(f"{__name__}.sdk"),
+        )
+        client.proxy = None  # see the module docstring: the session decides about proxies
+        self._http, self._client, self._state = http, client, _State.RUNNING
+        if self._bot_user_id is None:
+            await self._learn_bot_user(client)
+
+    async def aclose(self) -> None:
+        # The session is shared and owned by the app: only forget it.
+        self._client = None
+        self._http = None
+        self._state = _State.CLOSED
+
+    async def _learn_bot_user(self, client: AsyncWebClient) -> None:
+        """One ``auth.test``; on failure our own messages are still dropped by their ``bot_id``."""
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                response = await client.auth_test()
+        except (SlackClientError, aiohttp.ClientError, TimeoutError, AttributeError) as exc:
+            reason = _failure_of(exc).reason
+            logger.warning("slack endpoint %s: auth.test failed (%s); bot user unknown", self._endpoint.name, reason)
+            return
+        user_id = response.get("user_id")
+        if isinstance(user_id, str) and user_id:
+            self._bot_user_id = user_id
+        else:
+            logger.warning("slack endpoint %s: auth.test returned no user_id", self._endpoint.name)
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    def handshake(self, request: WebhookRequest) -> WebhookResponse:
+        """Slack has no GET handshake (url_verification is a signed POST)."""
+        raise BadPayload("slack webhooks are POST only")
+
+    def parse_webhook(self, request: WebhookRequest) -> ParsedWebhook:
+        """Verify the signature and timestamp over the raw body, then read the one event.
+
+        Retries (``X-Slack-Retry-Num``) carry the same ``event_id``, which is the dedup key.
+        """
+        self._verify_signature(request)
+        try:
+            payload = json.loads(request.body)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise BadPayload("body is not JSON") from exc
+        if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
+            raise BadPayload('expected an object with a "type"')
+        kind = payload["type"]
+        if kind == "url_verification":
+            challenge = payload.get("challenge")
+            if not isinstance(challenge, str):
+                raise BadPayload("url_verification without a challenge")
+            return ParsedWebhook(response=WebhookResponse(200, text=challenge))
+        if kind != "event_callback":
+            return ParsedWebhook(ignored=1)  # app_rate_limited and future payload types
+        event = payload.get("event")
+        if not isinstance(event, dict):
+            raise BadPayload('event_callback without an "event" object')
+        if not is_user_message(event, self._bot_user_id):
+            return ParsedWebhook(ignored=1)
+        event_id = payload.get("event_id")
+        if not isinstance(event_id, str) or not event_id:
+            raise BadPayload("event_callback without an event_id")
+        return ParsedWebhook(events=[_event_of(event_id, event)])
+
+    def _verify_signature(self, request: WebhookRequest) -> None:
+        timestamp = _header(request.headers, TIMESTAMP_HEADER)
+        signature = _header(request.headers, SIGNATURE_HEADER)
+        if timestamp is None or signature is None:
+            raise BadSignature(f"missing {SIGNATURE_HEADER} or {TIMESTAMP_HEADER}")
+        try:
+            valid = self._verifier.is_valid(body=request.body, timestamp=timestamp, signature=signature)
+        except ValueError as exc:  # a non-numeric timestamp, or a body that is not UTF-8
+            raise BadSignature("malformed timestamp or body") from exc
+        if valid is not True:
+            raise BadSignature("wrong signature or timestamp more than 300 s away")
+
+    # -- outbound ----------------------------------------------------------------------------
+
+    async def send(self, message: OutboundMessage) -> None:
+        """Post ``message.text`` to the conversation's channel (and thread), in parts of at most
+        ``MAX_TEXT_CHARS``, in order; a retry resumes after the parts already posted."""
+        channel, thread_ts = split_conversation(message.conversation)
+        if not channel:
+            raise DeliveryError(f"slack: no channel in conversation {message.conversation!r}", retryable=False)
+        if not message.text.strip():
+            raise DeliverySkipped("empty text")
+        client = self._client
+        if client is None or self._http is None or self._http.closed:
+            raise DeliveryError("slack adapter is not running", retryable=True)
+        parts = split_text(message.text)
+        for index in range(self._sent_parts.get(message.key, 0), len(parts)):
+            try:
+                await self._post(client, channel, thread_ts, parts[index])
+            except DeliveryError as exc:
+                if not exc.retryable:
+                    self._sent_parts.pop(message.key, None)
+                logger.warning(
+                    "slack send on %s to %s failed (part %d/%d): %s",
+                    self._endpoint.name,
+                    message.conversation,
+                    index + 1,
+                    len(parts),
+                    exc.reason,
+                )
+                raise
+            if len(parts) > 1:
+                self._remember_part(message.key, index + 1)
+        self._sent_parts.pop(message.key, None)
+
+    async def _post(self, client: AsyncWebClient, channel: str, thread_ts: str | None, text: str) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                await client.chat_postMessage(channel=channel, text=text, thread_ts=thread_ts)
+        except (SlackClientError, aiohttp.ClientError, TimeoutError, AttributeError) as exc:
+            raise _failure_of(exc) from exc
+
+    def _remember_part(self, key: str, done: int) -> None:
+        self._sent_parts.pop(key, None)
+        self._sent_parts[key] = done
+        while len(self._sent_parts) > MAX_TRACKED_PARTS:
+            del self._sent_parts[next(iter(self._sent_parts))]
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header, case-insensitively also when ``headers`` is a plain dict."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == lowered), None)
+
+
+def _event_of(event_id: str, event: Mapping[str, Any]) -> InboundEvent:
+    """The MESSAGE event of a user message (``is_user_message`` holds)."""
+    ts = event.get("ts")
+    message_id = ts if isinstance(ts, str) and ts else None
+    text = event.get("text")
+    files = event.get("files")
+    attachments: tuple[JSONDict, ...] = ()
+    if isinstance(files, list):
+        attachments = tuple(
+            {"type": "file", "name": file.get("name"), "mimetype": file.get("mimetype")}
+            for file in files
+            if isinstance(file, dict)
+        )
+    return InboundEvent(
+        conversation=conversation_of(event),
+        kind=EventKind.MESSAGE,
+        dedup_key=event_id,
+        message_id=message_id,
+        text=text if isinstance(text, str) and text else None,
+        attachments=attachments,
+        timestamp=_float_or_none(event.get("event_ts")) or _float_or_none(ts),
+    )
+
+
+def _float_or_none(value: Any) -> float | None:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _failure_of(exc: BaseException) -> DeliveryError:
+    """Our DeliveryError for what the SDK or aiohttp raised. Reasons never hold the token:
+    they are built from status codes, Slack error codes and aiohttp's texts (host and port)."""
+    if isinstance(exc, SlackApiError):
+        return _api_error(exc.response)
+    if isinstance(exc, aiohttp.ClientResponseError):  # a session with raise_for_status
+        return _status_error(exc.status, None, exc.headers)
+    if isinstance(exc, aiohttp.ClientError | TimeoutError):
+        detail = str(exc) or "timeout"
+        return DeliveryError(f"slack: {type(exc).__name__}: {detail}", retryable=True)
+    if isinstance(exc, AttributeError):  # a 200 that is not JSON (see the module docstring)
+        return DeliveryError("slack: unexpected response", retryable=False)
+    return DeliveryError(f"slack: {type(exc).__name__}", retryable=False)
+
+
+def _api_error(response: Any) -> DeliveryError:
+    """The error of an answer: an ``AsyncSlackResponse``, or a raw ``aiohttp.ClientResponse``."""
+    status = getattr(response, "status_code", None) or getattr(response, "status", None) or 0
+    data = getattr(response, "data", None)
+    error = data.get("error") if isinstance(data, dict) else None
+    return _status_error(int(status), error if isinstance(error, str) else None, getattr(response, "headers", None))
+
+
+def _status_error(status: int, error: str | None, headers: Mapping[str, str] | None) -> DeliveryError:
+    if status == 429 or error == "ratelimited":
+        retry_after_s = _retry_after_s(headers.get("Retry-After") if headers is not None else None)
+        return DeliveryError(error or "ratelimited", retryable=True, retry_after_s=retry_after_s)
+    if status >= 500:
+        return DeliveryError(f"slack: HTTP {status}" + (f": {error}" if error else ""), retryable=True)
+    if error is not None:
+        return DeliveryError(error, retryable=error in RETRYABLE_ERRORS)
+    return DeliveryError(f"slack: HTTP {status}: unexpected response", retryable=False)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form; an HTTP date is ignored)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None

@@ -1,0 +1,134 @@
+"""The gateway's own web chat: a page, a WebSocket per browser tab, JSON frames.
+
+Client frames: ``{"type":"message","text"}`` and ``{"type":"refresh"}``. Server frames:
+``{"type":"message","text","kind":"reply"|"closure"}`` and
+``{"type":"session","state":"open"|"closed","session_id"}``. A message for a conversation with
+no socket raises ``DeliveryDeferred``: the outbox keeps it (persisted) and resumes the lane when
+a socket for that conversation connects, so it is delivered once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.errors import DeliveryDeferred
+from gateway.models import EventKind, InboundEvent, MessageKind, OutboundMessage
+from gateway.settings import EndpointSettings
+
+log = logging.getLogger("channels.webchat")
+
+MAX_TEXT_CHARS = 4000
+
+
+def page_html() -> str:
+    """The chat page served at ``GET /webchat/<name>``."""
+    return resources.files("channels").joinpath("static/webchat.html").read_text(encoding="utf-8")
+
+
+def parse_client_frame(conversation: str, data: str) -> InboundEvent | None:
+    """A client frame as an inbound event; None for anything malformed (ignored, per contract)."""
+    try:
+        frame: Any = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(frame, dict):
+        return None
+    frame_id = f"webchat:{uuid.uuid4().hex}"
+    if frame.get("type") == "message":
+        text = frame.get("text")
+        if not isinstance(text, str) or not text.strip():
+            return None
+        return InboundEvent(
+            conversation=conversation,
+            kind=EventKind.MESSAGE,
+            dedup_key=frame_id,
+            message_id=frame_id,
+            text=text[:MAX_TEXT_CHARS],
+            timestamp=time.time(),
+        )
+    if frame.get("type") == "refresh":
+        return InboundEvent(conversation=conversation, kind=EventKind.REFRESH, dedup_key=frame_id)
+    return None
+
+
+class WebChatAdapter:
+    """Tracks the open sockets of each conversation of one web chat endpoint and writes frames."""
+
+    channel = "webchat"
+
+    def __init__(self, endpoint: EndpointSettings, *, clock: Callable[[], float] = time.time) -> None:
+        self.endpoint = endpoint
+        self._clock = clock
+        self._sockets: dict[str, set[web.WebSocketResponse]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        """Close every socket (aiohttp's on_shutdown calls this before cleanup)."""
+        sockets = [ws for group in self._sockets.values() for ws in group]
+        self._sockets.clear()
+        for ws in sockets:
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        for task in list(self._tasks):
+            task.cancel()
+
+    def attach(self, conversation: str, ws: web.WebSocketResponse) -> None:
+        self._sockets.setdefault(conversation, set()).add(ws)
+
+    def detach(self, conversation: str, ws: web.WebSocketResponse) -> None:
+        group = self._sockets.get(conversation)
+        if group is not None:
+            group.discard(ws)
+            if not group:
+                del self._sockets[conversation]
+
+    def connected(self, conversation: str) -> bool:
+        return bool(self._sockets.get(conversation))
+
+    async def send(self, message: OutboundMessage) -> None:
+        kind = "closure" if message.kind is MessageKind.CLOSURE else "reply"
+        frame = {"type": "message", "text": message.text, "kind": kind}
+        if not await self._broadcast(message.conversation, frame):
+            raise DeliveryDeferred()
+
+    def session_changed(self, conversation: str, state: str, session_id: str) -> None:
+        """Tell the conversation's sockets that its session opened or closed (not persisted:
+        a socket that connects later is told the current state on connect)."""
+        if not self.connected(conversation):
+            return
+        frame = {"type": "session", "state": state, "session_id": session_id}
+        task = asyncio.get_running_loop().create_task(self._broadcast_quietly(conversation, frame))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def send_frame(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
+        await ws.send_json(frame)
+
+    async def _broadcast_quietly(self, conversation: str, frame: dict[str, Any]) -> None:
+        await self._broadcast(conversation, frame)
+
+    async def _broadcast(self, conversation: str, frame: dict[str, Any]) -> bool:
+        delivered = False
+        for ws in list(self._sockets.get(conversation, ())):
+            if ws.closed:
+                self.detach(conversation, ws)
+                continue
+            try:
+                await ws.send_json(frame)
+                delivered = True
+            except (ConnectionError, RuntimeError) as exc:
+                log.info("web chat socket gone for %s: %s", conversation, exc)
+                self.detach(conversation, ws)
+        return delivered

@@ -1,0 +1,1 @@
+"""Chat gateway: platform webhooks in, one timed session per conversation, replies out."""

@@ -1,0 +1,121 @@
+"""The operator API under ``/admin`` (bearer token; JSON in and out; DESIGN.md shapes)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.errors import BadPayload
+from gateway.keys import MANAGER, SETTINGS, STORE
+from gateway.models import SessionState
+from gateway.sessions import SessionNotFound, SessionNotOpen
+from gateway.store.base import SessionQuery
+from gateway.wire import contact_json, session_json
+
+
+@web.middleware
+async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """/admin/* is 404 without a configured token, 401 without the right bearer."""
+    if request.path.startswith("/admin"):
+        token = request.app[SETTINGS].admin.token.value
+        if not token:
+            raise web.HTTPNotFound()
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise web.HTTPUnauthorized(
+                text='{"error": "missing or wrong bearer token"}',
+                content_type="application/json",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise BadPayload("body is not JSON") from exc
+    if not isinstance(body, dict):
+        raise BadPayload("body must be a JSON object")
+    return body
+
+
+async def list_sessions(request: web.Request) -> web.StreamResponse:
+    state_text = request.query.get("state")
+    try:
+        state = SessionState(state_text) if state_text else None
+        limit = int(request.query.get("limit", "100"))
+    except ValueError as exc:
+        raise BadPayload("state must be open or closed; limit a number") from exc
+    query = SessionQuery(
+        state=state,
+        endpoint=request.query.get("endpoint"),
+        cursor=request.query.get("cursor"),
+        limit=max(1, min(limit, 1000)),
+    )
+    try:
+        sessions, cursor = await request.app[STORE].list_sessions(query)
+    except ValueError as exc:
+        raise BadPayload("cursor is not one this gateway gave out") from exc
+    manager = request.app[MANAGER]
+    return web.json_response({"sessions": [session_json(manager.live_view(s)) for s in sessions], "next": cursor})
+
+
+async def get_session(request: web.Request) -> web.StreamResponse:
+    session = await request.app[STORE].get_session(request.match_info["id"])
+    if session is None:
+        raise web.HTTPNotFound(text='{"error": "no such session"}', content_type="application/json")
+    return web.json_response(session_json(request.app[MANAGER].live_view(session)))
+
+
+async def close_session(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    notify = body.get("notify", True)
+    if not isinstance(notify, bool):
+        raise BadPayload("notify must be true or false")
+    try:
+        session = await request.app[MANAGER].close(request.match_info["id"], notify=notify)
+    except SessionNotFound:
+        raise web.HTTPNotFound(text='{"error": "no such session"}', content_type="application/json") from None
+    except SessionNotOpen:
+        raise web.HTTPConflict(text='{"error": "session is closed already"}', content_type="application/json") from None
+    return web.json_response(session_json(session))
+
+
+async def get_contact(request: web.Request) -> web.StreamResponse:
+    store = request.app[STORE]
+    contact_id = request.match_info["contact_id"]
+    contact = await store.get_contact(contact_id)
+    if contact is None:
+        raise web.HTTPNotFound(text='{"error": "no such contact"}', content_type="application/json")
+    manager = request.app[MANAGER]
+    sessions = await store.contact_sessions(contact_id)
+    return web.json_response(
+        {"contact": contact_json(contact), "conversations": [session_json(manager.live_view(s)) for s in sessions]}
+    )
+
+
+async def post_message(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    endpoint, conversation, text = body.get("endpoint"), body.get("conversation"), body.get("text")
+    if not all(isinstance(v, str) and v for v in (endpoint, conversation, text)):
+        raise BadPayload('"endpoint", "conversation" and "text" are required strings')
+    assert isinstance(endpoint, str) and isinstance(conversation, str) and isinstance(text, str)
+    if request.app[SETTINGS].endpoint(endpoint) is None:
+        raise web.HTTPNotFound(text='{"error": "no such endpoint"}', content_type="application/json")
+    session = await request.app[MANAGER].send_bot_message(endpoint, conversation, text)
+    return web.json_response({"session": session_json(session)}, status=202)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/sessions", list_sessions)
+    app.router.add_get("/admin/sessions/{id}", get_session)
+    app.router.add_post("/admin/sessions/{id}/close", close_session)
+    app.router.add_get("/admin/contacts/{contact_id}", get_contact)
+    app.router.add_post("/admin/messages", post_message)

@@ -1,0 +1,218 @@
+"""The aiohttp application: routes, and one cleanup context per resource, in this order:
+store -> HTTP client session -> channel adapters and flow -> outbox -> session manager (restore,
+re-arm, re-queue; then ``/healthz`` says ready). Shutdown unwinds in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from channels.base import ChannelAdapter
+from channels.registry import create_adapter
+from channels.webchat import WebChatAdapter
+from gateway import admin
+from gateway.errors import RequestRejected
+from gateway.flows import Flow, create_flow
+from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, SETTINGS, STORE
+from gateway.metrics import Metrics
+from gateway.models import Session
+from gateway.outbox import Outbox
+from gateway.policy import policy_for
+from gateway.sessions import SessionManager
+from gateway.settings import Channel, Settings, StorageBackend
+from gateway.store.base import Store
+from gateway.webchat_routes import page_handler, socket_handler
+from gateway.webhooks import webhook_handler
+
+log = logging.getLogger("gateway.app")
+
+RETENTION_S = 7 * 24 * 3600.0  # dedup ids and kept web chat frames (DESIGN.md)
+PRUNE_EVERY_S = 3600.0
+
+
+def create_store(settings: Settings) -> Store:
+    """The store the configuration names."""
+    if settings.storage.backend is StorageBackend.REDIS:
+        raise NotImplementedError("the Redis store is not built yet; use storage.backend: sqlite")
+    from gateway.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.storage.path)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    store: Store | None = None,
+    flow: Flow | None = None,
+) -> web.Application:
+    """Build the gateway application. ``store`` and ``flow`` may be passed in (tests)."""
+    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[_errors, admin.admin_auth])
+    app[SETTINGS] = settings
+    app[CLOCK] = clock
+    app[METRICS] = Metrics()
+    app[STORE] = store or create_store(settings)
+    app[ADAPTERS] = {endpoint.name: create_adapter(endpoint, clock) for endpoint in settings.endpoints}
+    chosen_flow = flow or create_flow(settings.flow)
+
+    app.cleanup_ctx.append(_store_context)
+    app.cleanup_ctx.append(_http_context(chosen_flow))
+    app.cleanup_ctx.append(_outbox_context)
+    app.cleanup_ctx.append(_manager_context(chosen_flow))
+    app.cleanup_ctx.append(_retention_context)
+    app.on_shutdown.append(_close_sockets)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    for endpoint in settings.endpoints:
+        if endpoint.channel is Channel.WEBCHAT:
+            app.router.add_get(f"/webchat/{endpoint.name}", page_handler(endpoint))
+            app.router.add_get(f"/webchat/{endpoint.name}/ws", socket_handler(endpoint))
+        else:
+            handler = webhook_handler(endpoint)
+            app.router.add_post(endpoint.path, handler)
+            app.router.add_get(endpoint.path, handler)
+    admin.add_routes(app)
+    return app
+
+
+async def _store_context(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+    await store.open()
+    yield
+    await store.aclose()
+
+
+def _http_context(flow: Flow) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        # trust_env stays off: platform and flow calls go exactly where configured.
+        async with aiohttp.ClientSession() as http:
+            started: list[ChannelAdapter] = []
+            try:
+                for adapter in app[ADAPTERS].values():
+                    await adapter.start(http)
+                    started.append(adapter)
+                await flow.start(http)
+                yield
+            finally:
+                await flow.aclose()
+                for adapter in reversed(started):
+                    await adapter.aclose()
+
+    return context
+
+
+async def _outbox_context(app: web.Application) -> AsyncIterator[None]:
+    adapters: dict[str, ChannelAdapter] = app[ADAPTERS]
+    outbox = Outbox(app[STORE], adapters, metrics=app[METRICS], clock=app[CLOCK])
+    app[OUTBOX] = outbox
+    await outbox.start()
+    yield
+    await outbox.aclose()
+
+
+def _manager_context(flow: Flow) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        policies = {e.name: policy_for(e, settings.organisation) for e in settings.endpoints}
+        manager = SessionManager(
+            app[STORE],
+            flow,
+            app[OUTBOX],
+            policies,
+            metrics=app[METRICS],
+            clock=app[CLOCK],
+            error_reply=settings.flow.error_reply,
+        )
+        manager.listeners.append(_session_frames(app[ADAPTERS]))
+        app[MANAGER] = manager
+        await manager.start()
+        yield
+        await manager.aclose()
+
+    return context
+
+
+def _session_frames(adapters: dict[str, ChannelAdapter]) -> Callable[[Session], None]:
+    """Web chat sockets hear of every change of their conversation's session."""
+
+    def listener(session: Session) -> None:
+        adapter = adapters.get(session.endpoint)
+        if isinstance(adapter, WebChatAdapter):
+            adapter.session_changed(session.conversation, session.state.value, session.id)
+
+    return listener
+
+
+async def _retention_context(app: web.Application) -> AsyncIterator[None]:
+    async def prune_forever() -> None:
+        while True:
+            try:
+                removed = await app[STORE].prune(app[CLOCK]() - RETENTION_S)
+                if removed:
+                    log.info("pruned %d rows older than 7 days", removed)
+            except Exception:
+                log.exception("pruning failed; trying again later")
+            await asyncio.sleep(PRUNE_EVERY_S)
+
+    task = asyncio.create_task(prune_forever(), name="retention")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _close_sockets(app: web.Application) -> None:
+    for adapter in app[ADAPTERS].values():
+        if isinstance(adapter, WebChatAdapter):
+            await adapter.aclose()
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Our rejections become their status with a JSON reason; bad input never becomes a 5xx."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except RequestRejected as exc:
+        return web.json_response({"error": exc.reason}, status=exc.status)
+    return response
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    manager = request.app.get(MANAGER)
+    if manager is None or not manager.ready:
+        return web.json_response({"status": "starting"}, status=503)
+    return web.json_response({"status": "ok", "open_sessions": manager.open_count})
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
+
+
+def serve(settings: Settings) -> int:
+    """Run the gateway until SIGINT/SIGTERM; returns the process exit code."""
+    app = create_app(settings)
+    host, port = settings.server.host, settings.server.port
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+    async def announce(app: web.Application) -> None:
+        for endpoint in settings.endpoints:
+            if endpoint.channel is Channel.WEBCHAT:
+                log.info("web chat %s: open http://%s:%d/webchat/%s", endpoint.name, shown_host, port, endpoint.name)
+            else:
+                log.info("webhook %s (%s): POST %s", endpoint.name, endpoint.channel.value, endpoint.path)
+        log.info("serving on http://%s:%d (config %s)", host, port, settings.source)
+
+    app.on_startup.append(announce)
+    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=10.0)
+    return 0
+
+
+__all__ = ["create_app", "create_store", "serve", "json"]

@@ -1,0 +1,46 @@
+"""What applies to an endpoint's sessions: effective expiration, mode, closure behaviour.
+
+Built from the file's settings; runtime overrides (admin API) replace it at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.settings import EndpointSettings, OnCloseSettings, OrganisationSessionSettings, SessionMode
+from gateway.settings import effective_expiration_minutes as _effective
+
+
+@dataclass(slots=True, frozen=True)
+class EndpointPolicy:
+    """The session rules of one endpoint, resolved (S1-S5, S7-S12, S14)."""
+
+    endpoint: str
+    channel: str
+    developer: bool
+    expiration_minutes: float  # effective; 0 = never expires (S3)
+    mode: SessionMode
+    on_close: OnCloseSettings
+
+    @property
+    def expiration_s(self) -> float | None:
+        """Seconds of inactivity before the session ends; None when it never does."""
+        return self.expiration_minutes * 60.0 if self.expiration_minutes > 0 else None
+
+    def deadline(self, last_activity_at: float) -> float | None:
+        """The wall-clock deadline of a session last active at ``last_activity_at``."""
+        seconds = self.expiration_s
+        return None if seconds is None else last_activity_at + seconds
+
+
+def policy_for(endpoint: EndpointSettings, organisation: OrganisationSessionSettings) -> EndpointPolicy:
+    """Resolve the file's settings of ``endpoint`` under the organisation's default and cap."""
+    session = endpoint.session
+    return EndpointPolicy(
+        endpoint=endpoint.name,
+        channel=endpoint.channel.value,
+        developer=endpoint.developer,
+        expiration_minutes=_effective(session.expiration_minutes, organisation),
+        mode=session.mode,
+        on_close=session.on_close,
+    )

@@ -1,0 +1,711 @@
+"""The session manager: one open session per conversation, each with its own inactivity timer.
+
+Data flows one way: ``accept`` (called by the web layer once the event is parsed) commits the
+event to the durable inbox, moves the session's deadline at once, and queues the event on its
+conversation. One worker per busy conversation handles that conversation's items one at a time
+(per-session ordering); different conversations run concurrently.
+
+Timers (DESIGN.md "Known traps"): each open session has one ``loop.call_at`` handle. A message
+only moves ``session.expires_at``; when the handle fires early it re-arms itself for the
+remainder, so busy sessions never pile cancelled handles into asyncio's heap. A handle is
+cancelled only on close or when a setting shortens the deadline.
+
+The fire/message race: the fire is an item in the conversation's own queue (or, when the
+conversation is idle, a batch close that holds the conversation meanwhile), and every close
+re-checks the deadline first. So either a message accepted before the close moved the deadline
+and the session lives on, or the session closes and the message opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from gateway.errors import FlowError, GatewayError
+from gateway.flows import Flow, FlowResult, FlowTurn
+from gateway.metrics import Metrics
+from gateway.models import (
+    Change,
+    CloseReason,
+    Contact,
+    EventKind,
+    InboundEvent,
+    MessageKind,
+    OutboundMessage,
+    Session,
+    StoredEvent,
+    contact_id_of,
+)
+from gateway.policy import EndpointPolicy
+from gateway.session_rules import (
+    NOTICE_QUEUED,
+    ClosureTexts,
+    apply_flow_result,
+    clear_ttl_variables,
+    close_session,
+    live_ttl_variables,
+    notice_decision,
+)
+from gateway.settings import SessionMode
+from gateway.store.base import Store
+
+log = logging.getLogger("gateway.sessions")
+
+# A handle that fires this much before the deadline re-arms instead of closing: loop time and
+# wall time drift apart by a little, and closing early is worse than a millisecond late.
+_EARLY_TOLERANCE_S = 0.0005
+_CLOSE_BATCH = 2000  # sessions closed per store commit when many fall due together
+_RESTORE_YIELD_EVERY = 5000  # restore arms this many timers between yields to the loop
+
+_IDLE, _WORKING, _CLOSING = 0, 1, 2
+
+
+class SessionNotFound(GatewayError):
+    """No session with this id."""
+
+
+class SessionNotOpen(GatewayError):
+    """The session is closed already."""
+
+
+class OutboxSink:
+    """What the manager needs of the outbox: take committed messages for delivery."""
+
+    def submit(self, messages: Iterable[OutboundMessage]) -> None:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class _Expire:
+    session_id: str
+
+
+@dataclass(slots=True)
+class _Close:
+    session_id: str
+    reason: CloseReason
+    notify: bool
+    done: asyncio.Future[Session]
+
+
+@dataclass(slots=True)
+class _BotMessage:
+    text: str
+    done: asyncio.Future[Session]
+
+
+_Item = StoredEvent | _Expire | _Close | _BotMessage
+
+
+class _Conversation:
+    """In-memory state of one conversation: its open session, timer and pending work.
+
+    Kept deliberately small (slots, no per-instance dict): a million of these must fit in
+    about 1 KiB each together with their sessions.
+    """
+
+    __slots__ = ("endpoint", "conversation", "session", "handle", "queue", "state")
+
+    def __init__(self, endpoint: str, conversation: str) -> None:
+        self.endpoint = endpoint
+        self.conversation = conversation
+        self.session: Session | None = None
+        self.handle: asyncio.TimerHandle | None = None
+        self.queue: deque[_Item] | None = None
+        self.state = _IDLE
+
+
+@dataclass(slots=True)
+class ManagerStats:
+    """Counters for tests and benchmarks. With ``record_lags`` on, ``fire_lags_s`` holds when each
+    due timer ran and ``close_lags_s`` when its close committed, both minus the deadline."""
+
+    timer_fires: int = 0
+    timer_rearms: int = 0
+    closes_committed: int = 0
+    record_lags: bool = False
+    fire_lags_s: list[float] = field(default_factory=list)
+    close_lags_s: list[float] = field(default_factory=list)
+
+
+class SessionManager:
+    """Owns the open sessions and their timers. ``start`` restores; ``aclose`` stops."""
+
+    def __init__(
+        self,
+        store: Store,
+        flow: Flow,
+        outbox: OutboxSink,
+        policies: dict[str, EndpointPolicy],
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        error_reply: str | None = None,
+    ) -> None:
+        self._store = store
+        self._flow = flow
+        self._outbox = outbox
+        self._policies = dict(policies)
+        self._metrics = metrics or Metrics()
+        self._clock = clock
+        self._error_reply = error_reply
+        self._conversations: dict[str, dict[str, _Conversation]] = {name: {} for name in policies}
+        self._workers: set[asyncio.Task[None]] = set()
+        self._due: list[_Conversation] = []
+        self._due_signal = asyncio.Event()
+        self._closer: asyncio.Task[None] | None = None
+        self._texts = ClosureTexts()
+        self._open_count = 0
+        self._closing = False
+        self.ready = False
+        self.stats = ManagerStats()
+        self.listeners: list[Callable[[Session], None]] = []
+        self._metrics.gauge("gateway_open_sessions", lambda: float(self._open_count))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restore: load open sessions, re-queue pending inbound events (they move deadlines),
+        then arm every timer; sessions overdue since before the restart close at once."""
+        self._closer = asyncio.create_task(self._run_closer(), name="session-closer")
+        removed: list[Session] = []
+        loaded = 0
+        async for session in self._store.open_sessions():
+            policy = self._policies.get(session.endpoint)
+            if policy is None:
+                removed.append(session)
+                continue
+            # Deadlines derive from the current policy: a setting changed while we were down
+            # applies to the restored sessions too.
+            session.expires_at = policy.deadline(session.last_activity_at)
+            self._slot(session.endpoint, session.conversation).session = session
+            self._open_count += 1
+            loaded += 1
+            if loaded % _RESTORE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        await self._close_removed(removed)
+        for stored in await self._store.pending_inbound():
+            self._enqueue(stored)
+        armed = 0
+        for by_conversation in self._conversations.values():
+            for slot in list(by_conversation.values()):
+                if slot.session is not None and slot.handle is None:
+                    self._arm(slot)
+                    armed += 1
+                    if armed % _RESTORE_YIELD_EVERY == 0:
+                        await asyncio.sleep(0)
+        self.ready = True
+        log.info("restored %d open sessions, %d pending events re-queued", loaded, self.pending_events)
+
+    async def aclose(self) -> None:
+        """Stop taking work, let workers finish the item in hand, cancel timers. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        self.ready = False
+        for by_conversation in self._conversations.values():
+            for slot in by_conversation.values():
+                if slot.handle is not None:
+                    slot.handle.cancel()
+                    slot.handle = None
+        if self._workers:
+            await asyncio.wait(list(self._workers), timeout=5.0)
+        for task in [*self._workers, *([self._closer] if self._closer else [])]:
+            task.cancel()
+        await asyncio.gather(*self._workers, *([self._closer] if self._closer else []), return_exceptions=True)
+
+    @property
+    def open_count(self) -> int:
+        return self._open_count
+
+    @property
+    def pending_events(self) -> int:
+        return sum(
+            sum(isinstance(item, StoredEvent) for item in slot.queue or ())
+            for by_conversation in self._conversations.values()
+            for slot in by_conversation.values()
+        )
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait until no conversation has work queued or in hand (for tests and benchmarks)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._workers or self._due:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("session manager did not drain")
+            await asyncio.sleep(0.005)
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    async def accept(self, endpoint: str, event: InboundEvent, arrival_at: float | None = None) -> bool:
+        """Commit ``event`` durably and queue it; False when it is a redelivery (seen before).
+
+        Returns once the event is in the inbox, so the caller may answer 2xx. The deadline of
+        the conversation's open session moves now, not when a worker gets to the event.
+        """
+        if self._closing:
+            raise GatewayError("gateway is shutting down")
+        arrival = self._clock() if arrival_at is None else arrival_at
+        stored = await self._store.add_inbound(endpoint, event, arrival)
+        if stored is None:
+            self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="duplicate")
+            return False
+        self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="accepted")
+        log.info(
+            "event in: endpoint=%s conversation=%s kind=%s id=%s", endpoint, event.conversation, event.kind, stored.id
+        )
+        self._enqueue(stored)
+        return True
+
+    def _enqueue(self, stored: StoredEvent) -> None:
+        slot = self._slot(stored.endpoint, stored.event.conversation)
+        session = slot.session
+        policy = self._policies.get(stored.endpoint)
+        if (
+            stored.event.is_interaction
+            and session is not None
+            and policy is not None
+            and slot.state != _CLOSING
+            and session.expires_at is not None
+            and session.expires_at > stored.arrival_at
+        ):
+            # Move the deadline at acceptance (lazy re-arm: the handle re-arms when it fires).
+            session.expires_at = max(session.expires_at, policy.deadline(stored.arrival_at) or 0.0)
+        self._push(slot, stored)
+
+    def _slot(self, endpoint: str, conversation: str) -> _Conversation:
+        by_conversation = self._conversations.setdefault(endpoint, {})
+        slot = by_conversation.get(conversation)
+        if slot is None:
+            slot = by_conversation[conversation] = _Conversation(endpoint, conversation)
+        return slot
+
+    def _push(self, slot: _Conversation, item: _Item) -> None:
+        if slot.queue is None:
+            slot.queue = deque()
+        slot.queue.append(item)
+        if slot.state == _IDLE:
+            self._start_worker(slot)
+
+    def _start_worker(self, slot: _Conversation) -> None:
+        slot.state = _WORKING
+        task = asyncio.create_task(self._work(slot))
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
+
+    async def _work(self, slot: _Conversation) -> None:
+        try:
+            while slot.queue:
+                item = slot.queue.popleft()
+                try:
+                    await self._handle(slot, item)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # one bad item must not stop the conversation
+                    log.exception("failed to handle %s on %s/%s", type(item).__name__, slot.endpoint, slot.conversation)
+                    if isinstance(item, _Close | _BotMessage) and not item.done.done():
+                        item.done.set_exception(exc)
+        finally:
+            slot.state = _IDLE
+            slot.queue = None
+            self._forget_if_empty(slot)
+
+    def _forget_if_empty(self, slot: _Conversation) -> None:
+        if slot.session is None and slot.state == _IDLE and not slot.queue:
+            by_conversation = self._conversations.get(slot.endpoint)
+            if by_conversation is not None and by_conversation.get(slot.conversation) is slot:
+                del by_conversation[slot.conversation]
+
+    async def _handle(self, slot: _Conversation, item: _Item) -> None:
+        if isinstance(item, StoredEvent):
+            await self._handle_event(slot, item)
+        elif isinstance(item, _Expire):
+            await self._handle_expire(slot, item)
+        elif isinstance(item, _Close):
+            await self._handle_close(slot, item)
+        else:
+            await self._handle_bot_message(slot, item)
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def _handle_event(self, slot: _Conversation, stored: StoredEvent) -> None:
+        event = stored.event
+        policy = self._policies.get(stored.endpoint)
+        change = Change(handled_events=[stored.id])
+        if policy is None:  # endpoint removed while the event waited: nothing to answer with
+            await self._store.commit(change)
+            return
+        contact = await self._contact(stored.endpoint, event.conversation)
+        now = self._clock()
+        closed: list[Session] = []
+        if event.kind is EventKind.REFRESH:
+            if slot.session is not None:
+                closed.append(self._close_into(change, slot.session, CloseReason.REFRESH, False, contact, policy, now))
+            clear_ttl_variables(contact)  # S17: everything goes, TTL variables too
+            change.contacts.append(contact)
+            await self._commit(slot, change, closed=closed)
+            return
+        if event.kind in (EventKind.OPT_OUT, EventKind.OPT_IN):
+            contact.opted_out = event.kind is EventKind.OPT_OUT
+            change.contacts.append(contact)
+            await self._store.commit(change)
+            log.info("contact %s opted %s", contact.id, "out" if contact.opted_out else "in")
+            return
+
+        session = slot.session
+        after_expiry = False
+        result: FlowResult | None = None
+        if session is not None and session.expires_at is not None and session.expires_at <= stored.arrival_at:
+            if policy.mode is SessionMode.LAZY and session.intent is not None:
+                # S8: the flow judges whether the returning user carries on the same intent.
+                after_expiry = True
+                result = await self._call_flow(session, contact, event, after_expiry=True, now=now)
+                if result.intent != session.intent:
+                    closed.append(
+                        self._close_into(change, session, CloseReason.INACTIVITY, False, contact, policy, now)
+                    )
+                    session = None
+                    after_expiry = False
+            else:
+                notify = policy.mode is SessionMode.PROACTIVE
+                closed.append(self._close_into(change, session, CloseReason.INACTIVITY, notify, contact, policy, now))
+                session = None
+        opened = session is None
+        if session is None:
+            session = self._new_session(policy, event.conversation, stored.arrival_at, interactive=True)
+        session.interactive = True  # S13: the first user message makes a session interactive
+        session.message_count += 1
+        session.last_activity_at = max(session.last_activity_at, stored.arrival_at)
+        deadline = policy.deadline(stored.arrival_at)
+        if deadline is not None and (session.expires_at is None or deadline > session.expires_at):
+            session.expires_at = deadline
+        contact.last_user_message_at = max(contact.last_user_message_at or 0.0, stored.arrival_at)
+        if event.sender_name:
+            contact.display_name = event.sender_name
+        if result is None:
+            result = await self._call_flow(session, contact, event, after_expiry=after_expiry, now=now)
+        apply_flow_result(session, contact, result, now)
+        for n, text in enumerate(result.replies):
+            change.outbox.append(self._message(session, MessageKind.REPLY, text, f"reply:{stored.id}:{n}", event))
+        change.sessions.append(session)
+        change.contacts.append(contact)
+        if result.end_session:
+            closed.append(self._close_into(change, session, CloseReason.FLOW, True, contact, policy, now))
+        await self._commit(slot, change, opened=session if opened else None, closed=closed)
+
+    async def _call_flow(
+        self, session: Session, contact: Contact, event: InboundEvent, *, after_expiry: bool, now: float
+    ) -> FlowResult:
+        turn = FlowTurn(session, event, live_ttl_variables(contact, now), after_expiry)
+        try:
+            return await self._flow.handle(turn)
+        except FlowError as exc:
+            self._metrics.inc("gateway_flow_errors_total", endpoint=session.endpoint)
+            log.warning("flow failed for session %s: %s", session.id, exc)
+            return FlowResult(replies=[self._error_reply] if self._error_reply else [])
+
+    async def _contact(self, endpoint: str, conversation: str) -> Contact:
+        contact_id = contact_id_of(endpoint, conversation)
+        contact = await self._store.get_contact(contact_id)
+        if contact is None:
+            contact = Contact(id=contact_id, endpoint=endpoint, conversation=conversation, created_at=self._clock())
+        return contact
+
+    def _new_session(self, policy: EndpointPolicy, conversation: str, at: float, *, interactive: bool) -> Session:
+        return Session(
+            id=uuid.uuid4().hex,
+            endpoint=policy.endpoint,
+            channel=policy.channel,
+            conversation=conversation,
+            started_at=at,
+            last_activity_at=at,
+            expires_at=policy.deadline(at),
+            interactive=interactive,
+            developer=policy.developer,  # S14
+        )
+
+    def _message(
+        self, session: Session, kind: MessageKind, text: str, key: str, event: InboundEvent | None = None
+    ) -> OutboundMessage:
+        return OutboundMessage(
+            endpoint=session.endpoint,
+            channel=session.channel,
+            conversation=session.conversation,
+            kind=kind,
+            text=text,
+            key=key,
+            created_at=self._clock(),
+            session_id=session.id,
+            reply_token=event.reply_token if event else None,
+            reply_token_expires_at=event.reply_token_expires_at if event else None,
+            user_last_seen_at=session.last_activity_at if session.interactive else None,
+        )
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def _close_into(
+        self,
+        change: Change,
+        session: Session,
+        reason: CloseReason,
+        notify: bool,
+        contact: Contact | None,
+        policy: EndpointPolicy | None,
+        now: float,
+    ) -> Session:
+        """Close ``session`` inside ``change``, with its closure notice when one is due."""
+        session.notice = notice_decision(session, reason, notify, contact)
+        text = self._texts.pick(policy) if policy is not None and session.notice == NOTICE_QUEUED else None
+        if session.notice == NOTICE_QUEUED and text is None:
+            session.notice = "none"
+        if text is not None:
+            change.outbox.append(self._message(session, MessageKind.CLOSURE, text, f"close:{session.id}"))
+        close_session(session, reason, now, policy)
+        if session not in change.sessions:
+            change.sessions.append(session)
+        return session
+
+    async def _commit(
+        self, slot: _Conversation, change: Change, *, opened: Session | None = None, closed: Iterable[Session] = ()
+    ) -> None:
+        await self._store.commit(change)
+        for session in closed:
+            self._after_close(slot, session)
+        if opened is not None and opened.is_open:
+            slot.session = opened
+            self._open_count += 1
+            self._metrics.inc("gateway_sessions_opened_total", endpoint=opened.endpoint)
+            log.info(
+                "session opened: %s endpoint=%s conversation=%s interactive=%s developer=%s",
+                opened.id,
+                opened.endpoint,
+                opened.conversation,
+                opened.interactive,
+                opened.developer,
+            )
+            self._arm(slot)
+            self._notify(opened)
+        for message in change.outbox:
+            log.info(
+                "message out queued: endpoint=%s conversation=%s kind=%s",
+                message.endpoint,
+                message.conversation,
+                message.kind,
+            )
+        self._outbox.submit(change.outbox)
+
+    def _after_close(self, slot: _Conversation, session: Session) -> None:
+        if slot.session is session:
+            slot.session = None
+            if slot.handle is not None:
+                slot.handle.cancel()
+                slot.handle = None
+            self._open_count -= 1
+        self._metrics.inc("gateway_sessions_closed_total", endpoint=session.endpoint, reason=str(session.close_reason))
+        self.stats.closes_committed += 1
+        if self.stats.record_lags and session.close_reason is CloseReason.INACTIVITY and session.expires_at:
+            self.stats.close_lags_s.append(self._clock() - session.expires_at)
+        log.info("session closed: %s reason=%s notice=%s", session.id, session.close_reason, session.notice)
+        self._notify(session)
+
+    def _notify(self, session: Session) -> None:
+        for listener in self.listeners:
+            try:
+                listener(session)
+            except Exception:
+                log.exception("session listener failed")
+
+    async def _handle_expire(self, slot: _Conversation, item: _Expire) -> None:
+        session = slot.session
+        if session is None or session.id != item.session_id:
+            return  # closed meanwhile (refresh, flow, admin): nothing to do
+        if not self._is_due(session):
+            self._arm(slot)  # a message moved the deadline while the fire waited in the queue
+            return
+        policy = self._policies.get(session.endpoint)
+        contact = await self._store.get_contact(session.contact_id)
+        change = Change()
+        self._close_into(change, session, CloseReason.INACTIVITY, True, contact, policy, self._clock())
+        await self._commit(slot, change, closed=[session])
+
+    def _is_due(self, session: Session) -> bool:
+        return session.expires_at is not None and session.expires_at - self._clock() <= _EARLY_TOLERANCE_S
+
+    async def _handle_close(self, slot: _Conversation, item: _Close) -> None:
+        session = slot.session
+        if session is None or session.id != item.session_id:
+            item.done.set_exception(SessionNotOpen(item.session_id))
+            return
+        policy = self._policies.get(session.endpoint)
+        contact = await self._store.get_contact(session.contact_id)
+        change = Change()
+        self._close_into(change, session, item.reason, item.notify, contact, policy, self._clock())
+        await self._commit(slot, change, closed=[session])
+        item.done.set_result(session)
+
+    async def _close_removed(self, sessions: list[Session]) -> None:
+        """Close sessions of endpoints no longer configured (reason ``endpoint_removed``)."""
+        now = self._clock()
+        for start in range(0, len(sessions), _CLOSE_BATCH):
+            change = Change()
+            for session in sessions[start : start + _CLOSE_BATCH]:
+                self._close_into(change, session, CloseReason.ENDPOINT_REMOVED, False, None, None, now)
+            await self._store.commit(change)
+            for session in change.sessions:
+                log.info(
+                    "session closed: %s reason=endpoint_removed (endpoint %s is gone)", session.id, session.endpoint
+                )
+                self._metrics.inc("gateway_sessions_closed_total", endpoint=session.endpoint, reason="endpoint_removed")
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _arm(self, slot: _Conversation) -> None:
+        session = slot.session
+        policy = self._policies.get(slot.endpoint)
+        if session is None or session.expires_at is None or policy is None or policy.mode is SessionMode.LAZY:
+            return  # never expires (S3), or lazy (S8): nothing happens at the deadline
+        loop = asyncio.get_running_loop()
+        when = loop.time() + (session.expires_at - self._clock())
+        if slot.handle is not None:
+            if slot.handle.when() <= when:
+                return  # fires early and re-arms itself: no cancel, no heap churn
+            slot.handle.cancel()  # the deadline moved earlier (a shorter setting)
+        slot.handle = loop.call_at(when, self._on_timer, slot)
+
+    def _on_timer(self, slot: _Conversation) -> None:
+        slot.handle = None
+        session = slot.session
+        if session is None or self._closing:
+            return
+        self.stats.timer_fires += 1
+        if not self._is_due(session):
+            self.stats.timer_rearms += 1
+            self._arm(slot)
+            return
+        if self.stats.record_lags and session.expires_at is not None:
+            self.stats.fire_lags_s.append(self._clock() - session.expires_at)
+        if slot.state == _IDLE:
+            # Closed in a batch with others falling due now: one commit for many closes.
+            slot.state = _CLOSING
+            self._due.append(slot)
+            self._due_signal.set()
+        else:
+            self._push(slot, _Expire(session.id))
+
+    async def _run_closer(self) -> None:
+        while True:
+            await self._due_signal.wait()
+            self._due_signal.clear()
+            while self._due:
+                batch, self._due = self._due[:_CLOSE_BATCH], self._due[_CLOSE_BATCH:]
+                try:
+                    await self._close_due(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("closing %d due sessions failed; they will be retried", len(batch))
+                    for slot in batch:
+                        slot.state = _IDLE
+                        if slot.session is not None:
+                            self._push(slot, _Expire(slot.session.id))
+
+    async def _close_due(self, batch: list[_Conversation]) -> None:
+        closing: list[_Conversation] = []
+        for slot in batch:
+            if slot.session is not None and self._is_due(slot.session):
+                closing.append(slot)
+            else:  # a message moved the deadline since the fire
+                self._release(slot)
+                self._arm(slot)
+        if not closing:
+            return
+        contacts = await self._store.get_contacts([slot.session.contact_id for slot in closing if slot.session])
+        change = Change()
+        now = self._clock()
+        for slot in closing:
+            assert slot.session is not None  # checked above; for the type checker only
+            policy = self._policies.get(slot.endpoint)
+            self._close_into(
+                change, slot.session, CloseReason.INACTIVITY, True, contacts.get(slot.session.contact_id), policy, now
+            )
+        await self._store.commit(change)
+        for slot, session in zip(closing, change.sessions, strict=True):
+            self._after_close(slot, session)
+            self._release(slot)
+        self._outbox.submit(change.outbox)
+
+    def _release(self, slot: _Conversation) -> None:
+        """Hand a conversation held by the batch closer back: run what queued meanwhile."""
+        slot.state = _IDLE
+        if slot.queue:
+            self._start_worker(slot)
+        else:
+            self._forget_if_empty(slot)
+
+    # -- operator actions --------------------------------------------------------------------
+
+    def open_session(self, endpoint: str, conversation: str) -> Session | None:
+        """The open session of a conversation, from memory."""
+        slot = self._conversations.get(endpoint, {}).get(conversation)
+        return slot.session if slot is not None else None
+
+    def live_view(self, session: Session) -> Session:
+        """The in-memory version of an open session (its deadline may have moved since the
+        last write), else the given one."""
+        live = self.open_session(session.endpoint, session.conversation)
+        return live if live is not None and live.id == session.id else session
+
+    async def close(self, session_id: str, *, reason: CloseReason = CloseReason.ADMIN, notify: bool = True) -> Session:
+        """Close an open session now (admin API); raises SessionNotFound / SessionNotOpen."""
+        session = await self._store.get_session(session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        live = self.open_session(session.endpoint, session.conversation)
+        if live is None or live.id != session_id:
+            raise SessionNotOpen(session_id)
+        done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        self._push(self._slot(session.endpoint, session.conversation), _Close(session_id, reason, notify, done))
+        return await done
+
+    async def send_bot_message(self, endpoint: str, conversation: str, text: str) -> Session:
+        """A bot-initiated message; opens a non-interactive session when none is open (S13)."""
+        if endpoint not in self._policies:
+            raise SessionNotFound(f"unknown endpoint {endpoint}")
+        done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        self._push(self._slot(endpoint, conversation), _BotMessage(text, done))
+        return await done
+
+    async def _handle_bot_message(self, slot: _Conversation, item: _BotMessage) -> None:
+        policy = self._policies[slot.endpoint]
+        now = self._clock()
+        session = slot.session
+        opened = None
+        if session is None:
+            # Its timer starts at this message; the closure notice only if it turns interactive.
+            session = opened = self._new_session(policy, slot.conversation, now, interactive=False)
+        change = Change(sessions=[session])
+        change.outbox.append(self._message(session, MessageKind.BOT, item.text, f"bot:{uuid.uuid4().hex}"))
+        await self._commit(slot, change, opened=opened)
+        item.done.set_result(session)
+
+    def set_policy(self, policy: EndpointPolicy) -> None:
+        """Apply a changed endpoint policy to its open sessions at once (re-arming timers)."""
+        self._policies[policy.endpoint] = policy
+        for slot in self._conversations.get(policy.endpoint, {}).values():
+            session = slot.session
+            if session is None:
+                continue
+            session.expires_at = policy.deadline(session.last_activity_at)
+            if session.expires_at is None or policy.mode is SessionMode.LAZY:
+                if slot.handle is not None:
+                    slot.handle.cancel()
+                    slot.handle = None
+            elif slot.state != _CLOSING:
+                self._arm(slot)
+
+    def policy(self, endpoint: str) -> EndpointPolicy | None:
+        return self._policies.get(endpoint)

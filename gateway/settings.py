@@ -1,0 +1,154 @@
+"""Typed, validated settings. Built only by ``gateway.config.load_settings``; frozen after.
+
+Secrets are held as ``Secret`` so that reprs and logs never show them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+DEFAULT_EXPIRATION_MINUTES = 30.0  # S2
+
+
+class Channel(StrEnum):
+    MESSENGER = "messenger"
+    LINE = "line"
+    SLACK = "slack"
+    TWILIO = "twilio"
+    WEBCHAT = "webchat"
+
+
+class SessionMode(StrEnum):
+    PROACTIVE = "proactive"  # S7: close at the deadline, without waiting for the user
+    LAZY = "lazy"  # S8: judge the session when the user comes back
+
+
+class StorageBackend(StrEnum):
+    SQLITE = "sqlite"
+    REDIS = "redis"
+
+
+class FlowType(StrEnum):
+    ECHO = "echo"
+    HTTP = "http"
+
+
+@dataclass(slots=True, frozen=True)
+class Secret:
+    """A credential. Its repr and str are masked; read ``.value`` where it is really needed."""
+
+    value: str
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self.value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+
+@dataclass(slots=True, frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = None  # the origin platforms call, e.g. https://bots.example.com
+    max_body_bytes: int = 1_048_576
+
+
+@dataclass(slots=True, frozen=True)
+class StorageSettings:
+    backend: StorageBackend = StorageBackend.SQLITE
+    path: Path = Path("data/gateway.db")  # absolute after loading (relative to the config file)
+    url: str | None = None  # redis
+
+
+@dataclass(slots=True, frozen=True)
+class AdminSettings:
+    token: Secret = Secret("")  # empty: /admin/* answers 404
+
+
+@dataclass(slots=True, frozen=True)
+class OrganisationSessionSettings:
+    """Organisation-wide expiration default and cap (S4) and the bounds (S5)."""
+
+    expiration_minutes: float | None = None
+    min_minutes: float = 5.0
+    max_minutes: float = 20160.0
+
+
+@dataclass(slots=True, frozen=True)
+class FlowSettings:
+    type: FlowType = FlowType.ECHO
+    url: str | None = None
+    timeout_seconds: float = 10.0
+    error_reply: str | None = None  # sent to the user when the http flow fails
+
+
+@dataclass(slots=True, frozen=True)
+class OnCloseSettings:
+    notify: bool = True  # S9
+    messages: tuple[str, ...] = ("This conversation has ended. Write again any time to start a new one.",)
+    messages_by_channel: dict[str, tuple[str, ...]] = field(default_factory=dict)  # S10
+    clear_auth_profiles: bool = False  # S11
+    script: str | None = None  # S12: module:function or http(s) URL
+
+
+@dataclass(slots=True, frozen=True)
+class EndpointSessionSettings:
+    expiration_minutes: float | None = None  # None: inherit (organisation, else 30)
+    mode: SessionMode = SessionMode.PROACTIVE
+    on_close: OnCloseSettings = field(default_factory=OnCloseSettings)
+
+
+@dataclass(slots=True, frozen=True)
+class EndpointSettings:
+    name: str
+    channel: Channel
+    path: str  # webhook path; /webhooks/<name> unless overridden
+    developer: bool = False  # S14
+    api_base_url: str | None = None  # override of the platform API origin
+    credentials: dict[str, Secret] = field(default_factory=dict)
+    session: EndpointSessionSettings = field(default_factory=EndpointSessionSettings)
+
+    def credential(self, key: str) -> str:
+        """The plain value of credential ``key`` ('' when absent)."""
+        secret = self.credentials.get(key)
+        return secret.value if secret else ""
+
+
+@dataclass(slots=True, frozen=True)
+class Settings:
+    source: Path  # the configuration file these settings came from
+    server: ServerSettings = field(default_factory=ServerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    organisation: OrganisationSessionSettings = field(default_factory=OrganisationSessionSettings)
+    flow: FlowSettings = field(default_factory=FlowSettings)
+    endpoints: tuple[EndpointSettings, ...] = ()
+    log_level: str = "INFO"
+
+    def endpoint(self, name: str) -> EndpointSettings | None:
+        for endpoint in self.endpoints:
+            if endpoint.name == name:
+                return endpoint
+        return None
+
+
+def effective_expiration_minutes(endpoint_value: float | None, organisation: OrganisationSessionSettings) -> float:
+    """The expiration that applies to an endpoint (S2-S4); 0 means never.
+
+    The endpoint's own value, else the organisation's, else 30. An organisation value that is
+    set and non-zero caps the endpoint's: a higher value, or 0 (unlimited counts as higher),
+    becomes the organisation value.
+    """
+    org = organisation.expiration_minutes
+    if endpoint_value is None:
+        value = org if org is not None else DEFAULT_EXPIRATION_MINUTES
+    else:
+        value = endpoint_value
+    if org is not None and org != 0 and (value == 0 or value > org):
+        value = org
+    return value

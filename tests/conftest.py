@@ -1,0 +1,173 @@
+"""Shared fixtures: a real configuration file per test, the real app behind a real HTTP
+server on 127.0.0.1, and a web chat client speaking the WebSocket contract."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.config import load_settings
+from gateway.keys import MANAGER, METRICS, OUTBOX, STORE
+from gateway.metrics import Metrics
+from gateway.outbox import Outbox
+from gateway.sessions import SessionManager
+from gateway.settings import Settings
+from gateway.store.base import Store
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+def webchat_endpoint(name: str = "web", minutes: float = 0.01, **session: Any) -> dict[str, Any]:
+    """A web chat endpoint entry for ``write_config``."""
+    return {"name": name, "channel": "webchat", "session": {"expiration_minutes": minutes, **session}}
+
+
+def write_config(directory: Path, endpoints: list[dict[str, Any]], **sections: Any) -> Path:
+    """Write a config file (bounds open down to 0, admin on) and return its path."""
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"backend": "sqlite", "path": "gateway.db"},
+        "admin": {"token": ADMIN_TOKEN},
+        "organisation": {"session": {"min_minutes": 0, "max_minutes": 20160}},
+        "flow": {"type": "echo"},
+        "endpoints": endpoints,
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def make_settings(directory: Path, endpoints: list[dict[str, Any]], **sections: Any) -> Settings:
+    return load_settings(write_config(directory, endpoints, **sections), environ={})
+
+
+@dataclass
+class Gateway:
+    """A running gateway app and an HTTP client to it."""
+
+    client: TestClient[web.Request, web.Application]
+    app: web.Application
+
+    @property
+    def manager(self) -> SessionManager:
+        return self.app[MANAGER]
+
+    @property
+    def outbox(self) -> Outbox:
+        return self.app[OUTBOX]
+
+    @property
+    def store(self) -> Store:
+        return self.app[STORE]
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.app[METRICS]
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def admin_get(self, path: str) -> Any:
+        response = await self.client.get(path, headers=self.admin_headers())
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+    async def settle(self) -> None:
+        """Wait until inbound work and deliveries are done."""
+        await self.manager.drain()
+        await self.outbox.drain()
+
+
+@pytest.fixture
+async def start_gateway() -> AsyncIterator[Callable[..., Any]]:
+    """``await start_gateway(settings)`` -> a running ``Gateway``; stopped at teardown."""
+    running: list[TestClient[web.Request, web.Application]] = []
+
+    async def start(settings: Settings, **overrides: Any) -> Gateway:
+        app = create_app(settings, **overrides)
+        client = TestClient(TestServer(app, host="127.0.0.1", port=0))
+        await client.start_server()
+        running.append(client)
+        return Gateway(client, app)
+
+    yield start
+    for client in reversed(running):
+        await client.close()
+
+
+@dataclass
+class ChatClient:
+    """One browser tab of the web chat: sends frames, collects what the server sends."""
+
+    ws: aiohttp.ClientWebSocketResponse
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    _reader: asyncio.Task[None] | None = None
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def start(self) -> None:
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self.ws:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                self.frames.append(json.loads(message.data))
+                async with self._changed:
+                    self._changed.notify_all()
+
+    async def say(self, text: str) -> None:
+        await self.ws.send_json({"type": "message", "text": text})
+
+    async def refresh(self) -> None:
+        await self.ws.send_json({"type": "refresh"})
+
+    def messages(self, kind: str | None = None) -> list[str]:
+        return [f["text"] for f in self.frames if f["type"] == "message" and (kind is None or f["kind"] == kind)]
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["type"] == "session"]
+
+    async def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 10.0) -> None:
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: predicate(self.frames)), timeout_s)
+
+    async def wait_messages(self, count: int, kind: str | None = None, timeout_s: float = 10.0) -> list[str]:
+        await self.wait_for(lambda _frames: len(self.messages(kind)) >= count, timeout_s)
+        return self.messages(kind)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@pytest.fixture
+async def open_chat() -> AsyncIterator[Callable[..., Any]]:
+    """``await open_chat(gateway, conversation, endpoint="web")`` -> a connected ChatClient."""
+    clients: list[ChatClient] = []
+
+    async def connect(gateway: Gateway, conversation: str, endpoint: str = "web") -> ChatClient:
+        ws = await gateway.client.ws_connect(f"/webchat/{endpoint}/ws", params={"conversation": conversation})
+        chat = ChatClient(ws)
+        chat.start()
+        clients.append(chat)
+        return chat
+
+    yield connect
+    for chat in clients:
+        await chat.close()
