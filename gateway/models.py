@@ -51,9 +51,13 @@ class OutboxState(StrEnum):
     DEAD = "dead"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Session:
-    """One conversation session. ``expires_at`` is None when it never expires (S3)."""
+    """One conversation session. ``expires_at`` is None when it never expires (S3).
+
+    Compared by identity: two objects are the same session only if they are the same object
+    (value equality over every field would make batch work quadratic, and mean nothing).
+    """
 
     id: str
     endpoint: str
@@ -180,6 +184,9 @@ class Change:
     """
 
     sessions: list[Session] = field(default_factory=list)
+    # Sessions just closed with nothing else changed since their last commit: only the closing
+    # columns are written (mass expiry commits 100k of these a second).
+    closes: list[Session] = field(default_factory=list)
     contacts: list[Contact] = field(default_factory=list)
     outbox: list[OutboundMessage] = field(default_factory=list)  # inserted; duplicate keys ignored
     handled_events: list[int] = field(default_factory=list)  # inbox ids now done

@@ -19,6 +19,7 @@ and the session lives on, or the session closes and the message opens a new one.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -60,6 +61,7 @@ log = logging.getLogger("gateway.sessions")
 # wall time drift apart by a little, and closing early is worse than a millisecond late.
 _EARLY_TOLERANCE_S = 0.0005
 _CLOSE_BATCH = 2000  # sessions closed per store commit when many fall due together
+_CLOSE_BATCHES_IN_FLIGHT = 4
 _RESTORE_YIELD_EVERY = 5000  # restore arms this many timers between yields to the loop
 
 _IDLE, _WORKING, _CLOSING = 0, 1, 2
@@ -165,6 +167,10 @@ class SessionManager:
         self.ready = False
         self.stats = ManagerStats()
         self.listeners: list[Callable[[Session], None]] = []
+        # Shared by every timer handle: a bound method and a context per handle would cost
+        # ~100 bytes per open session for nothing (timers read no context variables).
+        self._fire = self._on_timer
+        self._timer_context = contextvars.Context()
         self._metrics.gauge("gateway_open_sessions", lambda: float(self._open_count))
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -371,7 +377,8 @@ class SessionManager:
                     session = None
                     after_expiry = False
             else:
-                notify = policy.mode is SessionMode.PROACTIVE
+                # Lazy mode never sends a notice: nothing happened at the deadline (S8).
+                notify = policy.mode is SessionMode.PROACTIVE and policy.on_close.notify
                 closed.append(self._close_into(change, session, CloseReason.INACTIVITY, notify, contact, policy, now))
                 session = None
         opened = session is None
@@ -394,7 +401,10 @@ class SessionManager:
         change.sessions.append(session)
         change.contacts.append(contact)
         if result.end_session:
-            closed.append(self._close_into(change, session, CloseReason.FLOW, True, contact, policy, now))
+            notify = policy.on_close.notify
+            closed.append(
+                self._close_into(change, session, CloseReason.FLOW, notify, contact, policy, now, in_change=True)
+            )
         await self._commit(slot, change, opened=session if opened else None, closed=closed)
 
     async def _call_flow(
@@ -456,8 +466,11 @@ class SessionManager:
         contact: Contact | None,
         policy: EndpointPolicy | None,
         now: float,
+        *,
+        in_change: bool = False,
     ) -> Session:
-        """Close ``session`` inside ``change``, with its closure notice when one is due."""
+        """Close ``session`` inside ``change``, with its closure notice when one is due.
+        ``in_change``: the session is already among ``change.sessions``."""
         session.notice = notice_decision(session, reason, notify, contact)
         text = self._texts.pick(policy) if policy is not None and session.notice == NOTICE_QUEUED else None
         if session.notice == NOTICE_QUEUED and text is None:
@@ -465,7 +478,7 @@ class SessionManager:
         if text is not None:
             change.outbox.append(self._message(session, MessageKind.CLOSURE, text, f"close:{session.id}"))
         close_session(session, reason, now, policy)
-        if session not in change.sessions:
+        if not in_change:
             change.sessions.append(session)
         return session
 
@@ -529,7 +542,8 @@ class SessionManager:
         policy = self._policies.get(session.endpoint)
         contact = await self._store.get_contact(session.contact_id)
         change = Change()
-        self._close_into(change, session, CloseReason.INACTIVITY, True, contact, policy, self._clock())
+        notify = policy is not None and policy.on_close.notify
+        self._close_into(change, session, CloseReason.INACTIVITY, notify, contact, policy, self._clock())
         await self._commit(slot, change, closed=[session])
 
     def _is_due(self, session: Session) -> bool:
@@ -574,7 +588,7 @@ class SessionManager:
             if slot.handle.when() <= when:
                 return  # fires early and re-arms itself: no cancel, no heap churn
             slot.handle.cancel()  # the deadline moved earlier (a shorter setting)
-        slot.handle = loop.call_at(when, self._on_timer, slot)
+        slot.handle = loop.call_at(when, self._fire, slot, context=self._timer_context)
 
     def _on_timer(self, slot: _Conversation) -> None:
         slot.handle = None
@@ -597,21 +611,38 @@ class SessionManager:
             self._push(slot, _Expire(session.id))
 
     async def _run_closer(self) -> None:
-        while True:
-            await self._due_signal.wait()
-            self._due_signal.clear()
-            while self._due:
-                batch, self._due = self._due[:_CLOSE_BATCH], self._due[_CLOSE_BATCH:]
-                try:
-                    await self._close_due(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("closing %d due sessions failed; they will be retried", len(batch))
-                    for slot in batch:
-                        slot.state = _IDLE
-                        if slot.session is not None:
-                            self._push(slot, _Expire(slot.session.id))
+        """Close due sessions in batches. Several batches are in flight at once so that the
+        store's group commit overlaps them (one batch's rows are built while another commits)."""
+        in_flight = asyncio.Semaphore(_CLOSE_BATCHES_IN_FLIGHT)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await self._due_signal.wait()
+                self._due_signal.clear()
+                while self._due:
+                    await in_flight.acquire()
+                    batch, self._due = self._due[:_CLOSE_BATCH], self._due[_CLOSE_BATCH:]
+                    task = asyncio.create_task(self._close_batch(batch))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(lambda _done: in_flight.release())
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _close_batch(self, batch: list[_Conversation]) -> None:
+        try:
+            await self._close_due(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("closing %d due sessions failed; each is retried on its own", len(batch))
+            for slot in batch:
+                if slot.state == _CLOSING:
+                    slot.state = _IDLE
+                    if slot.session is not None:
+                        self._push(slot, _Expire(slot.session.id))
 
     async def _close_due(self, batch: list[_Conversation]) -> None:
         closing: list[_Conversation] = []
@@ -623,20 +654,27 @@ class SessionManager:
                 self._arm(slot)
         if not closing:
             return
-        contacts = await self._store.get_contacts([slot.session.contact_id for slot in closing if slot.session])
+        # Contacts matter only where a notice may go out (an opted-out contact gets none).
+        wanted = [slot.session.contact_id for slot in closing if slot.session and self._may_notify(slot.session)]
+        contacts = await self._store.get_contacts(wanted) if wanted else {}
         change = Change()
         now = self._clock()
         for slot in closing:
             assert slot.session is not None  # checked above; for the type checker only
             policy = self._policies.get(slot.endpoint)
-            self._close_into(
-                change, slot.session, CloseReason.INACTIVITY, True, contacts.get(slot.session.contact_id), policy, now
-            )
+            notify = policy is not None and policy.on_close.notify
+            contact = contacts.get(slot.session.contact_id)
+            self._close_into(change, slot.session, CloseReason.INACTIVITY, notify, contact, policy, now, in_change=True)
+            change.closes.append(slot.session)  # nothing else changed since its last commit
         await self._store.commit(change)
-        for slot, session in zip(closing, change.sessions, strict=True):
+        for slot, session in zip(closing, change.closes, strict=True):
             self._after_close(slot, session)
             self._release(slot)
         self._outbox.submit(change.outbox)
+
+    def _may_notify(self, session: Session) -> bool:
+        policy = self._policies.get(session.endpoint)
+        return policy is not None and policy.on_close.notify and session.interactive
 
     def _release(self, slot: _Conversation) -> None:
         """Hand a conversation held by the batch closer back: run what queued meanwhile."""

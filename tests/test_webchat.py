@@ -113,3 +113,17 @@ async def test_messages_for_a_disconnected_conversation_are_kept_and_delivered_o
     await third.say("back")
     assert await third.wait_messages(1) == ["back"]
     assert again.messages() == ["closed", "news", "back"]
+
+
+async def test_s9_notify_false_closes_silently(tmp_path: Path, start_gateway: Any, open_chat: Any) -> None:
+    """S9: with on_close.notify false the session closes on time and nothing is sent."""
+    settings = make_settings(tmp_path, [webchat_endpoint(minutes=0.005, on_close={"notify": False})])
+    gateway = await start_gateway(settings)
+    chat = await open_chat(gateway, "quiet")
+    await chat.say("hi")
+    await chat.wait_for(lambda frames: any(f.get("state") == "closed" for f in frames))
+    await gateway.settle()
+    [session] = (await gateway.admin_get("/admin/contacts/web:quiet"))["conversations"]
+    assert (session["close_reason"], session["notice"]) == ("inactivity", "none")
+    assert chat.messages() == ["hi"]
+    assert gateway.metrics.total("gateway_messages_out_total") == 1  # the echo only

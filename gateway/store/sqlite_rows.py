@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import sqlite3
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -153,6 +154,15 @@ SET_NOTICES = (
     "WHERE sessions.id = json_extract(n.value, '$[0]')"
 )
 
+# Rows of close_row(); a session already closed in the store stays as it was (closed is final).
+CLOSE_SESSIONS = (
+    "UPDATE sessions SET state = 'closed', closed_at = json_extract(c.value, '$[1]'), "
+    "close_reason = json_extract(c.value, '$[2]'), notice = json_extract(c.value, '$[3]'), "
+    "expires_at = json_extract(c.value, '$[4]'), auth_profiles = json_extract(c.value, '$[5]'), "
+    "variables = NULL, context = NULL "
+    "FROM json_each(?) AS c WHERE sessions.id = json_extract(c.value, '$[0]') AND sessions.state = 'open'"
+)
+
 OUTBOX_IDS = (
     "SELECT json_group_object(key, id) FROM outbox WHERE key IN (SELECT json_extract(value, '$[0]') FROM json_each(?))"
 )
@@ -191,12 +201,25 @@ def session_to_row(s: Session) -> Row:
     )
 
 
+def close_row(s: Session) -> Row:
+    """The closing columns of a closed session, for ``CLOSE_SESSIONS``."""
+    return (
+        s.id,
+        s.closed_at,
+        s.close_reason.value if s.close_reason else None,
+        s.notice,
+        s.expires_at,
+        _dump(s.auth_profiles),
+    )
+
+
 def row_to_session(r: Row) -> Session:
-    """The inverse of ``session_to_row``."""
+    """The inverse of ``session_to_row``. Endpoint and channel names are interned: a million
+    restored sessions share a handful of strings instead of holding two copies each."""
     return Session(
         id=r[0],
-        endpoint=r[1],
-        channel=r[2],
+        endpoint=sys.intern(r[1]),
+        channel=sys.intern(r[2]),
         conversation=r[3],
         started_at=r[5],
         last_activity_at=r[6],
