@@ -10,6 +10,7 @@ Conversation ids (DESIGN.md): messenger the PSID; line the userId, groupId or ro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -17,6 +18,18 @@ from typing import Protocol, runtime_checkable
 import aiohttp
 
 from gateway.models import InboundEvent, OutboundMessage
+
+# Platform times outside this window are not real (NaN, 1e17, year 10000): they are dropped,
+# so that no later conversion (ISO 8601 for the flow) fails on an accepted event.
+_EARLIEST_S = 946_684_800.0  # 2000-01-01
+_LATEST_S = 4_102_444_800.0  # 2100-01-01
+
+
+def platform_time(seconds: float | None) -> float | None:
+    """A platform's event time in POSIX seconds if it is plausible, else None."""
+    if seconds is None or not math.isfinite(seconds) or not _EARLIEST_S <= seconds <= _LATEST_S:
+        return None
+    return seconds
 
 
 @dataclass(slots=True, frozen=True)

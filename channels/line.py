@@ -33,7 +33,7 @@ from linebot.v3.messaging import (
 from linebot.v3.messaging.exceptions import ApiException
 from linebot.v3.webhook import SignatureValidator
 
-from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse
+from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, platform_time
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, InboundEvent, JSONDict, MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings
@@ -146,7 +146,9 @@ def to_inbound(event: Mapping[str, Any], now: float) -> InboundEvent | None:
         message_id=message_id,
         text=text,
         attachments=attachments,
-        timestamp=stamp / 1000 if isinstance(stamp, int | float) and not isinstance(stamp, bool) else None,
+        timestamp=platform_time(stamp / 1000)
+        if isinstance(stamp, int | float) and not isinstance(stamp, bool)
+        else None,
         # A redelivered event's token may be stale already: the send falls back to push then.
         reply_token=reply_token,
         reply_token_expires_at=now + REPLY_TOKEN_TTL_S if reply_token else None,
@@ -309,7 +311,7 @@ class LineAdapter:
         body = self._verified_body(request)
         try:
             payload = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             raise BadPayload("body is not JSON") from exc
         if not isinstance(payload, dict) or not isinstance(payload.get("events"), list):
             raise BadPayload("not a LINE webhook: no events list")

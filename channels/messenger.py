@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse
+from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, platform_time
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped, Forbidden
 from gateway.models import EventKind, InboundEvent, JSONDict, MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings
@@ -304,7 +304,7 @@ def _event_of(item: Mapping[str, Any]) -> InboundEvent:
             message_id=mid,
             text=_str_or_none(postback.get("title")),
             attachments=({"type": "postback", "payload": postback.get("payload")},),
-            timestamp=timestamp,
+            timestamp=platform_time(timestamp),
         )
     message: Mapping[str, Any] = item["message"]
     mid = _str_or_none(message.get("mid"))
@@ -325,7 +325,7 @@ def _event_of(item: Mapping[str, Any]) -> InboundEvent:
         message_id=mid,
         text=_str_or_none(message.get("text")),
         attachments=tuple(attachments),
-        timestamp=timestamp,
+        timestamp=platform_time(timestamp),
     )
 
 

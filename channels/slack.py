@@ -37,7 +37,7 @@ from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetr
 from slack_sdk.signature import Clock, SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse
+from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, platform_time
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, InboundEvent, JSONDict, OutboundMessage
 from gateway.settings import EndpointSettings
@@ -253,8 +253,10 @@ class SlackAdapter:
             raise BadSignature(f"missing {SIGNATURE_HEADER} or {TIMESTAMP_HEADER}")
         try:
             valid = self._verifier.is_valid(body=request.body, timestamp=timestamp, signature=signature)
-        except ValueError as exc:  # a non-numeric timestamp, or a body that is not UTF-8
-            raise BadSignature("malformed timestamp or body") from exc
+        except (ValueError, TypeError) as exc:
+            # ValueError: a non-numeric timestamp or a body that is not UTF-8; TypeError:
+            # hmac.compare_digest refuses a signature header with non-ASCII characters.
+            raise BadSignature("malformed timestamp, signature or body") from exc
         if valid is not True:
             raise BadSignature("wrong signature or timestamp more than 300 s away")
 
@@ -337,7 +339,7 @@ def _event_of(event_id: str, event: Mapping[str, Any]) -> InboundEvent:
         message_id=message_id,
         text=text if isinstance(text, str) and text else None,
         attachments=attachments,
-        timestamp=_float_or_none(event.get("event_ts")) or _float_or_none(ts),
+        timestamp=platform_time(_float_or_none(event.get("event_ts")) or _float_or_none(ts)),
     )
 
 

@@ -46,12 +46,15 @@ from gateway.errors import ConfigError
 from gateway.settings import (
     AdminSettings,
     Channel,
+    DeliverySettings,
+    DiscardSettings,
     EndpointSessionSettings,
     EndpointSettings,
     FlowSettings,
     FlowType,
     OnCloseSettings,
     OrganisationSessionSettings,
+    RateLimitSettings,
     ServerSettings,
     SessionMode,
     Settings,
@@ -66,7 +69,7 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SCRIPT_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-_TOP_LEVEL = ("server", "storage", "admin", "organisation", "flow", "endpoints", "logging")
+_TOP_LEVEL = ("server", "storage", "admin", "organisation", "flow", "delivery", "endpoints", "logging")
 _CHANNEL_NAMES = frozenset(channel.value for channel in Channel)
 _ORG_DEFAULTS = OrganisationSessionSettings()
 _NO_BOUNDS = OrganisationSessionSettings(min_minutes=0.0, max_minutes=math.inf)
@@ -231,6 +234,17 @@ _SERVER: dict[str, Converter] = {
     "port": integer(0, 65535),
     "public_url": optional(http_url),
     "max_body_bytes": integer(1),
+    "max_pending_events": integer(1),
+}
+_DELIVERY: dict[str, Converter] = {
+    "max_attempts": integer(1),
+    "max_age_minutes": number(minimum=0.0, strict=True),
+    "base_delay_seconds": number(minimum=0.0, strict=True),
+    "max_delay_seconds": number(minimum=0.0, strict=True),
+}
+_RATE_LIMIT: dict[str, Converter] = {
+    "per_second": optional(number(minimum=0.0, strict=True)),
+    "per_conversation_per_second": optional(number(minimum=0.0, strict=True)),
 }
 _STORAGE: dict[str, Converter] = {
     "backend": choice(StorageBackend),
@@ -258,6 +272,13 @@ _ON_CLOSE: dict[str, Converter] = {
     "messages_by_channel": _messages_by_channel,
     "clear_auth_profiles": boolean,
     "script": optional(_script),
+    "script_timeout_seconds": number(minimum=0.0, strict=True),
+}
+_DISCARD: dict[str, Converter] = {
+    "words": _messages,
+    "all_words": _messages,
+    "reply": optional(text),
+    "all_reply": optional(text),
 }
 
 
@@ -266,6 +287,7 @@ def _endpoint_session_table(org: OrganisationSessionSettings) -> dict[str, Conve
         "expiration_minutes": optional(_minutes(org.min_minutes, org.max_minutes)),
         "mode": choice(SessionMode),
         "on_close": section(_ON_CLOSE, OnCloseSettings, _check_on_close),
+        "discard": section(_DISCARD, DiscardSettings),
     }
 
 
@@ -278,6 +300,7 @@ def _endpoint_table(org: OrganisationSessionSettings) -> dict[str, Converter]:
         "api_base_url": optional(http_url),
         "credentials": _credentials,
         "session": section(_endpoint_session_table(org), EndpointSessionSettings),
+        "rate_limit": section(_RATE_LIMIT, RateLimitSettings),
     }
 
 
@@ -354,6 +377,7 @@ def _read_settings(r: Reader, top: dict[Any, Any], source: Path) -> Settings | N
         "storage": r.read(top.get("storage"), "storage", section(_STORAGE, StorageSettings, _check_storage)),
         "admin": r.read(top.get("admin"), "admin", section(_ADMIN, AdminSettings)),
         "flow": r.read(top.get("flow"), "flow", section(_FLOW, FlowSettings, _check_flow)),
+        "delivery": r.read(top.get("delivery"), "delivery", section(_DELIVERY, DeliverySettings)),
         "endpoints": r.read(top.get("endpoints"), "endpoints", _endpoints(bounds)),
         "log_level": r.read(top.get("logging"), "logging", section(_LOGGING, dict)),
     }

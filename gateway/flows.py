@@ -24,6 +24,7 @@ class FlowTurn:
     session: Session
     event: InboundEvent
     contact_variables: JSONDict = field(default_factory=dict)
+    auth_profiles: JSONDict = field(default_factory=dict)
     after_expiry: bool = False  # first message after the deadline in lazy mode (S8)
 
 
@@ -84,8 +85,11 @@ class HttpFlow:
     async def handle(self, turn: FlowTurn) -> FlowResult:
         if self._http is None:
             raise FlowError("http flow used before start()")
-        body = {"session": flow_session_json(turn.session, turn.contact_variables), "event": event_json(turn)}
         try:
+            body = {
+                "session": flow_session_json(turn.session, turn.contact_variables, turn.auth_profiles),
+                "event": event_json(turn),
+            }
             async with self._http.post(self._url, json=body, timeout=self._timeout) as response:
                 if response.status >= 300:
                     raise FlowError(f"flow answered HTTP {response.status}")

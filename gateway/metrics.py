@@ -17,6 +17,7 @@ HELP: dict[str, str] = {
     "gateway_sessions_closed_total": "Sessions closed by endpoint and reason.",
     "gateway_messages_out_total": "Outbound messages by endpoint and outcome.",
     "gateway_flow_errors_total": "Failed or invalid flow calls by endpoint.",
+    "gateway_event_errors_total": "Events whose handling failed unexpectedly (logged with their id).",
     "gateway_open_sessions": "Sessions open now.",
     "gateway_outbox_pending": "Outbound messages waiting for delivery.",
 }

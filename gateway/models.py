@@ -77,7 +77,6 @@ class Session:
     # None until the flow sets something: an open session must stay small in memory.
     variables: JSONDict | None = None
     context: JSONDict | None = None
-    auth_profiles: JSONDict | None = None
 
     @property
     def contact_id(self) -> str:
@@ -111,6 +110,9 @@ class Contact:
     last_user_message_at: float | None = None
     # Variables with their own TTL outlive sessions (S19): name -> {"value", "expires_at"}.
     variables: JSONDict = field(default_factory=dict)
+    # Auth profiles (S11): name -> tokens. They outlive a session (the user stays authorised)
+    # unless the endpoint's on_close.clear_auth_profiles clears them at close.
+    auth_profiles: JSONDict = field(default_factory=dict)
 
 
 @dataclass(slots=True, frozen=True)

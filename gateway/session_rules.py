@@ -16,17 +16,31 @@ NOTICE_QUEUED = "queued"
 NOTICE_NONE = "none"
 
 
-def close_session(session: Session, reason: CloseReason, at: float, policy: EndpointPolicy | None) -> None:
+def close_session(session: Session, reason: CloseReason, at: float) -> None:
     """Mark ``session`` closed and clear what S19 says: variables without their own TTL and the
-    dialog context; auth profiles too when ``clear_auth_profiles`` is set (S11) or on refresh
-    (S17: everything is cleared). The session itself stays in the contact's history (S6)."""
+    dialog context. The session itself stays in the contact's history (S6)."""
     session.state = SessionState.CLOSED
     session.closed_at = at
     session.close_reason = reason
     session.variables = None
     session.context = None
-    if reason is CloseReason.REFRESH or (policy is not None and policy.on_close.clear_auth_profiles):
-        session.auth_profiles = None
+
+
+def clears_auth_profiles(reason: CloseReason, policy: EndpointPolicy | None) -> bool:
+    """Auth profiles go at close when configured (S11), and always on refresh (S17)."""
+    return reason is CloseReason.REFRESH or (policy is not None and policy.on_close.clear_auth_profiles)
+
+
+def clear_auth_profiles(contact: Contact, names: list[str] | None = None) -> list[str]:
+    """Remove the named auth profiles (all when ``names`` is None) and the TTL variables bound
+    to them (S11: the user must authorise again). Returns the profiles removed."""
+    removed = [name for name in contact.auth_profiles if names is None or name in names]
+    for name in removed:
+        del contact.auth_profiles[name]
+    bound = [var for var, entry in contact.variables.items() if entry.get("auth_profile") in removed]
+    for var in bound:
+        del contact.variables[var]
+    return removed
 
 
 def notice_decision(session: Session, reason: CloseReason, notify: bool, contact: Contact | None) -> str:
@@ -70,13 +84,18 @@ def live_ttl_variables(contact: Contact | None, now: float) -> JSONDict:
     """The contact's variables whose TTL has not run out (S19)."""
     if contact is None:
         return {}
-    return {name: entry for name, entry in contact.variables.items() if entry.get("expires_at", 0) > now}
+    return {
+        name: entry
+        for name, entry in contact.variables.items()
+        if entry.get("expires_at") is None or entry["expires_at"] > now
+    }
 
 
 def apply_flow_result(session: Session, contact: Contact, result: FlowResult, now: float) -> None:
     """Merge the flow's answer into the session (DESIGN.md "Flows"): variables (a value with
-    ``ttl_seconds`` lives on the contact until it expires, S19; null deletes), context,
-    auth profiles (null deletes one), intent."""
+    ``ttl_seconds`` lives on the contact until it expires, S19; one with ``auth_profile`` is bound
+    to that profile and cleared with it, S11; null deletes), context, auth profiles (kept on the
+    contact; null deletes one), intent."""
     if result.intent is not None:
         session.intent = result.intent
     if result.context is not None:
@@ -88,25 +107,37 @@ def apply_flow_result(session: Session, contact: Contact, result: FlowResult, no
             variables.pop(name, None)
             if value is None:
                 continue
-            ttl = _ttl_of(value)
-            if ttl is not None:
-                contact.variables[name] = {"value": value["value"], "expires_at": now + ttl}
+            ttl, profile = _ttl_of(value), _profile_of(value)
+            if ttl is not None or profile is not None:
+                # Kept on the contact: it outlives the session (TTL) or lives as long as its
+                # auth profile. Without a TTL, "expires_at" is None: until cleared.
+                contact.variables[name] = {
+                    "value": value["value"],
+                    "expires_at": now + ttl if ttl is not None else None,
+                    "auth_profile": profile,
+                }
             else:
                 variables[name] = value
         session.variables = variables or None
     if result.auth_profiles:
-        profiles = dict(session.auth_profiles or {})
         for name, tokens in result.auth_profiles.items():
             if tokens is None:
-                profiles.pop(name, None)
+                clear_auth_profiles(contact, [name])
             else:
-                profiles[name] = tokens
-        session.auth_profiles = profiles or None
+                contact.auth_profiles[name] = tokens
 
 
 def _ttl_of(value: Any) -> float | None:
-    if isinstance(value, dict) and set(value) == {"value", "ttl_seconds"}:
-        ttl = value["ttl_seconds"]
-        if isinstance(ttl, int | float) and ttl > 0:
+    if isinstance(value, dict) and "value" in value and set(value) <= {"value", "ttl_seconds", "auth_profile"}:
+        ttl = value.get("ttl_seconds")
+        if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
             return float(ttl)
+    return None
+
+
+def _profile_of(value: Any) -> str | None:
+    if isinstance(value, dict) and "value" in value and set(value) <= {"value", "ttl_seconds", "auth_profile"}:
+        profile = value.get("auth_profile")
+        if isinstance(profile, str) and profile:
+            return profile
     return None

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from gateway.errors import FlowError, GatewayError
+from gateway.errors import GatewayError
 from gateway.flows import Flow, FlowResult, FlowTurn
 from gateway.metrics import Metrics
 from gateway.models import (
@@ -47,7 +47,9 @@ from gateway.session_rules import (
     NOTICE_QUEUED,
     ClosureTexts,
     apply_flow_result,
+    clear_auth_profiles,
     clear_ttl_variables,
+    clears_auth_profiles,
     close_session,
     live_ttl_variables,
     notice_decision,
@@ -315,6 +317,8 @@ class SessionManager:
                     log.exception("failed to handle %s on %s/%s", type(item).__name__, slot.endpoint, slot.conversation)
                     if isinstance(item, _Close | _BotMessage) and not item.done.done():
                         item.done.set_exception(exc)
+                    if isinstance(item, StoredEvent):
+                        await self._give_up_on(item)
         finally:
             slot.state = _IDLE
             slot.queue = None
@@ -352,7 +356,8 @@ class SessionManager:
             if slot.session is not None:
                 closed.append(self._close_into(change, slot.session, CloseReason.REFRESH, False, contact, policy, now))
             clear_ttl_variables(contact)  # S17: everything goes, TTL variables too
-            change.contacts.append(contact)
+            clear_auth_profiles(contact)
+            _include(change, contact)
             await self._commit(slot, change, closed=closed)
             return
         if event.kind in (EventKind.OPT_OUT, EventKind.OPT_IN):
@@ -399,7 +404,7 @@ class SessionManager:
         for n, text in enumerate(result.replies):
             change.outbox.append(self._message(session, MessageKind.REPLY, text, f"reply:{stored.id}:{n}", event))
         change.sessions.append(session)
-        change.contacts.append(contact)
+        _include(change, contact)
         if result.end_session:
             notify = policy.on_close.notify
             closed.append(
@@ -407,13 +412,22 @@ class SessionManager:
             )
         await self._commit(slot, change, opened=session if opened else None, closed=closed)
 
+    async def _give_up_on(self, stored: StoredEvent) -> None:
+        """An event whose handling raised unexpectedly (a bug, not a flow failure) is marked
+        handled, so it does not fail again at every restart; it stays in the inbox table."""
+        self._metrics.inc("gateway_event_errors_total", endpoint=stored.endpoint)
+        try:
+            await self._store.commit(Change(handled_events=[stored.id]))
+        except Exception:
+            log.exception("could not mark failed event %d handled; it will be retried at restart", stored.id)
+
     async def _call_flow(
         self, session: Session, contact: Contact, event: InboundEvent, *, after_expiry: bool, now: float
     ) -> FlowResult:
-        turn = FlowTurn(session, event, live_ttl_variables(contact, now), after_expiry)
+        turn = FlowTurn(session, event, live_ttl_variables(contact, now), dict(contact.auth_profiles), after_expiry)
         try:
             return await self._flow.handle(turn)
-        except FlowError as exc:
+        except Exception as exc:  # any flow failure is counted and survived, never a lost event
             self._metrics.inc("gateway_flow_errors_total", endpoint=session.endpoint)
             log.warning("flow failed for session %s: %s", session.id, exc)
             return FlowResult(replies=[self._error_reply] if self._error_reply else [])
@@ -477,7 +491,9 @@ class SessionManager:
             session.notice = "none"
         if text is not None:
             change.outbox.append(self._message(session, MessageKind.CLOSURE, text, f"close:{session.id}"))
-        close_session(session, reason, now, policy)
+        close_session(session, reason, now)
+        if contact is not None and clears_auth_profiles(reason, policy) and clear_auth_profiles(contact):
+            _include(change, contact)
         if not in_change:
             change.sessions.append(session)
         return session
@@ -654,8 +670,9 @@ class SessionManager:
                 self._arm(slot)
         if not closing:
             return
-        # Contacts matter only where a notice may go out (an opted-out contact gets none).
-        wanted = [slot.session.contact_id for slot in closing if slot.session and self._may_notify(slot.session)]
+        # Contacts matter only where a notice may go out (an opted-out contact gets none) or
+        # auth profiles are to be cleared; mass expiry of silent endpoints reads none.
+        wanted = [slot.session.contact_id for slot in closing if slot.session and self._needs_contact(slot.session)]
         contacts = await self._store.get_contacts(wanted) if wanted else {}
         change = Change()
         now = self._clock()
@@ -672,9 +689,11 @@ class SessionManager:
             self._release(slot)
         self._outbox.submit(change.outbox)
 
-    def _may_notify(self, session: Session) -> bool:
+    def _needs_contact(self, session: Session) -> bool:
         policy = self._policies.get(session.endpoint)
-        return policy is not None and policy.on_close.notify and session.interactive
+        if policy is None:
+            return False
+        return (policy.on_close.notify and session.interactive) or policy.on_close.clear_auth_profiles
 
     def _release(self, slot: _Conversation) -> None:
         """Hand a conversation held by the batch closer back: run what queued meanwhile."""
@@ -726,7 +745,12 @@ class SessionManager:
             # Its timer starts at this message; the closure notice only if it turns interactive.
             session = opened = self._new_session(policy, slot.conversation, now, interactive=False)
         change = Change(sessions=[session])
-        change.outbox.append(self._message(session, MessageKind.BOT, item.text, f"bot:{uuid.uuid4().hex}"))
+        message = self._message(session, MessageKind.BOT, item.text, f"bot:{uuid.uuid4().hex}")
+        # Platform windows (Messenger's 24 h) count from the user's last message, whatever
+        # session it was in: the contact knows it.
+        contact = await self._store.get_contact(contact_id_of(slot.endpoint, slot.conversation))
+        message.user_last_seen_at = contact.last_user_message_at if contact is not None else None
+        change.outbox.append(message)
         await self._commit(slot, change, opened=opened)
         item.done.set_result(session)
 
@@ -747,3 +771,9 @@ class SessionManager:
 
     def policy(self, endpoint: str) -> EndpointPolicy | None:
         return self._policies.get(endpoint)
+
+
+def _include(change: Change, contact: Contact) -> None:
+    """Add ``contact`` to the change once (several rules may touch it in one turn)."""
+    if not any(c is contact for c in change.contacts):
+        change.contacts.append(contact)

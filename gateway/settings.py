@@ -56,6 +56,8 @@ class ServerSettings:
     port: int = 8080
     public_url: str | None = None  # the origin platforms call, e.g. https://bots.example.com
     max_body_bytes: int = 1_048_576
+    # Accepted events not yet handled; past this, webhooks answer 503 (back-pressure).
+    max_pending_events: int = 10_000
 
 
 @dataclass(slots=True, frozen=True)
@@ -88,12 +90,41 @@ class FlowSettings:
 
 
 @dataclass(slots=True, frozen=True)
+class DeliverySettings:
+    """Outbox retries: exponential backoff with jitter, then a dead letter."""
+
+    max_attempts: int = 8
+    max_age_minutes: float = 1440.0
+    base_delay_seconds: float = 0.5
+    max_delay_seconds: float = 60.0
+
+
+@dataclass(slots=True, frozen=True)
+class RateLimitSettings:
+    """Sends per second to the platform; None takes the channel's default (see outbox)."""
+
+    per_second: float | None = None  # the whole endpoint (Twilio: its sending number)
+    per_conversation_per_second: float | None = None  # one conversation (Slack: one channel)
+
+
+@dataclass(slots=True, frozen=True)
+class DiscardSettings:
+    """The user commands that stop the ongoing dialog without ending the session (S18)."""
+
+    words: tuple[str, ...] = ("discard",)
+    all_words: tuple[str, ...] = ("discard all",)
+    reply: str | None = "Okay, let's drop that. What else can I do for you?"
+    all_reply: str | None = "Okay, everything is cleared. What can I do for you?"
+
+
+@dataclass(slots=True, frozen=True)
 class OnCloseSettings:
     notify: bool = True  # S9
     messages: tuple[str, ...] = ("This conversation has ended. Write again any time to start a new one.",)
     messages_by_channel: dict[str, tuple[str, ...]] = field(default_factory=dict)  # S10
     clear_auth_profiles: bool = False  # S11
     script: str | None = None  # S12: module:function or http(s) URL
+    script_timeout_seconds: float = 5.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,6 +132,7 @@ class EndpointSessionSettings:
     expiration_minutes: float | None = None  # None: inherit (organisation, else 30)
     mode: SessionMode = SessionMode.PROACTIVE
     on_close: OnCloseSettings = field(default_factory=OnCloseSettings)
+    discard: DiscardSettings = field(default_factory=DiscardSettings)
 
 
 @dataclass(slots=True, frozen=True)
@@ -112,6 +144,7 @@ class EndpointSettings:
     api_base_url: str | None = None  # override of the platform API origin
     credentials: dict[str, Secret] = field(default_factory=dict)
     session: EndpointSessionSettings = field(default_factory=EndpointSessionSettings)
+    rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
 
     def credential(self, key: str) -> str:
         """The plain value of credential ``key`` ('' when absent)."""
@@ -127,6 +160,7 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     organisation: OrganisationSessionSettings = field(default_factory=OrganisationSessionSettings)
     flow: FlowSettings = field(default_factory=FlowSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
     endpoints: tuple[EndpointSettings, ...] = ()
     log_level: str = "INFO"
 

@@ -12,7 +12,10 @@ def iso(ts: float | None) -> str | None:
     """ISO 8601 UTC (``...Z``) of a POSIX timestamp, None for None."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):  # NaN or beyond datetime's range
+        return None
 
 
 def parse_iso(text: str) -> float:
@@ -59,10 +62,11 @@ def contact_json(contact: Contact) -> JSONDict:
     }
 
 
-def flow_session_json(session: Session, contact_variables: dict[str, Any]) -> JSONDict:
+def flow_session_json(session: Session, contact_variables: dict[str, Any], auth_profiles: JSONDict) -> JSONDict:
     """The session as the http flow receives it: JSON plus variables, context, auth profiles.
 
-    Variables with their own TTL live on the contact (S19) and are merged under the session's.
+    Variables with their own TTL live on the contact (S19) and are merged under the session's;
+    auth profiles live on the contact too (S11).
     """
     variables = {name: entry["value"] for name, entry in contact_variables.items()}
     variables.update(session.variables or {})
@@ -70,5 +74,5 @@ def flow_session_json(session: Session, contact_variables: dict[str, Any]) -> JS
         **session_json(session),
         "variables": variables,
         "context": session.context or {},
-        "auth_profiles": session.auth_profiles or {},
+        "auth_profiles": auth_profiles,
     }

@@ -153,7 +153,6 @@ async def test_session_round_trip_every_field(store: SqliteStore, db_path: Path)
         intent="billing",
         variables={"plan": "pro", "n": 3, "nested": {"ok": True}},
         context={"tags": {"current": ["a"], "historic": ["b"]}, "sentiment": -0.5},
-        auth_profiles={"crm": {"token": "t"}},
     )
     bare = make_session(1)
     bare.expires_at = T0 + 1800.000001
@@ -179,6 +178,7 @@ async def test_contact_round_trip_and_update(store: SqliteStore) -> None:
         opted_out=True,
         last_user_message_at=T0 + 5,
         variables={"vip": {"value": True, "expires_at": T0 + 86400}},
+        auth_profiles={"crm": {"token": "t"}},
     )
     await store.commit(Change(contacts=[contact]))
     assert await store.get_contact("web:c1") == contact

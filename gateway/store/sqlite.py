@@ -41,14 +41,14 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE contacts (
             id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, conversation TEXT NOT NULL,
             created_at REAL NOT NULL, display_name TEXT, opted_out INTEGER NOT NULL,
-            last_user_message_at REAL, variables TEXT NOT NULL)""",
+            last_user_message_at REAL, variables TEXT NOT NULL, auth_profiles TEXT NOT NULL)""",
         """CREATE TABLE sessions (
             id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, channel TEXT NOT NULL,
             conversation TEXT NOT NULL, contact_id TEXT NOT NULL, started_at REAL NOT NULL,
             last_activity_at REAL NOT NULL, expires_at REAL, state TEXT NOT NULL,
             interactive INTEGER NOT NULL, developer INTEGER NOT NULL, closed_at REAL,
             close_reason TEXT, notice TEXT, message_count INTEGER NOT NULL, intent TEXT,
-            variables TEXT, context TEXT, auth_profiles TEXT)""",
+            variables TEXT, context TEXT)""",
         # The "one open session per conversation" rule, enforced by the database itself.
         "CREATE UNIQUE INDEX sessions_one_open ON sessions (endpoint, conversation) WHERE state = 'open'",
         # Closing a session changes only `state` among indexed columns, so `state` is in no index

@@ -52,7 +52,6 @@ SESSION_COLUMNS = (
     "intent",
     "variables",
     "context",
-    "auth_profiles",
 )
 SESSION_STATE = SESSION_COLUMNS.index("state")
 CONTACT_COLUMNS = (
@@ -64,6 +63,7 @@ CONTACT_COLUMNS = (
     "opted_out",
     "last_user_message_at",
     "variables",
+    "auth_profiles",
 )
 # Without "id": the store assigns it on insert.
 OUTBOX_INSERT_COLUMNS = (
@@ -158,7 +158,7 @@ SET_NOTICES = (
 CLOSE_SESSIONS = (
     "UPDATE sessions SET state = 'closed', closed_at = json_extract(c.value, '$[1]'), "
     "close_reason = json_extract(c.value, '$[2]'), notice = json_extract(c.value, '$[3]'), "
-    "expires_at = json_extract(c.value, '$[4]'), auth_profiles = json_extract(c.value, '$[5]'), "
+    "expires_at = json_extract(c.value, '$[4]'), "
     "variables = NULL, context = NULL "
     "FROM json_each(?) AS c WHERE sessions.id = json_extract(c.value, '$[0]') AND sessions.state = 'open'"
 )
@@ -197,7 +197,6 @@ def session_to_row(s: Session) -> Row:
         s.intent,
         _dump(s.variables),
         _dump(s.context),
-        _dump(s.auth_profiles),
     )
 
 
@@ -209,7 +208,6 @@ def close_row(s: Session) -> Row:
         s.close_reason.value if s.close_reason else None,
         s.notice,
         s.expires_at,
-        _dump(s.auth_profiles),
     )
 
 
@@ -234,7 +232,6 @@ def row_to_session(r: Row) -> Session:
         intent=r[15],
         variables=_load(r[16]),
         context=_load(r[17]),
-        auth_profiles=_load(r[18]),
     )
 
 
@@ -249,6 +246,7 @@ def contact_to_row(c: Contact) -> Row:
         int(c.opted_out),
         c.last_user_message_at,
         json.dumps(c.variables, separators=(",", ":")),
+        json.dumps(c.auth_profiles, separators=(",", ":")),
     )
 
 
@@ -263,6 +261,7 @@ def row_to_contact(r: Row) -> Contact:
         opted_out=bool(r[5]),
         last_user_message_at=r[6],
         variables=dict(json.loads(r[7])),
+        auth_profiles=dict(json.loads(r[8])),
     )
 
 
