@@ -18,14 +18,14 @@ from aiohttp.typedefs import Handler
 from channels.base import ChannelAdapter
 from channels.registry import create_adapter
 from channels.webchat import WebChatAdapter
-from gateway import admin
+from gateway import admin, admin_delivery, admin_settings
 from gateway.errors import RequestRejected
 from gateway.flows import Flow, create_flow
 from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, SETTINGS, STORE
 from gateway.metrics import Metrics
 from gateway.models import Session
 from gateway.outbox import Outbox
-from gateway.policy import policy_for
+from gateway.runtime_settings import load_policies
 from gateway.sessions import SessionManager
 from gateway.settings import Channel, Settings, StorageBackend
 from gateway.store.base import Store
@@ -81,6 +81,8 @@ def create_app(
             app.router.add_post(endpoint.path, handler)
             app.router.add_get(endpoint.path, handler)
     admin.add_routes(app)
+    admin_settings.add_routes(app)
+    admin_delivery.add_routes(app)
     return app
 
 
@@ -122,7 +124,7 @@ async def _outbox_context(app: web.Application) -> AsyncIterator[None]:
 def _manager_context(flow: Flow) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
-        policies = {e.name: policy_for(e, settings.organisation) for e in settings.endpoints}
+        policies = await load_policies(settings, app[STORE])
         manager = SessionManager(
             app[STORE],
             flow,
@@ -131,6 +133,7 @@ def _manager_context(flow: Flow) -> Callable[[web.Application], AsyncIterator[No
             metrics=app[METRICS],
             clock=app[CLOCK],
             error_reply=settings.flow.error_reply,
+            max_pending_events=settings.server.max_pending_events,
         )
         manager.listeners.append(_session_frames(app[ADAPTERS]))
         app[MANAGER] = manager
@@ -181,7 +184,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response: web.StreamResponse = await handler(request)
     except RequestRejected as exc:
-        return web.json_response({"error": exc.reason}, status=exc.status)
+        headers = {"Retry-After": "5"} if exc.status == 503 else None
+        return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)
     return response
 
 

@@ -5,7 +5,8 @@
     ├── RequestRejected          an inbound request we refuse (status set per subclass)
     │   ├── BadSignature         401: missing or wrong platform signature
     │   ├── Forbidden            403: e.g. a wrong Messenger verify token
-    │   └── BadPayload           400: a body that cannot be the platform's payload
+    │   ├── BadPayload           400: a body that cannot be the platform's payload
+    │   └── Overloaded           503: the backlog of accepted events passed its bound
     ├── DeliveryError            a send failed (retryable or not, with an optional delay)
     │   └── DeliveryDeferred     nobody to deliver to yet (web chat without a socket)
     ├── StoreError               storage failed or is unusable
@@ -57,6 +58,12 @@ class BadPayload(RequestRejected):
     """A body that cannot be the platform's payload."""
 
     status = 400
+
+
+class Overloaded(RequestRejected):
+    """Too many accepted events wait to be handled: come back later (back-pressure)."""
+
+    status = 503
 
 
 class DeliveryError(GatewayError):

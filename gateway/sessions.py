@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Overloaded
 from gateway.flows import Flow, FlowResult, FlowTurn
 from gateway.metrics import Metrics
 from gateway.models import (
@@ -150,6 +150,7 @@ class SessionManager:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         error_reply: str | None = None,
+        max_pending_events: int = 10_000,
     ) -> None:
         self._store = store
         self._flow = flow
@@ -158,6 +159,8 @@ class SessionManager:
         self._metrics = metrics or Metrics()
         self._clock = clock
         self._error_reply = error_reply
+        self._max_pending = max_pending_events
+        self._pending = 0  # accepted events not yet handled (the durable inbox's backlog)
         self._conversations: dict[str, dict[str, _Conversation]] = {name: {} for name in policies}
         self._workers: set[asyncio.Task[None]] = set()
         self._due: list[_Conversation] = []
@@ -233,11 +236,8 @@ class SessionManager:
 
     @property
     def pending_events(self) -> int:
-        return sum(
-            sum(isinstance(item, StoredEvent) for item in slot.queue or ())
-            for by_conversation in self._conversations.values()
-            for slot in by_conversation.values()
-        )
+        """Accepted events not yet handled."""
+        return self._pending
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait until no conversation has work queued or in hand (for tests and benchmarks)."""
@@ -256,7 +256,11 @@ class SessionManager:
         the conversation's open session moves now, not when a worker gets to the event.
         """
         if self._closing:
-            raise GatewayError("gateway is shutting down")
+            raise Overloaded("gateway is shutting down")
+        if self._pending >= self._max_pending:
+            # The backlog waits on disk, but unbounded it would only grow: say "later" (503).
+            self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="overloaded")
+            raise Overloaded(f"{self._pending} events wait to be handled; try again later")
         arrival = self._clock() if arrival_at is None else arrival_at
         stored = await self._store.add_inbound(endpoint, event, arrival)
         if stored is None:
@@ -293,6 +297,8 @@ class SessionManager:
         return slot
 
     def _push(self, slot: _Conversation, item: _Item) -> None:
+        if isinstance(item, StoredEvent):
+            self._pending += 1
         if slot.queue is None:
             slot.queue = deque()
         slot.queue.append(item)
@@ -311,6 +317,8 @@ class SessionManager:
                 item = slot.queue.popleft()
                 try:
                     await self._handle(slot, item)
+                    if isinstance(item, StoredEvent):
+                        self._pending -= 1
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # one bad item must not stop the conversation
@@ -318,6 +326,7 @@ class SessionManager:
                     if isinstance(item, _Close | _BotMessage) and not item.done.done():
                         item.done.set_exception(exc)
                     if isinstance(item, StoredEvent):
+                        self._pending -= 1
                         await self._give_up_on(item)
         finally:
             slot.state = _IDLE

@@ -8,6 +8,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 
 from channels.webchat import WebChatAdapter, page_html, parse_client_frame
+from gateway.errors import Overloaded
 from gateway.keys import ADAPTERS, MANAGER, OUTBOX
 from gateway.settings import EndpointSettings
 
@@ -50,7 +51,10 @@ def socket_handler(endpoint: EndpointSettings) -> Handler:
                 event = parse_client_frame(conversation, frame.data)
                 if event is None:
                     continue  # malformed client frames are ignored (contract)
-                await manager.accept(endpoint.name, event)
+                try:
+                    await manager.accept(endpoint.name, event)
+                except Overloaded as exc:  # not accepted: the user sees no echo and may resend
+                    log.warning("web chat frame dropped for %s: %s", conversation, exc.reason)
         finally:
             adapter.detach(conversation, ws)
         return ws
