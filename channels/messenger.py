@@ -151,7 +151,8 @@ class MessengerAdapter:
         token = request.query.get("hub.verify_token")
         challenge = request.query.get("hub.challenge")
         if mode is None or token is None or challenge is None:
-            raise BadPayload("expected hub.mode, hub.verify_token and hub.challenge")
+            # CHANNELS.md: 200 with the challenge when the token matches, 403 otherwise.
+            raise Forbidden("expected hub.mode, hub.verify_token and hub.challenge")
         expected = self._endpoint.credential("verify_token")
         if mode != "subscribe" or not expected or not hmac.compare_digest(token.encode(), expected.encode()):
             raise Forbidden("wrong verify token")

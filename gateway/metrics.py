@@ -15,9 +15,14 @@ HELP: dict[str, str] = {
     "gateway_events_total": "Inbound events by endpoint and outcome (accepted, duplicate, ignored).",
     "gateway_sessions_opened_total": "Sessions opened by endpoint.",
     "gateway_sessions_closed_total": "Sessions closed by endpoint and reason.",
-    "gateway_messages_out_total": "Outbound messages by endpoint and outcome.",
+    "gateway_messages_out_total": (
+        "Outbound messages by endpoint and outcome (sent, skipped, dead = dead letter, retry, deferred)."
+    ),
+    "gateway_dead_letters_retried_total": "Dead letters queued again through the admin API, by endpoint.",
+    "gateway_outbox_throttled_seconds_total": "Seconds sends waited for the rate limit, by endpoint.",
     "gateway_flow_errors_total": "Failed or invalid flow calls by endpoint.",
     "gateway_event_errors_total": "Events whose handling failed unexpectedly (logged with their id).",
+    "gateway_close_script_errors_total": "Close scripts that failed or timed out (S12).",
     "gateway_open_sessions": "Sessions open now.",
     "gateway_outbox_pending": "Outbound messages waiting for delivery.",
 }

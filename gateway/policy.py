@@ -5,9 +5,15 @@ Built from the file's settings; runtime overrides (admin API) replace it at run 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from gateway.settings import EndpointSettings, OnCloseSettings, OrganisationSessionSettings, SessionMode
+from gateway.settings import (
+    DiscardSettings,
+    EndpointSettings,
+    OnCloseSettings,
+    OrganisationSessionSettings,
+    SessionMode,
+)
 from gateway.settings import effective_expiration_minutes as _effective
 
 
@@ -21,6 +27,7 @@ class EndpointPolicy:
     expiration_minutes: float  # effective; 0 = never expires (S3)
     mode: SessionMode
     on_close: OnCloseSettings
+    discard: DiscardSettings = field(default_factory=DiscardSettings)
 
     @property
     def expiration_s(self) -> float | None:
@@ -43,4 +50,5 @@ def policy_for(endpoint: EndpointSettings, organisation: OrganisationSessionSett
         expiration_minutes=_effective(session.expiration_minutes, organisation),
         mode=session.mode,
         on_close=session.on_close,
+        discard=session.discard,
     )

@@ -5,6 +5,7 @@ changes a session. No I/O and no timing here (that is ``gateway.sessions``).
 from __future__ import annotations
 
 import itertools
+import string
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,12 +60,14 @@ def notice_decision(session: Session, reason: CloseReason, notify: bool, contact
 
 class ClosureTexts:
     """Picks the closure message per closure (S10): per-channel variants when configured,
-    otherwise the endpoint's list, taken in turn so every variant is used."""
+    otherwise the endpoint's list, taken in turn so every variant is used. Placeholders:
+    ``{expiration_minutes}`` and ``{name}`` (the contact's name when the platform gave one,
+    else "there"); any other ``{...}`` is left as written."""
 
     def __init__(self) -> None:
         self._turns: dict[tuple[str, str], Iterator[str]] = {}
 
-    def pick(self, policy: EndpointPolicy) -> str | None:
+    def pick(self, policy: EndpointPolicy, contact: Contact | None = None) -> str | None:
         texts = policy.on_close.messages_by_channel.get(policy.channel) or policy.on_close.messages
         if not texts:
             return None
@@ -72,7 +75,65 @@ class ClosureTexts:
         turn = self._turns.get(key)
         if turn is None:
             turn = self._turns[key] = itertools.cycle(texts)
-        return next(turn)
+        name = contact.display_name if contact is not None and contact.display_name else "there"
+        return _render(next(turn), _Placeholders(expiration_minutes=f"{policy.expiration_minutes:g}", name=name))
+
+
+class _Placeholders(dict[str, str]):
+    """Known placeholders; an unknown one renders as itself."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def _render(text: str, values: _Placeholders) -> str:
+    """``text`` with its ``{name}`` placeholders filled; text that is not a simple template (a
+    lone brace, ``{0}``, ``{a.b}``) is sent as written."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(text)]
+    except ValueError:
+        return text
+    if not all(name is None or name.isidentifier() for name in fields):
+        return text
+    return text.format_map(values)
+
+
+def discard_command(text: str | None, policy: EndpointPolicy) -> str | None:
+    """ "discard" or "discard all" when the user's text is one of the endpoint's discard words
+    (S18; case and surrounding blanks do not matter), else None."""
+    if not text:
+        return None
+    said = " ".join(text.split()).casefold()
+    if said in (w.casefold() for w in policy.discard.all_words):
+        return "discard all"
+    if said in (w.casefold() for w in policy.discard.words):
+        return "discard"
+    return None
+
+
+def apply_discard(session: Session, command: str) -> None:
+    """S18 on the flow's dialog context (``context.tags.current``, ``context.tags.historic``,
+    ``context.sentiment``). ``discard all`` clears the dialog context and both tag lists and
+    resets sentiment. ``discard`` clears the current dialog context and replaces the current
+    tags with the last historic ones (``tags.historic`` is a list of earlier tag sets, newest
+    last; a flat list of tags counts as one set), then clears the historic tags; sentiment stays.
+    """
+    context = session.context or {}
+    if command == "discard all":
+        session.context = {"tags": {"current": [], "historic": []}}
+        return
+    raw_tags = context.get("tags")
+    tags: JSONDict = raw_tags if isinstance(raw_tags, dict) else {}
+    raw_historic = tags.get("historic")
+    historic: list[Any] = raw_historic if isinstance(raw_historic, list) else []
+    if historic and all(isinstance(item, list) for item in historic):
+        current = list(historic[-1])
+    else:
+        current = list(historic)
+    kept: JSONDict = {"tags": {"current": current, "historic": []}}
+    if "sentiment" in context:
+        kept["sentiment"] = context["sentiment"]
+    session.context = kept
 
 
 def clear_ttl_variables(contact: Contact) -> None:

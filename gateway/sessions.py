@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from gateway.close_scripts import CloseScripts
 from gateway.errors import GatewayError, Overloaded
 from gateway.flows import Flow, FlowResult, FlowTurn
 from gateway.metrics import Metrics
@@ -46,16 +47,19 @@ from gateway.policy import EndpointPolicy
 from gateway.session_rules import (
     NOTICE_QUEUED,
     ClosureTexts,
+    apply_discard,
     apply_flow_result,
     clear_auth_profiles,
     clear_ttl_variables,
     clears_auth_profiles,
     close_session,
+    discard_command,
     live_ttl_variables,
     notice_decision,
 )
 from gateway.settings import SessionMode
 from gateway.store.base import Store
+from gateway.wire import session_json
 
 log = logging.getLogger("gateway.sessions")
 
@@ -103,7 +107,14 @@ class _BotMessage:
     done: asyncio.Future[Session]
 
 
-_Item = StoredEvent | _Expire | _Close | _BotMessage
+@dataclass(slots=True)
+class _ClearProfiles:
+    """A close script asked to clear these auth profiles (S12)."""
+
+    names: list[str]
+
+
+_Item = StoredEvent | _Expire | _Close | _BotMessage | _ClearProfiles
 
 
 class _Conversation:
@@ -151,6 +162,7 @@ class SessionManager:
         clock: Callable[[], float] = time.time,
         error_reply: str | None = None,
         max_pending_events: int = 10_000,
+        scripts: CloseScripts | None = None,
     ) -> None:
         self._store = store
         self._flow = flow
@@ -160,6 +172,8 @@ class SessionManager:
         self._clock = clock
         self._error_reply = error_reply
         self._max_pending = max_pending_events
+        self._scripts = scripts
+        self._script_tasks: set[asyncio.Task[None]] = set()
         self._pending = 0  # accepted events not yet handled (the durable inbox's backlog)
         self._conversations: dict[str, dict[str, _Conversation]] = {name: {} for name in policies}
         self._workers: set[asyncio.Task[None]] = set()
@@ -226,9 +240,10 @@ class SessionManager:
                     slot.handle = None
         if self._workers:
             await asyncio.wait(list(self._workers), timeout=5.0)
-        for task in [*self._workers, *([self._closer] if self._closer else [])]:
+        tasks = [*self._workers, *self._script_tasks, *([self._closer] if self._closer else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._workers, *([self._closer] if self._closer else []), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def open_count(self) -> int:
@@ -346,8 +361,10 @@ class SessionManager:
             await self._handle_expire(slot, item)
         elif isinstance(item, _Close):
             await self._handle_close(slot, item)
-        else:
+        elif isinstance(item, _BotMessage):
             await self._handle_bot_message(slot, item)
+        else:
+            await self._handle_clear_profiles(slot, item)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -385,11 +402,14 @@ class SessionManager:
                 after_expiry = True
                 result = await self._call_flow(session, contact, event, after_expiry=True, now=now)
                 if result.intent != session.intent:
+                    # A new intent: the old session ends silently and the message is handled
+                    # again, in the new session (the flow sees it twice; message_id tells).
                     closed.append(
                         self._close_into(change, session, CloseReason.INACTIVITY, False, contact, policy, now)
                     )
                     session = None
                     after_expiry = False
+                    result = None
             else:
                 # Lazy mode never sends a notice: nothing happened at the deadline (S8).
                 notify = policy.mode is SessionMode.PROACTIVE and policy.on_close.notify
@@ -407,6 +427,12 @@ class SessionManager:
         contact.last_user_message_at = max(contact.last_user_message_at or 0.0, stored.arrival_at)
         if event.sender_name:
             contact.display_name = event.sender_name
+        command = discard_command(event.text, policy) if event.kind is EventKind.MESSAGE else None
+        if command is not None:
+            # S18: the gateway stops the dialog itself; the session stays open, no flow call.
+            apply_discard(session, command)
+            reply = policy.discard.all_reply if command == "discard all" else policy.discard.reply
+            result = FlowResult(replies=[reply] if reply else [])
         if result is None:
             result = await self._call_flow(session, contact, event, after_expiry=after_expiry, now=now)
         apply_flow_result(session, contact, result, now)
@@ -495,7 +521,7 @@ class SessionManager:
         """Close ``session`` inside ``change``, with its closure notice when one is due.
         ``in_change``: the session is already among ``change.sessions``."""
         session.notice = notice_decision(session, reason, notify, contact)
-        text = self._texts.pick(policy) if policy is not None and session.notice == NOTICE_QUEUED else None
+        text = self._texts.pick(policy, contact) if policy is not None and session.notice == NOTICE_QUEUED else None
         if session.notice == NOTICE_QUEUED and text is None:
             session.notice = "none"
         if text is not None:
@@ -549,6 +575,33 @@ class SessionManager:
             self.stats.close_lags_s.append(self._clock() - session.expires_at)
         log.info("session closed: %s reason=%s notice=%s", session.id, session.close_reason, session.notice)
         self._notify(session)
+        policy = self._policies.get(session.endpoint)
+        if self._scripts is not None and policy is not None and policy.on_close.script:
+            task = asyncio.create_task(self._run_close_script(session, policy.on_close.script, policy))
+            self._script_tasks.add(task)
+            task.add_done_callback(self._script_tasks.discard)
+
+    async def _run_close_script(self, session: Session, ref: str, policy: EndpointPolicy) -> None:
+        """S12, after the close committed: never delays or undoes the close."""
+        assert self._scripts is not None
+        try:
+            contact = await self._store.get_contact(session.contact_id)
+            profiles = sorted(contact.auth_profiles) if contact is not None else []
+            timeout_s = policy.on_close.script_timeout_seconds
+            names = await self._scripts.run(ref, timeout_s, session_json(session), profiles)
+        except Exception as exc:
+            self._metrics.inc("gateway_close_script_errors_total", endpoint=session.endpoint)
+            log.warning("close script for session %s failed: %s", session.id, exc)
+            return
+        log.info("close script ran for session %s; auth profiles to clear: %s", session.id, names or "none")
+        if names and not self._closing:
+            # Through the conversation's queue: a turn of the next session must not race it.
+            self._push(self._slot(session.endpoint, session.conversation), _ClearProfiles(names))
+
+    async def _handle_clear_profiles(self, slot: _Conversation, item: _ClearProfiles) -> None:
+        contact = await self._store.get_contact(contact_id_of(slot.endpoint, slot.conversation))
+        if contact is not None and clear_auth_profiles(contact, item.names):
+            await self._store.commit(Change(contacts=[contact]))
 
     def _notify(self, session: Session) -> None:
         for listener in self.listeners:

@@ -181,8 +181,8 @@ def test_handshake_without_a_configured_token_is_forbidden() -> None:
         {"hub.verify_token": VERIFY_TOKEN, "hub.challenge": "c"},
     ],
 )
-def test_handshake_with_missing_parameters_is_a_bad_payload(query: dict[str, str]) -> None:
-    with pytest.raises(BadPayload):
+def test_handshake_with_missing_parameters_is_forbidden(query: dict[str, str]) -> None:
+    with pytest.raises(Forbidden):
         make_adapter().handshake(get(query))
 
 
