@@ -19,6 +19,7 @@ from channels.base import ChannelAdapter
 from channels.registry import create_adapter
 from channels.webchat import WebChatAdapter
 from gateway import admin, admin_delivery, admin_settings
+from gateway.close_scripts import CloseScripts
 from gateway.errors import RequestRejected
 from gateway.flows import Flow, create_flow
 from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, SETTINGS, STORE
@@ -62,11 +63,12 @@ def create_app(
     app[STORE] = store or create_store(settings)
     app[ADAPTERS] = {endpoint.name: create_adapter(endpoint, clock) for endpoint in settings.endpoints}
     chosen_flow = flow or create_flow(settings.flow)
+    scripts = CloseScripts(e.session.on_close.script for e in settings.endpoints if e.session.on_close.script)
 
     app.cleanup_ctx.append(_store_context)
-    app.cleanup_ctx.append(_http_context(chosen_flow))
+    app.cleanup_ctx.append(_http_context(chosen_flow, scripts))
     app.cleanup_ctx.append(_outbox_context)
-    app.cleanup_ctx.append(_manager_context(chosen_flow))
+    app.cleanup_ctx.append(_manager_context(chosen_flow, scripts))
     app.cleanup_ctx.append(_retention_context)
     app.on_shutdown.append(_close_sockets)
 
@@ -93,7 +95,7 @@ async def _store_context(app: web.Application) -> AsyncIterator[None]:
     await store.aclose()
 
 
-def _http_context(flow: Flow) -> Callable[[web.Application], AsyncIterator[None]]:
+def _http_context(flow: Flow, scripts: CloseScripts) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         # trust_env stays off: platform and flow calls go exactly where configured.
         async with aiohttp.ClientSession() as http:
@@ -103,8 +105,10 @@ def _http_context(flow: Flow) -> Callable[[web.Application], AsyncIterator[None]
                     await adapter.start(http)
                     started.append(adapter)
                 await flow.start(http)
+                await scripts.start(http)
                 yield
             finally:
+                await scripts.aclose()
                 await flow.aclose()
                 for adapter in reversed(started):
                     await adapter.aclose()
@@ -121,7 +125,7 @@ async def _outbox_context(app: web.Application) -> AsyncIterator[None]:
     await outbox.aclose()
 
 
-def _manager_context(flow: Flow) -> Callable[[web.Application], AsyncIterator[None]]:
+def _manager_context(flow: Flow, scripts: CloseScripts) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         policies = await load_policies(settings, app[STORE])
@@ -134,6 +138,7 @@ def _manager_context(flow: Flow) -> Callable[[web.Application], AsyncIterator[No
             clock=app[CLOCK],
             error_reply=settings.flow.error_reply,
             max_pending_events=settings.server.max_pending_events,
+            scripts=scripts,
         )
         manager.listeners.append(_session_frames(app[ADAPTERS]))
         app[MANAGER] = manager
