@@ -245,7 +245,7 @@ async def main(sessions: int, due: int, messages: int) -> None:
         minutes = (window_start - seeded_at) / 60
         manager.stats.record_lags = True
         started = time.perf_counter()
-        manager.set_policy(replace(policies[DUE], expiration_minutes=minutes))
+        await manager.set_policy(replace(policies[DUE], expiration_minutes=minutes))
         print(f"re-arm earlier (setting shortened): {due / (time.perf_counter() - started):,.0f}/s")
         stall = StallMeter()
         stall.start()

@@ -816,10 +816,16 @@ class SessionManager:
         await self._commit(slot, change, opened=opened)
         item.done.set_result(session)
 
-    def set_policy(self, policy: EndpointPolicy) -> None:
-        """Apply a changed endpoint policy to its open sessions at once (re-arming timers)."""
+    async def set_policy(self, policy: EndpointPolicy) -> None:
+        """Apply a changed endpoint policy to its open sessions at once (re-arming timers),
+        yielding to the loop every few thousand sessions so a big endpoint never stalls it."""
         self._policies[policy.endpoint] = policy
-        for slot in self._conversations.get(policy.endpoint, {}).values():
+        slots = list(self._conversations.get(policy.endpoint, {}).values())
+        for done, slot in enumerate(slots, start=1):
+            if done % _RESTORE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+                if self._policies.get(policy.endpoint) is not policy:
+                    return  # a newer policy took over; it re-applies to every session
             session = slot.session
             if session is None:
                 continue

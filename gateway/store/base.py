@@ -67,6 +67,13 @@ class Store(Protocol):
     async def contact_sessions(self, contact_id: str) -> list[Session]:
         """The contact's sessions (its conversation history, S6), newest first."""
 
+    async def session_analytics(
+        self, since: float | None, until: float | None
+    ) -> list[tuple[str, bool, bool, str | None, int]]:
+        """Sessions started in ``[since, until)`` (None: unbounded) counted by kind, in one
+        aggregate query: ``(endpoint, interactive, developer, close_reason, count)`` per group,
+        ``close_reason`` None for open sessions (S13-S15, ``GET /admin/analytics/sessions``)."""
+
     # -- outbox ------------------------------------------------------------------------------
     async def pending_outbox(self) -> list[OutboundMessage]:
         """Messages not yet sent, skipped or dead, in id order."""

@@ -548,6 +548,30 @@ class SqliteStore:
             rows.select_sessions, "WHERE contact_id = ? ORDER BY started_at DESC, id DESC", [contact_id]
         )
 
+    async def session_analytics(
+        self, since: float | None, until: float | None
+    ) -> list[tuple[str, bool, bool, str | None, int]]:
+        """Sessions started in ``[since, until)`` counted by (endpoint, interactive, developer,
+        close_reason): one GROUP BY on the reader connection, over the ``sessions_by_start`` index."""
+        clauses: list[str] = []
+        params: list[float] = []
+        if since is not None:
+            clauses.append("started_at >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("started_at < ?")
+            params.append(until)
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+        sql = (
+            "SELECT endpoint, interactive, developer, close_reason, count(*) FROM sessions "
+            f"{where}GROUP BY endpoint, interactive, developer, close_reason"
+        )
+
+        def query(conn: sqlite3.Connection) -> list[tuple[str, bool, bool, str | None, int]]:
+            return [(e, bool(i), bool(d), r, n) for e, i, d, r, n in conn.execute(sql, params)]
+
+        return await self._read(query)
+
     async def pending_outbox(self) -> list[OutboundMessage]:
         """Messages still to send, in id order."""
         return await self._read(rows.select_outbox, "WHERE state = 'pending' ORDER BY id", [])
