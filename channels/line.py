@@ -34,6 +34,7 @@ from linebot.v3.messaging.exceptions import ApiException
 from linebot.v3.webhook import SignatureValidator
 
 from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, platform_time
+from channels.text import split_text
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, InboundEvent, JSONDict, MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings
@@ -156,37 +157,6 @@ def to_inbound(event: Mapping[str, Any], now: float) -> InboundEvent | None:
 
 
 # -- pure helpers for sending --------------------------------------------------------------------
-
-
-def _utf16_fit(text: str, limit: int) -> int:
-    """How many leading code points of ``text`` fit in ``limit`` UTF-16 code units."""
-    units = 0
-    for index, char in enumerate(text):
-        units += 2 if ord(char) > 0xFFFF else 1
-        if units > limit:
-            return index
-    return len(text)
-
-
-def split_text(text: str, limit: int = MAX_TEXT_UNITS) -> list[str]:
-    """``text`` cut into parts of at most ``limit`` UTF-16 units, on whitespace where one lies
-    in the second half of a part; a pair of surrogates is never cut. '' gives no parts."""
-    parts: list[str] = []
-    rest = text
-    while rest:
-        fit = max(_utf16_fit(rest, limit), 1)
-        if fit == len(rest):
-            parts.append(rest)
-            break
-        window = rest[: fit + 1]  # a space right after the limit is a clean cut too
-        cut = max(window.rfind(" "), window.rfind("\n"), window.rfind("\t"))
-        head = rest[:cut].rstrip() if cut > fit // 2 else ""
-        if head:
-            rest = rest[cut:].lstrip()  # the whitespace at the cut is dropped
-        else:
-            head, rest = rest[:fit], rest[fit:]
-        parts.append(head)
-    return parts
 
 
 def retry_key(endpoint: str, key: str, part: int = 0) -> str:
@@ -351,7 +321,7 @@ class LineAdapter:
         means an earlier attempt got through: success.
         """
         api = self._require_api()
-        parts = split_text(message.text)
+        parts = split_text(message.text, MAX_TEXT_UNITS, utf16=True)
         if not parts:
             raise DeliverySkipped("empty text")
         batches = [parts[i : i + MAX_MESSAGES_PER_REQUEST] for i in range(0, len(parts), MAX_MESSAGES_PER_REQUEST)]

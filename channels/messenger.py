@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, platform_time
+from channels.text import retry_after_s, split_text
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped, Forbidden
 from gateway.models import EventKind, InboundEvent, JSONDict, MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings
@@ -67,29 +68,6 @@ def is_interaction(item: Mapping[str, Any]) -> bool:
     """User messages and postbacks open and extend sessions; delivery, read, reactions,
     echoes and everything else are housekeeping (S16)."""
     return is_user_message(item) or is_postback(item)
-
-
-def split_text(text: str, limit: int = MAX_TEXT_CHARS) -> list[str]:
-    """``text`` cut into parts of at most ``limit`` characters, on whitespace where possible.
-
-    The whitespace at a cut is dropped; a word longer than ``limit`` is cut where it must be.
-    """
-    parts: list[str] = []
-    rest = text
-    while len(rest) > limit:
-        rest = rest.lstrip()  # a long text's leading whitespace is not worth a part of its own
-        if len(rest) <= limit:
-            break
-        window = rest[: limit + 1]  # a space right after the limit is a clean cut too
-        cut = max(window.rfind(" "), window.rfind("\n"), window.rfind("\t"))
-        head = rest[:cut].rstrip() if cut > 0 else ""
-        if not head:
-            head, cut = rest[:limit], limit
-        parts.append(head)
-        rest = rest[cut:].lstrip()
-    if rest or not parts:
-        parts.append(rest)
-    return parts
 
 
 def classify_error(status: int, body: Any, retry_after_s: float | None) -> DeliveryError:
@@ -218,7 +196,7 @@ class MessengerAdapter:
         if not token:
             raise DeliveryError("messenger: no page_access_token configured", retryable=False)
         messaging_type = "RESPONSE" if message.kind is MessageKind.REPLY else "UPDATE"
-        parts = split_text(message.text)
+        parts = split_text(message.text, MAX_TEXT_CHARS)
         for index in range(self._sent_parts.get(message.key, 0), len(parts)):
             body = {
                 "recipient": {"id": message.conversation},
@@ -244,7 +222,7 @@ class MessengerAdapter:
                 if 200 <= resp.status < 300:
                     return
                 raw = await resp.read()
-                retry_after_s = _retry_after_s(resp.headers.get("Retry-After"))
+                wait_s = retry_after_s(resp.headers.get("Retry-After"))
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Some aiohttp errors print the full URL, token included: keep only a scrubbed text
@@ -255,7 +233,7 @@ class MessengerAdapter:
             decoded: Any = json.loads(_scrub(raw.decode("utf-8", "replace"), token))
         except (ValueError, RecursionError):
             decoded = None
-        raise classify_error(status, decoded, retry_after_s)
+        raise classify_error(status, decoded, wait_s)
 
     def _remember_part(self, key: str, done: int) -> None:
         self._sent_parts.pop(key, None)
@@ -332,17 +310,6 @@ def _event_of(item: Mapping[str, Any]) -> InboundEvent:
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds form; an HTTP date is ignored)."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
 
 
 def _scrub(text: str, token: str) -> str:

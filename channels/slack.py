@@ -38,6 +38,7 @@ from slack_sdk.signature import Clock, SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, platform_time
+from channels.text import retry_after_s, split_text
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, InboundEvent, JSONDict, OutboundMessage
 from gateway.settings import EndpointSettings
@@ -101,26 +102,6 @@ def split_conversation(conversation: str) -> tuple[str, str | None]:
     """The channel and thread_ts (None for the channel itself) of a conversation id."""
     channel, _, thread_ts = conversation.partition(":")
     return channel, thread_ts or None
-
-
-def split_text(text: str, limit: int = MAX_TEXT_CHARS) -> list[str]:
-    """``text`` cut into parts of at most ``limit`` characters, preferring line breaks, then
-    spaces; the whitespace at a cut is dropped, a longer word is cut where it must be."""
-    parts: list[str] = []
-    rest = text
-    while len(rest) > limit:
-        window = rest[: limit + 1]  # whitespace right after the limit is a clean cut too
-        cut = window.rfind("\n")
-        if cut < limit // 2:
-            cut = max(cut, window.rfind(" "), window.rfind("\t"))
-        head = rest[:cut].rstrip() if cut > 0 else ""
-        if not head:
-            head, cut = rest[:limit], limit
-        parts.append(head)
-        rest = rest[cut:].lstrip()
-    if rest or not parts:
-        parts.append(rest)
-    return parts
 
 
 # -- the adapter ------------------------------------------------------------------------------
@@ -273,7 +254,7 @@ class SlackAdapter:
         client = self._client
         if client is None or self._http is None or self._http.closed:
             raise DeliveryError("slack adapter is not running", retryable=True)
-        parts = split_text(message.text)
+        parts = split_text(message.text, MAX_TEXT_CHARS, prefer_line_breaks=True)
         for index in range(self._sent_parts.get(message.key, 0), len(parts)):
             try:
                 await self._post(client, channel, thread_ts, parts[index])
@@ -377,21 +358,10 @@ def _api_error(response: Any) -> DeliveryError:
 
 def _status_error(status: int, error: str | None, headers: Mapping[str, str] | None) -> DeliveryError:
     if status == 429 or error == "ratelimited":
-        retry_after_s = _retry_after_s(headers.get("Retry-After") if headers is not None else None)
-        return DeliveryError(error or "ratelimited", retryable=True, retry_after_s=retry_after_s)
+        wait_s = retry_after_s(headers.get("Retry-After") if headers is not None else None)
+        return DeliveryError(error or "ratelimited", retryable=True, retry_after_s=wait_s)
     if status >= 500:
         return DeliveryError(f"slack: HTTP {status}" + (f": {error}" if error else ""), retryable=True)
     if error is not None:
         return DeliveryError(error, retryable=error in RETRYABLE_ERRORS)
     return DeliveryError(f"slack: HTTP {status}: unexpected response", retryable=False)
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds form; an HTTP date is ignored)."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import email.utils
 import logging
 import time
 from collections import OrderedDict
@@ -44,6 +43,7 @@ from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
 from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse
+from channels.text import retry_after_s, split_text
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, InboundEvent, JSONDict, OutboundMessage
 from gateway.settings import EndpointSettings
@@ -85,31 +85,6 @@ def opt_keyword(body: str) -> EventKind | None:
     if word in OPT_IN_KEYWORDS:
         return EventKind.OPT_IN
     return None
-
-
-def split_body(text: str, limit: int = MAX_BODY_CHARS) -> list[str]:
-    """``text`` in order as parts of at most ``limit`` UTF-16 code units each.
-
-    Counted in UTF-16 units (an emoji counts two) because that is how the SMS encoding counts;
-    a cut prefers the last whitespace in the second half of a part, else falls mid-word.
-    """
-    parts: list[str] = []
-    start = 0
-    while start < len(text):
-        end, units = start, 0
-        while end < len(text):
-            width = 2 if ord(text[end]) > 0xFFFF else 1
-            if units + width > limit:
-                break
-            units += width
-            end += 1
-        if end < len(text):
-            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
-            if cut > start + (end - start) // 2:
-                end = cut + 1
-        parts.append(text[start:end])
-        start = end
-    return parts
 
 
 def _form_of(request: WebhookRequest) -> MultiDict[str]:
@@ -265,13 +240,14 @@ class TwilioAdapter:
             await http_client.close()
 
     async def send(self, message: OutboundMessage) -> None:
-        """Send ``message.text`` to the number ``message.conversation``, split at 1600 characters.
+        """Send ``message.text`` to the number ``message.conversation``, in parts of at most
+        ``MAX_BODY_CHARS`` UTF-16 code units (``channels.text.split_text``).
 
         A retry of a split message resumes after the parts already accepted.
         """
         if self._state is not _State.OPENED:
             raise DeliveryError(f"twilio adapter is {self._state.value}", retryable=True)
-        parts = split_body(message.text)
+        parts = split_text(message.text, MAX_BODY_CHARS, utf16=True)
         if not parts:
             raise DeliveryError("empty message body", retryable=False)
         done = self._progress.pop(message.key, 0)
@@ -316,33 +292,16 @@ class TwilioAdapter:
     def _api_error(self, status: int, code: int | None, text: str, answer: _Answer) -> DeliveryError:
         # Twilio's own text is kept short and scrubbed: a reason is logged and stored.
         detail = self._scrub(text)[:200]
+        wait_s = retry_after_s(answer.retry_after, self._clock())
         if code == CODE_UNSUBSCRIBED:
             return DeliverySkipped(f"{CODE_UNSUBSCRIBED}: recipient opted out")
         if status == 429 or code == CODE_TOO_MANY_REQUESTS:
-            return DeliveryError(
-                f"twilio rate limited ({status}, {code})", retryable=True, retry_after_s=self._retry_after(answer)
-            )
+            return DeliveryError(f"twilio rate limited ({status}, {code})", retryable=True, retry_after_s=wait_s)
         if status >= 500:
-            return DeliveryError(f"twilio {status}: {detail}", retryable=True, retry_after_s=self._retry_after(answer))
+            return DeliveryError(f"twilio {status}: {detail}", retryable=True, retry_after_s=wait_s)
         if code in _PERMANENT_CODES:
             return DeliveryError(f"{code}: {_PERMANENT_CODES[code]}", retryable=False)
         return DeliveryError(f"twilio {status} ({code}): {detail}", retryable=False)
-
-    def _retry_after(self, answer: _Answer) -> float | None:
-        value = (answer.retry_after or "").strip()
-        if not value:
-            return None
-        try:
-            return max(float(value), 0.0)
-        except ValueError:
-            pass
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            return None
-        return max(when.timestamp() - self._clock(), 0.0)
 
     def _scrub(self, text: str) -> str:
         token = self._endpoint.credential("auth_token")

@@ -28,7 +28,6 @@ from channels.line import (
     is_invalid_reply_token,
     is_user_message,
     retry_key,
-    split_text,
 )
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, MessageKind, OutboundMessage
@@ -411,31 +410,6 @@ def test_redelivery_keeps_the_dedup_key(parser: LineAdapter) -> None:
 # -- pure send helpers ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("text", "limit", "parts"),
-    [
-        ("", 10, []),
-        ("short", 10, ["short"]),
-        ("exactly10!", 10, ["exactly10!"]),
-        ("hello world again", 11, ["hello world", "again"]),
-        ("hello world", 5, ["hello", "world"]),
-        ("abcdefghijkl", 5, ["abcde", "fghij", "kl"]),
-        ("a bcdefghijkl", 5, ["a bcd", "efghi", "jkl"]),  # whitespace too early: hard cut
-        ("😀😀😀", 4, ["😀😀", "😀"]),  # 2 UTF-16 units each
-        ("a😀😀", 4, ["a😀", "😀"]),  # the pair is never cut
-    ],
-)
-def test_split_text(text: str, limit: int, parts: list[str]) -> None:
-    assert split_text(text, limit) == parts
-
-
-def test_split_text_respects_lines_limit() -> None:
-    parts = split_text(("word " * 3000).strip())
-    assert len(parts) == 3
-    assert all(len(p) <= 5000 for p in parts)
-    assert " ".join(parts) == ("word " * 3000).strip()
-
-
 def test_retry_key_is_deterministic() -> None:
     assert retry_key("line-main", "reply:1:0") == str(uuid.uuid5(RETRY_KEY_NAMESPACE, "line-main:reply:1:0"))
     assert retry_key("line-main", "reply:1:0") == retry_key("line-main", "reply:1:0")
@@ -642,6 +616,13 @@ async def test_long_text_is_split_into_one_request(api: FakePlatform, adapter: L
     await adapter.send(outbound(text=text, reply_token="t", expires_at=clock.now + 30))
     [request] = api.to(REPLY)
     assert [len(m["text"]) for m in request.json()["messages"]] == [5000, 5000, 2000]
+
+
+async def test_long_text_is_split_in_utf16_units(api: FakePlatform, adapter: LineAdapter, clock: Clock) -> None:
+    text = "\N{GRINNING FACE}" * 3000  # 6000 UTF-16 units: 5000 of them fit in one message
+    await adapter.send(outbound(text=text, reply_token="t", expires_at=clock.now + 30))
+    [request] = api.to(REPLY)
+    assert [len(m["text"]) for m in request.json()["messages"]] == [2500, 500]
 
 
 async def test_very_long_text_pushes_in_batches_of_five(api: FakePlatform, adapter: LineAdapter, clock: Clock) -> None:

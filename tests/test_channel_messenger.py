@@ -24,7 +24,6 @@ from channels.messenger import (
     is_interaction,
     is_postback,
     is_user_message,
-    split_text,
 )
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped, Forbidden
 from gateway.models import EventKind, MessageKind, OutboundMessage
@@ -408,31 +407,6 @@ def test_predicates(item: dict[str, Any], user_message: bool, postback: bool, ec
         echo,
         interaction,
     )
-
-
-@pytest.mark.parametrize(
-    ("text", "limit", "parts"),
-    [
-        ("hello", 10, ["hello"]),
-        ("", 10, [""]),
-        ("0123456789", 10, ["0123456789"]),
-        ("hello world again", 11, ["hello world", "again"]),
-        ("hello world", 5, ["hello", "world"]),
-        ("one two three four", 9, ["one two", "three", "four"]),
-        ("line one\nline two", 9, ["line one", "line two"]),
-        ("abcdefghijkl", 5, ["abcde", "fghij", "kl"]),
-        ("   abcdefgh", 5, ["abcde", "fgh"]),
-    ],
-)
-def test_split_text(text: str, limit: int, parts: list[str]) -> None:
-    assert split_text(text, limit) == parts
-
-
-def test_split_text_keeps_every_word_in_order_within_the_limit() -> None:
-    words = [f"word{i}" * (1 + i % 7) for i in range(1000)]
-    parts = split_text(" ".join(words))
-    assert len(parts) > 1 and all(len(part) <= 2000 for part in parts)
-    assert " ".join(parts).split() == words
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from slack_sdk.signature import SignatureVerifier
 import channels.slack as slack
 from channels.base import WebhookRequest
 from channels.registry import create_adapter
-from channels.slack import SlackAdapter, conversation_of, is_user_message, split_conversation, split_text
+from channels.slack import SlackAdapter, conversation_of, is_user_message, split_conversation
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, MessageKind, OutboundMessage
 from gateway.settings import Channel, EndpointSettings, Secret
@@ -253,19 +253,6 @@ def _thread_of(conversation: str) -> dict[str, str]:
     return {"channel": channel, "thread_ts": thread_ts} if thread_ts else {"channel": channel}
 
 
-def test_split_text_keeps_short_text_and_cuts_long_text_on_boundaries() -> None:
-    assert split_text("hello") == ["hello"]
-    assert split_text("") == [""]
-    lines = [f"line {i:04d} " + "x" * 80 for i in range(200)]
-    text = "\n".join(lines)
-    parts = split_text(text)
-    assert len(parts) > 1
-    assert all(len(part) <= slack.MAX_TEXT_CHARS for part in parts)
-    assert "\n".join(parts) == text  # cut at line breaks only, nothing lost, in order
-    unbroken = "y" * (2 * slack.MAX_TEXT_CHARS + 10)
-    assert split_text(unbroken) == [unbroken[:3500], unbroken[3500:7000], unbroken[7000:]]
-
-
 # -- signature verification -------------------------------------------------------------------
 
 
@@ -488,9 +475,20 @@ async def test_long_text_is_sent_in_parts_in_order(adapter: SlackAdapter, api: F
     text = " ".join(f"word{i:05d}" for i in range(1500))  # ~15 000 characters
     await adapter.send(outbound("C1", text))
     sent = [call.json()["text"] for call in api.to(POST_PATH)]
-    assert len(sent) == len(split_text(text)) > 1
+    assert len(sent) > 1
     assert all(len(part) <= slack.MAX_TEXT_CHARS for part in sent)
-    assert " ".join(sent) == text
+    assert "".join(sent) == text  # the space at a cut ends the earlier part
+
+
+async def test_long_text_is_cut_at_line_breaks(adapter: SlackAdapter, api: FakePlatform) -> None:
+    lines = [f"line {i:04d} " + "x " * 40 for i in range(200)]  # a space closer to each limit than a line break
+    text = "\n".join(lines)
+    await adapter.send(outbound("C1", text))
+    sent = [call.json()["text"] for call in api.to(POST_PATH)]
+    assert len(sent) > 1
+    assert all(len(part) <= slack.MAX_TEXT_CHARS for part in sent)
+    assert all(part.endswith("\n") for part in sent[:-1])
+    assert "".join(sent) == text
 
 
 async def test_a_retry_resumes_after_the_parts_already_posted(adapter: SlackAdapter, api: FakePlatform) -> None:

@@ -21,7 +21,6 @@ from channels.twilio_sms import (
     TwilioAdapter,
     is_status_callback,
     opt_keyword,
-    split_body,
 )
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, MessageKind, OutboundMessage
@@ -157,31 +156,6 @@ def test_is_status_callback(form: dict[str, str], expected: bool) -> None:
 )
 def test_opt_keyword(body: str, expected: EventKind | None) -> None:
     assert opt_keyword(body) is expected
-
-
-@pytest.mark.parametrize(
-    ("text", "limit", "expected"),
-    [
-        ("", 10, []),
-        ("short", 10, ["short"]),
-        ("exactly10!", 10, ["exactly10!"]),
-        ("aaaaaa bbbbbbb", 10, ["aaaaaa ", "bbbbbbb"]),  # cut after the space
-        ("aaaa bbbbb cc", 10, ["aaaa bbbbb", " cc"]),  # a full part ending at a word end
-        ("abcdefghijkl", 5, ["abcde", "fghij", "kl"]),  # no space: mid-word
-        ("a bcdefghij", 5, ["a bcd", "efghi", "j"]),  # a space too early is not used
-        ("😀😀😀", 4, ["😀😀", "😀"]),  # astral characters count two UTF-16 units
-    ],
-)
-def test_split_body(text: str, limit: int, expected: list[str]) -> None:
-    assert split_body(text, limit) == expected
-
-
-def test_split_body_keeps_everything_in_order_within_1600() -> None:
-    text = " ".join(f"word{i}" for i in range(1000))
-    parts = split_body(text)
-    assert len(parts) > 1
-    assert "".join(parts) == text
-    assert all(len(part) <= 1600 for part in parts)
 
 
 # -- inbound -----------------------------------------------------------------------------------
@@ -445,6 +419,15 @@ async def test_long_text_is_split_in_order() -> None:
     assert len(bodies) == 3
     assert all(len(body) <= 1600 for body in bodies)
     assert "".join(bodies) == text
+
+
+async def test_long_text_is_split_in_utf16_units() -> None:
+    text = "\N{GRINNING FACE}" * 1000  # 2000 UTF-16 units: 1600 of them fit in one body
+    async with FakePlatform() as api, started(api) as adapter:
+        api.respond(MESSAGES_PATH, CREATED)
+        await adapter.send(outbound(text))
+        bodies = [r.form()["Body"] for r in api.to(MESSAGES_PATH)]
+    assert [len(body) for body in bodies] == [800, 200]
 
 
 async def test_split_retry_resumes_after_accepted_parts() -> None:
