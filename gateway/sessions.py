@@ -5,10 +5,8 @@ event to the durable inbox, moves the session's deadline at once, and queues the
 conversation. One worker per busy conversation handles that conversation's items one at a time
 (per-session ordering); different conversations run concurrently.
 
-Timers (DESIGN.md "Known traps"): each open session has one ``loop.call_at`` handle. A message
-only moves ``session.expires_at``; when the handle fires early it re-arms itself for the
-remainder, so busy sessions never pile cancelled handles into asyncio's heap. A handle is
-cancelled only on close or when a setting shortens the deadline.
+Timers live in ``gateway.expiry`` (one lazily re-armed handle per open session); the pure rules
+of a close (what is cleared, which notice) in ``gateway.session_rules``.
 
 The fire/message race: the fire is an item in the conversation's own queue (or, when the
 conversation is idle, a batch close that holds the conversation meanwhile), and every close
@@ -19,16 +17,15 @@ and the session lives on, or the session closes and the message opens a new one.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from gateway.close_scripts import CloseScripts
-from gateway.errors import GatewayError, Overloaded
+from gateway.errors import Overloaded
+from gateway.expiry import ExpiryTimers
 from gateway.flows import Flow, FlowResult, FlowTurn
 from gateway.metrics import Metrics
 from gateway.models import (
@@ -57,95 +54,29 @@ from gateway.session_rules import (
     live_ttl_variables,
     notice_decision,
 )
+from gateway.session_types import (
+    BotMessageItem,
+    ClearProfilesItem,
+    CloseItem,
+    Conversation,
+    ExpireItem,
+    ManagerStats,
+    OutboxSink,
+    SessionNotFound,
+    SessionNotOpen,
+    SlotState,
+    WorkItem,
+)
 from gateway.settings import SessionMode
 from gateway.store.base import Store
 from gateway.wire import session_json
 
+# The manager's public names, including the types callers catch or implement.
+__all__ = ["OutboxSink", "SessionManager", "SessionNotFound", "SessionNotOpen"]
+
 log = logging.getLogger("gateway.sessions")
 
-# A handle that fires this much before the deadline re-arms instead of closing: loop time and
-# wall time drift apart by a little, and closing early is worse than a millisecond late.
-_EARLY_TOLERANCE_S = 0.0005
-_CLOSE_BATCH = 2000  # sessions closed per store commit when many fall due together
-_CLOSE_BATCHES_IN_FLIGHT = 4
 _RESTORE_YIELD_EVERY = 5000  # restore arms this many timers between yields to the loop
-
-_IDLE, _WORKING, _CLOSING = 0, 1, 2
-
-
-class SessionNotFound(GatewayError):
-    """No session with this id."""
-
-
-class SessionNotOpen(GatewayError):
-    """The session is closed already."""
-
-
-class OutboxSink:
-    """What the manager needs of the outbox: take committed messages for delivery."""
-
-    def submit(self, messages: Iterable[OutboundMessage]) -> None:
-        raise NotImplementedError
-
-
-@dataclass(slots=True)
-class _Expire:
-    session_id: str
-
-
-@dataclass(slots=True)
-class _Close:
-    session_id: str
-    reason: CloseReason
-    notify: bool
-    done: asyncio.Future[Session]
-
-
-@dataclass(slots=True)
-class _BotMessage:
-    text: str
-    done: asyncio.Future[Session]
-
-
-@dataclass(slots=True)
-class _ClearProfiles:
-    """A close script asked to clear these auth profiles (S12)."""
-
-    names: list[str]
-
-
-_Item = StoredEvent | _Expire | _Close | _BotMessage | _ClearProfiles
-
-
-class _Conversation:
-    """In-memory state of one conversation: its open session, timer and pending work.
-
-    Kept deliberately small (slots, no per-instance dict): a million of these must fit in
-    about 1 KiB each together with their sessions.
-    """
-
-    __slots__ = ("endpoint", "conversation", "session", "handle", "queue", "state")
-
-    def __init__(self, endpoint: str, conversation: str) -> None:
-        self.endpoint = endpoint
-        self.conversation = conversation
-        self.session: Session | None = None
-        self.handle: asyncio.TimerHandle | None = None
-        self.queue: deque[_Item] | None = None
-        self.state = _IDLE
-
-
-@dataclass(slots=True)
-class ManagerStats:
-    """Counters for tests and benchmarks. With ``record_lags`` on, ``fire_lags_s`` holds when each
-    due timer ran and ``close_lags_s`` when its close committed, both minus the deadline."""
-
-    timer_fires: int = 0
-    timer_rearms: int = 0
-    closes_committed: int = 0
-    record_lags: bool = False
-    fire_lags_s: list[float] = field(default_factory=list)
-    close_lags_s: list[float] = field(default_factory=list)
 
 
 class SessionManager:
@@ -175,21 +106,17 @@ class SessionManager:
         self._scripts = scripts
         self._script_tasks: set[asyncio.Task[None]] = set()
         self._pending = 0  # accepted events not yet handled (the durable inbox's backlog)
-        self._conversations: dict[str, dict[str, _Conversation]] = {name: {} for name in policies}
+        self._conversations: dict[str, dict[str, Conversation]] = {name: {} for name in policies}
         self._workers: set[asyncio.Task[None]] = set()
-        self._due: list[_Conversation] = []
-        self._due_signal = asyncio.Event()
-        self._closer: asyncio.Task[None] | None = None
         self._texts = ClosureTexts()
         self._open_count = 0
         self._closing = False
         self.ready = False
         self.stats = ManagerStats()
         self.listeners: list[Callable[[Session], None]] = []
-        # Shared by every timer handle: a bound method and a context per handle would cost
-        # ~100 bytes per open session for nothing (timers read no context variables).
-        self._fire = self._on_timer
-        self._timer_context = contextvars.Context()
+        self._timers = ExpiryTimers(
+            clock, self.stats, close_batch=self._close_batch, on_busy=lambda slot, s: self._push(slot, ExpireItem(s.id))
+        )
         self._metrics.gauge("gateway_open_sessions", lambda: float(self._open_count))
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -197,7 +124,7 @@ class SessionManager:
     async def start(self) -> None:
         """Restore: load open sessions, re-queue pending inbound events (they move deadlines),
         then arm every timer; sessions overdue since before the restart close at once."""
-        self._closer = asyncio.create_task(self._run_closer(), name="session-closer")
+        self._timers.start()
         removed: list[Session] = []
         loaded = 0
         async for session in self._store.open_sessions():
@@ -235,12 +162,11 @@ class SessionManager:
         self.ready = False
         for by_conversation in self._conversations.values():
             for slot in by_conversation.values():
-                if slot.handle is not None:
-                    slot.handle.cancel()
-                    slot.handle = None
+                self._timers.disarm(slot)
         if self._workers:
             await asyncio.wait(list(self._workers), timeout=5.0)
-        tasks = [*self._workers, *self._script_tasks, *([self._closer] if self._closer else [])]
+        await self._timers.aclose()
+        tasks = [*self._workers, *self._script_tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -257,7 +183,7 @@ class SessionManager:
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait until no conversation has work queued or in hand (for tests and benchmarks)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while self._workers or self._due:
+        while self._workers or not self._timers.idle:
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError("session manager did not drain")
             await asyncio.sleep(0.005)
@@ -296,7 +222,7 @@ class SessionManager:
             stored.event.is_interaction
             and session is not None
             and policy is not None
-            and slot.state != _CLOSING
+            and slot.state != SlotState.CLOSING
             and session.expires_at is not None
             and session.expires_at > stored.arrival_at
         ):
@@ -304,29 +230,29 @@ class SessionManager:
             session.expires_at = max(session.expires_at, policy.deadline(stored.arrival_at) or 0.0)
         self._push(slot, stored)
 
-    def _slot(self, endpoint: str, conversation: str) -> _Conversation:
+    def _slot(self, endpoint: str, conversation: str) -> Conversation:
         by_conversation = self._conversations.setdefault(endpoint, {})
         slot = by_conversation.get(conversation)
         if slot is None:
-            slot = by_conversation[conversation] = _Conversation(endpoint, conversation)
+            slot = by_conversation[conversation] = Conversation(endpoint, conversation)
         return slot
 
-    def _push(self, slot: _Conversation, item: _Item) -> None:
+    def _push(self, slot: Conversation, item: WorkItem) -> None:
         if isinstance(item, StoredEvent):
             self._pending += 1
         if slot.queue is None:
             slot.queue = deque()
         slot.queue.append(item)
-        if slot.state == _IDLE:
+        if slot.state == SlotState.IDLE:
             self._start_worker(slot)
 
-    def _start_worker(self, slot: _Conversation) -> None:
-        slot.state = _WORKING
+    def _start_worker(self, slot: Conversation) -> None:
+        slot.state = SlotState.WORKING
         task = asyncio.create_task(self._work(slot))
         self._workers.add(task)
         task.add_done_callback(self._workers.discard)
 
-    async def _work(self, slot: _Conversation) -> None:
+    async def _work(self, slot: Conversation) -> None:
         try:
             while slot.queue:
                 item = slot.queue.popleft()
@@ -338,37 +264,37 @@ class SessionManager:
                     raise
                 except Exception as exc:  # one bad item must not stop the conversation
                     log.exception("failed to handle %s on %s/%s", type(item).__name__, slot.endpoint, slot.conversation)
-                    if isinstance(item, _Close | _BotMessage) and not item.done.done():
+                    if isinstance(item, CloseItem | BotMessageItem) and not item.done.done():
                         item.done.set_exception(exc)
                     if isinstance(item, StoredEvent):
                         self._pending -= 1
                         await self._give_up_on(item)
         finally:
-            slot.state = _IDLE
+            slot.state = SlotState.IDLE
             slot.queue = None
             self._forget_if_empty(slot)
 
-    def _forget_if_empty(self, slot: _Conversation) -> None:
-        if slot.session is None and slot.state == _IDLE and not slot.queue:
+    def _forget_if_empty(self, slot: Conversation) -> None:
+        if slot.session is None and slot.state == SlotState.IDLE and not slot.queue:
             by_conversation = self._conversations.get(slot.endpoint)
             if by_conversation is not None and by_conversation.get(slot.conversation) is slot:
                 del by_conversation[slot.conversation]
 
-    async def _handle(self, slot: _Conversation, item: _Item) -> None:
+    async def _handle(self, slot: Conversation, item: WorkItem) -> None:
         if isinstance(item, StoredEvent):
             await self._handle_event(slot, item)
-        elif isinstance(item, _Expire):
+        elif isinstance(item, ExpireItem):
             await self._handle_expire(slot, item)
-        elif isinstance(item, _Close):
+        elif isinstance(item, CloseItem):
             await self._handle_close(slot, item)
-        elif isinstance(item, _BotMessage):
+        elif isinstance(item, BotMessageItem):
             await self._handle_bot_message(slot, item)
         else:
             await self._handle_clear_profiles(slot, item)
 
     # -- events ------------------------------------------------------------------------------
 
-    async def _handle_event(self, slot: _Conversation, stored: StoredEvent) -> None:
+    async def _handle_event(self, slot: Conversation, stored: StoredEvent) -> None:
         event = stored.event
         policy = self._policies.get(stored.endpoint)
         change = Change(handled_events=[stored.id])
@@ -534,7 +460,7 @@ class SessionManager:
         return session
 
     async def _commit(
-        self, slot: _Conversation, change: Change, *, opened: Session | None = None, closed: Iterable[Session] = ()
+        self, slot: Conversation, change: Change, *, opened: Session | None = None, closed: Iterable[Session] = ()
     ) -> None:
         await self._store.commit(change)
         for session in closed:
@@ -562,12 +488,10 @@ class SessionManager:
             )
         self._outbox.submit(change.outbox)
 
-    def _after_close(self, slot: _Conversation, session: Session) -> None:
+    def _after_close(self, slot: Conversation, session: Session) -> None:
         if slot.session is session:
             slot.session = None
-            if slot.handle is not None:
-                slot.handle.cancel()
-                slot.handle = None
+            self._timers.disarm(slot)
             self._open_count -= 1
         self._metrics.inc("gateway_sessions_closed_total", endpoint=session.endpoint, reason=str(session.close_reason))
         self.stats.closes_committed += 1
@@ -596,9 +520,9 @@ class SessionManager:
         log.info("close script ran for session %s; auth profiles to clear: %s", session.id, names or "none")
         if names and not self._closing:
             # Through the conversation's queue: a turn of the next session must not race it.
-            self._push(self._slot(session.endpoint, session.conversation), _ClearProfiles(names))
+            self._push(self._slot(session.endpoint, session.conversation), ClearProfilesItem(names))
 
-    async def _handle_clear_profiles(self, slot: _Conversation, item: _ClearProfiles) -> None:
+    async def _handle_clear_profiles(self, slot: Conversation, item: ClearProfilesItem) -> None:
         contact = await self._store.get_contact(contact_id_of(slot.endpoint, slot.conversation))
         if contact is not None and clear_auth_profiles(contact, item.names):
             await self._store.commit(Change(contacts=[contact]))
@@ -610,11 +534,11 @@ class SessionManager:
             except Exception:
                 log.exception("session listener failed")
 
-    async def _handle_expire(self, slot: _Conversation, item: _Expire) -> None:
+    async def _handle_expire(self, slot: Conversation, item: ExpireItem) -> None:
         session = slot.session
         if session is None or session.id != item.session_id:
             return  # closed meanwhile (refresh, flow, admin): nothing to do
-        if not self._is_due(session):
+        if not self._timers.is_due(session):
             self._arm(slot)  # a message moved the deadline while the fire waited in the queue
             return
         policy = self._policies.get(session.endpoint)
@@ -624,10 +548,7 @@ class SessionManager:
         self._close_into(change, session, CloseReason.INACTIVITY, notify, contact, policy, self._clock())
         await self._commit(slot, change, closed=[session])
 
-    def _is_due(self, session: Session) -> bool:
-        return session.expires_at is not None and session.expires_at - self._clock() <= _EARLY_TOLERANCE_S
-
-    async def _handle_close(self, slot: _Conversation, item: _Close) -> None:
+    async def _handle_close(self, slot: Conversation, item: CloseItem) -> None:
         session = slot.session
         if session is None or session.id != item.session_id:
             item.done.set_exception(SessionNotOpen(item.session_id))
@@ -642,9 +563,9 @@ class SessionManager:
     async def _close_removed(self, sessions: list[Session]) -> None:
         """Close sessions of endpoints no longer configured (reason ``endpoint_removed``)."""
         now = self._clock()
-        for start in range(0, len(sessions), _CLOSE_BATCH):
+        for start in range(0, len(sessions), _RESTORE_YIELD_EVERY):
             change = Change()
-            for session in sessions[start : start + _CLOSE_BATCH]:
+            for session in sessions[start : start + _RESTORE_YIELD_EVERY]:
                 self._close_into(change, session, CloseReason.ENDPOINT_REMOVED, False, None, None, now)
             await self._store.commit(change)
             for session in change.sessions:
@@ -655,61 +576,13 @@ class SessionManager:
 
     # -- timers ------------------------------------------------------------------------------
 
-    def _arm(self, slot: _Conversation) -> None:
-        session = slot.session
+    def _arm(self, slot: Conversation) -> None:
         policy = self._policies.get(slot.endpoint)
-        if session is None or session.expires_at is None or policy is None or policy.mode is SessionMode.LAZY:
-            return  # never expires (S3), or lazy (S8): nothing happens at the deadline
-        loop = asyncio.get_running_loop()
-        when = loop.time() + (session.expires_at - self._clock())
-        if slot.handle is not None:
-            if slot.handle.when() <= when:
-                return  # fires early and re-arms itself: no cancel, no heap churn
-            slot.handle.cancel()  # the deadline moved earlier (a shorter setting)
-        slot.handle = loop.call_at(when, self._fire, slot, context=self._timer_context)
+        if policy is None or policy.mode is SessionMode.LAZY:
+            return  # lazy (S8): nothing happens at the deadline
+        self._timers.arm(slot)  # no-op for a session that never expires (S3)
 
-    def _on_timer(self, slot: _Conversation) -> None:
-        slot.handle = None
-        session = slot.session
-        if session is None or self._closing:
-            return
-        self.stats.timer_fires += 1
-        if not self._is_due(session):
-            self.stats.timer_rearms += 1
-            self._arm(slot)
-            return
-        if self.stats.record_lags and session.expires_at is not None:
-            self.stats.fire_lags_s.append(self._clock() - session.expires_at)
-        if slot.state == _IDLE:
-            # Closed in a batch with others falling due now: one commit for many closes.
-            slot.state = _CLOSING
-            self._due.append(slot)
-            self._due_signal.set()
-        else:
-            self._push(slot, _Expire(session.id))
-
-    async def _run_closer(self) -> None:
-        """Close due sessions in batches. Several batches are in flight at once so that the
-        store's group commit overlaps them (one batch's rows are built while another commits)."""
-        in_flight = asyncio.Semaphore(_CLOSE_BATCHES_IN_FLIGHT)
-        tasks: set[asyncio.Task[None]] = set()
-        try:
-            while True:
-                await self._due_signal.wait()
-                self._due_signal.clear()
-                while self._due:
-                    await in_flight.acquire()
-                    batch, self._due = self._due[:_CLOSE_BATCH], self._due[_CLOSE_BATCH:]
-                    task = asyncio.create_task(self._close_batch(batch))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    task.add_done_callback(lambda _done: in_flight.release())
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _close_batch(self, batch: list[_Conversation]) -> None:
+    async def _close_batch(self, batch: list[Conversation]) -> None:
         try:
             await self._close_due(batch)
         except asyncio.CancelledError:
@@ -717,15 +590,15 @@ class SessionManager:
         except Exception:
             log.exception("closing %d due sessions failed; each is retried on its own", len(batch))
             for slot in batch:
-                if slot.state == _CLOSING:
-                    slot.state = _IDLE
+                if slot.state == SlotState.CLOSING:
+                    slot.state = SlotState.IDLE
                     if slot.session is not None:
-                        self._push(slot, _Expire(slot.session.id))
+                        self._push(slot, ExpireItem(slot.session.id))
 
-    async def _close_due(self, batch: list[_Conversation]) -> None:
-        closing: list[_Conversation] = []
+    async def _close_due(self, batch: list[Conversation]) -> None:
+        closing: list[Conversation] = []
         for slot in batch:
-            if slot.session is not None and self._is_due(slot.session):
+            if slot.session is not None and self._timers.is_due(slot.session):
                 closing.append(slot)
             else:  # a message moved the deadline since the fire
                 self._release(slot)
@@ -757,9 +630,9 @@ class SessionManager:
             return False
         return (policy.on_close.notify and session.interactive) or policy.on_close.clear_auth_profiles
 
-    def _release(self, slot: _Conversation) -> None:
+    def _release(self, slot: Conversation) -> None:
         """Hand a conversation held by the batch closer back: run what queued meanwhile."""
-        slot.state = _IDLE
+        slot.state = SlotState.IDLE
         if slot.queue:
             self._start_worker(slot)
         else:
@@ -787,7 +660,7 @@ class SessionManager:
         if live is None or live.id != session_id:
             raise SessionNotOpen(session_id)
         done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
-        self._push(self._slot(session.endpoint, session.conversation), _Close(session_id, reason, notify, done))
+        self._push(self._slot(session.endpoint, session.conversation), CloseItem(session_id, reason, notify, done))
         return await done
 
     async def send_bot_message(self, endpoint: str, conversation: str, text: str) -> Session:
@@ -795,10 +668,10 @@ class SessionManager:
         if endpoint not in self._policies:
             raise SessionNotFound(f"unknown endpoint {endpoint}")
         done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
-        self._push(self._slot(endpoint, conversation), _BotMessage(text, done))
+        self._push(self._slot(endpoint, conversation), BotMessageItem(text, done))
         return await done
 
-    async def _handle_bot_message(self, slot: _Conversation, item: _BotMessage) -> None:
+    async def _handle_bot_message(self, slot: Conversation, item: BotMessageItem) -> None:
         policy = self._policies[slot.endpoint]
         now = self._clock()
         session = slot.session
@@ -831,10 +704,8 @@ class SessionManager:
                 continue
             session.expires_at = policy.deadline(session.last_activity_at)
             if session.expires_at is None or policy.mode is SessionMode.LAZY:
-                if slot.handle is not None:
-                    slot.handle.cancel()
-                    slot.handle = None
-            elif slot.state != _CLOSING:
+                self._timers.disarm(slot)
+            elif slot.state != SlotState.CLOSING:
                 self._arm(slot)
 
     def policy(self, endpoint: str) -> EndpointPolicy | None:

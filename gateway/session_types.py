@@ -1,0 +1,99 @@
+"""The session manager's in-memory types: a conversation's slot, its work items, counters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from gateway.errors import GatewayError
+from gateway.models import CloseReason, OutboundMessage, Session, StoredEvent
+
+
+class SessionNotFound(GatewayError):
+    """No session with this id."""
+
+
+class SessionNotOpen(GatewayError):
+    """The session is closed already."""
+
+
+class OutboxSink:
+    """What the manager needs of the outbox: take committed messages for delivery."""
+
+    def submit(self, messages: Iterable[OutboundMessage]) -> None:
+        raise NotImplementedError
+
+
+class SlotState(IntEnum):
+    IDLE = 0  # nothing queued, no worker
+    WORKING = 1  # a worker handles the queue
+    CLOSING = 2  # held by the batch closer: new items queue up until it releases the slot
+
+
+@dataclass(slots=True)
+class ExpireItem:
+    """The session's timer fired while its conversation was busy: close it if still due."""
+
+    session_id: str
+
+
+@dataclass(slots=True)
+class CloseItem:
+    """An operator closes the session (admin API)."""
+
+    session_id: str
+    reason: CloseReason
+    notify: bool
+    done: asyncio.Future[Session]
+
+
+@dataclass(slots=True)
+class BotMessageItem:
+    """A bot-initiated message (S13)."""
+
+    text: str
+    done: asyncio.Future[Session]
+
+
+@dataclass(slots=True)
+class ClearProfilesItem:
+    """A close script asked to clear these auth profiles (S12)."""
+
+    names: list[str]
+
+
+WorkItem = StoredEvent | ExpireItem | CloseItem | BotMessageItem | ClearProfilesItem
+
+
+class Conversation:
+    """In-memory state of one conversation: its open session, timer and pending work.
+
+    Kept deliberately small (slots, no per-instance dict): a million of these must fit in
+    about 1 KiB each together with their sessions.
+    """
+
+    __slots__ = ("endpoint", "conversation", "session", "handle", "queue", "state")
+
+    def __init__(self, endpoint: str, conversation: str) -> None:
+        self.endpoint = endpoint
+        self.conversation = conversation
+        self.session: Session | None = None
+        self.handle: asyncio.TimerHandle | None = None
+        self.queue: deque[WorkItem] | None = None
+        self.state = SlotState.IDLE
+
+
+@dataclass(slots=True)
+class ManagerStats:
+    """Counters for tests and benchmarks. With ``record_lags`` on, ``fire_lags_s`` holds when each
+    due timer ran and ``close_lags_s`` when its close committed, both minus the deadline."""
+
+    timer_fires: int = 0
+    timer_rearms: int = 0
+    closes_committed: int = 0
+    record_lags: bool = False
+    fire_lags_s: list[float] = field(default_factory=list)
+    close_lags_s: list[float] = field(default_factory=list)
