@@ -245,6 +245,7 @@ class LineAdapter:
         self._api_client: Any = None  # AsyncApiClient, created in start()
         self._api: Any = None  # AsyncMessagingApi
         self._closed = False
+        self._started_at = clock()
 
     def __repr__(self) -> str:
         return f"LineAdapter(endpoint={self._endpoint.name!r}, api={self._base_url!r})"
@@ -256,6 +257,7 @@ class LineAdapter:
             raise RuntimeError("LineAdapter is closed")
         if self._api_client is not None:
             return
+        self._started_at = self._clock()  # messages created before this were pending from a previous run
         config = Configuration(host=self._base_url, access_token=self._endpoint.credential("channel_access_token"))
         client = AsyncApiClient(config)
         await _direct_session(client)
@@ -314,7 +316,13 @@ class LineAdapter:
     # -- outbound ----------------------------------------------------------------------------
 
     async def send(self, message: OutboundMessage) -> None:
-        """Reply when this is the first attempt of a reply with a fresh token, else push.
+        """Reply while the token is fresh, else push (closure notices always push).
+
+        A reply carries no retry key, so its repeat is detected by the token instead: a token is
+        ours alone and works once, so when LINE refuses a still-fresh token for a message an
+        earlier attempt may have sent (a retry after an unclear failure, or a message pending
+        from before this process started, i.e. across a crash), that attempt used it: the reply
+        was delivered. A refused token on a first attempt falls back to push.
 
         Raises ``DeliveryError``: retryable for timeouts, connection errors, 5xx and rate limits;
         permanent for other 4xx and the monthly quota. A 409 on push (retry key already accepted)
@@ -332,6 +340,13 @@ class LineAdapter:
                 await self._reply(api, message.reply_token or "", batches[0])
                 return
             except _TokenRejected:
+                if self._may_have_sent(message):
+                    logger.info(
+                        "line %s: reply token of %s already used by an earlier attempt: delivered",
+                        self._endpoint.name,
+                        message.key,
+                    )
+                    return
                 logger.info("line %s: reply token refused for %s; pushing", self._endpoint.name, message.key)
         for index, batch in enumerate(batches):
             await self._push(api, message, index, batch)
@@ -340,10 +355,13 @@ class LineAdapter:
         return (
             message.kind is not MessageKind.CLOSURE  # closure notices are always pushes
             and bool(message.reply_token)
-            and message.attempts == 0
             and message.reply_token_expires_at is not None
             and self._clock() < message.reply_token_expires_at
         )
+
+    def _may_have_sent(self, message: OutboundMessage) -> bool:
+        """An earlier attempt may have reached LINE: a retry, or a message from a previous run."""
+        return message.attempts > 0 or message.created_at < self._started_at
 
     async def _reply(self, api: Any, token: str, texts: list[str]) -> None:
         request = ReplyMessageRequest(reply_token=token, messages=[TextMessage(text=t) for t in texts])
@@ -356,10 +374,10 @@ class LineAdapter:
             # A 5xx (like a timeout below) may or may not have delivered the reply.
             raise classify_error(status, message) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # Duplicate window: a reply that timed out may have reached the user, and a reply
-            # carries no retry key. We do not push in this same call; the outbox retries
-            # (attempts > 0), which pushes, so the user may see the text twice. Pushing here
-            # at once would widen that window to every slow reply.
+            # A reply that timed out may or may not have reached the user. The outbox retries;
+            # the retry replies with the same token while it is fresh, and LINE's refusal of a
+            # used token tells us the first attempt got through (see send). Only a retry after
+            # the token's minute must push blind, and may repeat the text: README names it.
             raise _transport_error(exc) from exc
         except ValueError:
             _log_unparsed_success(self._endpoint.name, "reply")

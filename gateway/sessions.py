@@ -106,6 +106,7 @@ class SessionManager:
         self._scripts = scripts
         self._script_tasks: set[asyncio.Task[None]] = set()
         self._pending = 0  # accepted events not yet handled (the durable inbox's backlog)
+        self._admitting = 0  # events between the back-pressure check and their inbox commit
         self._conversations: dict[str, dict[str, Conversation]] = {name: {} for name in policies}
         self._workers: set[asyncio.Task[None]] = set()
         self._texts = ClosureTexts()
@@ -198,12 +199,18 @@ class SessionManager:
         """
         if self._closing:
             raise Overloaded("gateway is shutting down")
-        if self._pending >= self._max_pending:
+        # Counted from the check on: concurrent webhooks all wait on one group commit, and
+        # each must see the others it is racing with, or a burst slips past the bound.
+        if self._pending + self._admitting >= self._max_pending:
             # The backlog waits on disk, but unbounded it would only grow: say "later" (503).
             self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="overloaded")
             raise Overloaded(f"{self._pending} events wait to be handled; try again later")
         arrival = self._clock() if arrival_at is None else arrival_at
-        stored = await self._store.add_inbound(endpoint, event, arrival)
+        self._admitting += 1
+        try:
+            stored = await self._store.add_inbound(endpoint, event, arrival)
+        finally:
+            self._admitting -= 1  # nothing awaits from here to _enqueue: _pending takes over
         if stored is None:
             self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="duplicate")
             return False

@@ -114,6 +114,7 @@ def outbound(
     reply_token: str | None = None,
     expires_at: float | None = None,
     attempts: int = 0,
+    created_at: float = 1_700_000_000.0,  # the Clock's default now: created by this process
 ) -> OutboundMessage:
     return OutboundMessage(
         endpoint="line-main",
@@ -122,7 +123,7 @@ def outbound(
         kind=kind,
         text=text,
         key=key,
-        created_at=0.0,
+        created_at=created_at,
         reply_token=reply_token,
         reply_token_expires_at=expires_at,
         attempts=attempts,
@@ -504,8 +505,8 @@ async def test_closure_notice_always_pushes(api: FakePlatform, adapter: LineAdap
 
 @pytest.mark.parametrize(
     ("expires_in_s", "attempts", "token"),
-    [(-1.0, 0, "t"), (0.0, 0, "t"), (30.0, 1, "t"), (30.0, 0, None)],
-    ids=["expired", "at-expiry", "retry", "no-token"],
+    [(-1.0, 0, "t"), (0.0, 0, "t"), (-1.0, 1, "t"), (30.0, 0, None)],
+    ids=["expired", "at-expiry", "late-retry", "no-token"],
 )
 async def test_late_retried_or_tokenless_replies_push(
     api: FakePlatform, adapter: LineAdapter, clock: Clock, expires_in_s: float, attempts: int, token: str | None
@@ -513,6 +514,29 @@ async def test_late_retried_or_tokenless_replies_push(
     await adapter.send(outbound(reply_token=token, expires_at=clock.now + expires_in_s, attempts=attempts))
     assert api.to(REPLY) == []
     assert len(api.to(PUSH)) == 1
+
+
+async def test_a_retry_replies_again_while_the_token_is_fresh(
+    api: FakePlatform, adapter: LineAdapter, clock: Clock
+) -> None:
+    """After an unclear failure, the same token is tried again: if the first attempt did not get
+    through, the reply goes out now, once, for free (no push quota)."""
+    await adapter.send(outbound(reply_token="t", expires_at=clock.now + 30, attempts=1))
+    assert len(api.to(REPLY)) == 1 and api.to(PUSH) == []
+
+
+@pytest.mark.parametrize(
+    ("attempts", "created_at"), [(1, 1_700_000_000.0), (0, 1_600_000_000.0)], ids=["retry", "from-previous-run"]
+)
+async def test_a_fresh_token_refused_after_an_earlier_attempt_means_delivered(
+    api: FakePlatform, adapter: LineAdapter, clock: Clock, attempts: int, created_at: float
+) -> None:
+    """A token works once and only we hold it: refused while fresh, for a message an earlier
+    attempt (a retry, or a run before a crash) may have sent, it was used by that attempt.
+    Pushing now would show the user the text twice."""
+    api.fail_next(REPLY, Answer(400, json_body={"message": "Invalid reply token"}))
+    await adapter.send(outbound(reply_token="t", expires_at=clock.now + 30, attempts=attempts, created_at=created_at))
+    assert len(api.to(REPLY)) == 1 and api.to(PUSH) == []
 
 
 async def test_rejected_reply_token_falls_back_to_push(api: FakePlatform, adapter: LineAdapter, clock: Clock) -> None:

@@ -502,17 +502,36 @@ async def test_push_409_retry_key_already_accepted_counts_as_delivered(
     assert len(api.to(PUSH)) == 2
 
 
-async def test_reply_500_is_retried_by_push_not_by_the_used_token(
+async def test_reply_500_is_retried_with_the_same_token_while_it_is_fresh(
     tmp_path: Path, start_gateway: Any, api: FakePlatform
 ) -> None:
+    """The 500 did not deliver: the retry replies with the same token, once, and no push."""
     gateway = await start_gateway(make_settings(tmp_path, [line_endpoint(api.url)]))
     api.fail_next(REPLY, Answer(status=500, json_body={"message": "internal error"}))
     assert await post(gateway, body_of(text_event("again"))) == 200
-    [push] = await api.wait_for(1, PUSH, timeout_s=6)
+    await api.wait_for(2, REPLY, timeout_s=6)
     await gateway.settle()
-    assert len(api.to(REPLY)) == 1
-    assert push.json()["to"] == "U1" and texts(push) == ["again"]
-    assert_retry_key(push)
+    first, second = api.to(REPLY)
+    assert first.json()["replyToken"] == second.json()["replyToken"] and texts(second) == ["again"]
+    assert api.to(PUSH) == []
+
+
+async def test_reply_that_got_through_despite_a_500_is_not_sent_again(
+    tmp_path: Path, start_gateway: Any, api: FakePlatform
+) -> None:
+    """The 500 came after LINE used the token: the retry's "Invalid reply token" for a fresh
+    token of ours means the first attempt was delivered, so nothing is pushed (no duplicate)."""
+    gateway = await start_gateway(make_settings(tmp_path, [line_endpoint(api.url)]))
+    api.fail_next(
+        REPLY,
+        Answer(status=500, json_body={"message": "internal error"}),
+        Answer(status=400, json_body={"message": "Invalid reply token"}),
+    )
+    assert await post(gateway, body_of(text_event("once"))) == 200
+    await api.wait_for(2, REPLY, timeout_s=6)
+    await gateway.settle()
+    assert api.to(PUSH) == []
+    assert gateway.metrics.value("gateway_messages_out_total", endpoint="ln", outcome="sent") == 1
 
 
 async def test_reply_held_past_the_reply_token_minute_goes_by_push(
