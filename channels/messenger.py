@@ -85,7 +85,7 @@ def classify_error(status: int, body: Any, retry_after_s: float | None) -> Deliv
     if status >= 500 or status == 429 or code in RETRYABLE_CODES or error.get("is_transient") is True:
         return DeliveryError(reason, retryable=True, retry_after_s=retry_after_s)
     if code == OUTSIDE_WINDOW_CODE or subcode == OUTSIDE_WINDOW_SUBCODE or "(#10)" in message:
-        return DeliverySkipped(f"outside the 24 h messaging window ({reason})")
+        return DeliverySkipped(f"outside the 24 h messaging window ({reason})", refused_by_platform=True)
     # 551 user unavailable, 190 bad token, 100 bad parameter, other 4xx: retrying cannot help.
     return DeliveryError(reason, retryable=False)
 

@@ -294,7 +294,7 @@ class TwilioAdapter:
         detail = self._scrub(text)[:200]
         wait_s = retry_after_s(answer.retry_after, self._clock())
         if code == CODE_UNSUBSCRIBED:
-            return DeliverySkipped(f"{CODE_UNSUBSCRIBED}: recipient opted out")
+            return DeliverySkipped(f"{CODE_UNSUBSCRIBED}: recipient opted out", refused_by_platform=True)
         if status == 429 or code == CODE_TOO_MANY_REQUESTS:
             return DeliveryError(f"twilio rate limited ({status}, {code})", retryable=True, retry_after_s=wait_s)
         if status >= 500:

@@ -6,6 +6,7 @@ re-arm, re-queue; then ``/healthz`` says ready). Shutdown unwinds in reverse.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -25,7 +26,8 @@ from gateway.flows import Flow, create_flow
 from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, SETTINGS, STORE
 from gateway.metrics import Metrics
 from gateway.models import Session
-from gateway.outbox import Outbox
+from gateway.outbox import Outbox, RetryPolicy
+from gateway.ratelimit import RateLimiter
 from gateway.runtime_settings import load_policies
 from gateway.sessions import SessionManager
 from gateway.settings import Channel, Settings, StorageBackend
@@ -118,7 +120,15 @@ def _http_context(flow: Flow, scripts: CloseScripts) -> Callable[[web.Applicatio
 
 async def _outbox_context(app: web.Application) -> AsyncIterator[None]:
     adapters: dict[str, ChannelAdapter] = app[ADAPTERS]
-    outbox = Outbox(app[STORE], adapters, metrics=app[METRICS], clock=app[CLOCK])
+    settings = app[SETTINGS]
+    outbox = Outbox(
+        app[STORE],
+        adapters,
+        metrics=app[METRICS],
+        clock=app[CLOCK],
+        retry=RetryPolicy.from_settings(settings.delivery),
+        limiter=RateLimiter.for_endpoints(settings.endpoints),
+    )
     app[OUTBOX] = outbox
     await outbox.start()
     yield
@@ -218,6 +228,10 @@ def serve(settings: Settings) -> int:
             else:
                 log.info("webhook %s (%s): POST %s", endpoint.name, endpoint.channel.value, endpoint.path)
         log.info("serving on http://%s:%d (config %s)", host, port, settings.source)
+        # Restored sessions live until they close: keep them out of the collector's full passes
+        # (measured: one 12-55 ms stall per run of bench/delivery.py without this).
+        gc.collect()
+        gc.freeze()
 
     app.on_startup.append(announce)
     web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=10.0)

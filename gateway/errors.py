@@ -101,7 +101,13 @@ class FlowError(GatewayError):
 
 class DeliverySkipped(DeliveryError):
     """Platform policy forbids this send (Messenger 24 h window, Twilio opt-out): not an error
-    to retry, recorded as ``skipped: <reason>``."""
+    to retry, recorded as ``skipped: <reason>``.
 
-    def __init__(self, reason: str) -> None:
+    ``refused_by_platform``: the platform itself refused a send it received (Twilio 21610,
+    Messenger's own window error), which also makes it a dead letter operators can see and
+    retry; False for a check the adapter made before sending.
+    """
+
+    def __init__(self, reason: str, *, refused_by_platform: bool = False) -> None:
         super().__init__(reason, retryable=False)
+        self.refused_by_platform = refused_by_platform

@@ -2,8 +2,26 @@
 
 Messages reach the outbox only after the store committed them (with the state change that
 produced them). Each conversation is a lane: strictly FIFO, one send at a time, so replies and
-notices leave in the order produced; different conversations send in parallel. A message is
-marked sent only after the platform's 2xx, and that bookkeeping is shielded from cancellation.
+notices leave in the order produced; different conversations send in parallel, each lane in its
+own task, so one lane waiting (for a retry, a rate-limit token, a slow platform) holds up only
+itself. A message is marked sent only after the platform's 2xx, and that bookkeeping is shielded
+from cancellation and repeated until the store takes it: a message is never sent again because
+its "sent" mark failed to commit. Before each send a lane waits for its rate-limit tokens
+(``gateway.ratelimit``: per endpoint, per conversation).
+
+Retry is data (attempts and ``next_attempt_at`` persist on the row), so a restart resumes the
+schedule. Outcomes:
+
+- ``SENT``: the platform accepted it.
+- ``SKIPPED``: policy forbade the send before it was made (Messenger's 24 h window checked
+  locally, empty text). Not a failure; closure notice ``skipped: <reason>``.
+- ``DEAD`` (a dead letter, listed at ``GET /admin/dead-letters`` and retried through
+  ``Outbox.retry``): a permanent refusal (``DeliveryError(retryable=False)``), retries exhausted
+  (``delivery.max_attempts``), or older than ``delivery.max_age_minutes``. A platform that
+  received the send and refused it for policy (Twilio 21610: the recipient opted out; Messenger's
+  own "outside of allowed window" answer) is a dead letter too, although the adapter reports it
+  as ``DeliverySkipped``: the operator must see it, while the closure notice still reads
+  ``skipped: <reason>``. Other dead closure notices read ``failed: <reason>``.
 
 The one window in which a send can repeat (platforms without an idempotency key): a crash
 after the platform accepted a message and before the "sent" mark committed; on restart the
@@ -13,6 +31,7 @@ message is still pending and goes out again. LINE pushes carry ``X-Line-Retry-Ke
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -21,13 +40,31 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from channels.base import ChannelAdapter
-from gateway.errors import DeliveryDeferred, DeliveryError, DeliverySkipped
+from gateway.errors import DeliveryDeferred, DeliveryError, DeliverySkipped, GatewayError
 from gateway.metrics import Metrics
 from gateway.models import Change, MessageKind, OutboundMessage, OutboxState
+from gateway.ratelimit import RateLimiter
 from gateway.sessions import OutboxSink
+from gateway.settings import DeliverySettings
 from gateway.store.base import Store
 
 log = logging.getLogger("gateway.outbox")
+
+# DeliverySkipped reasons that carry a platform's answer to a send it received, as the adapters
+# word them: Twilio's error 21610, and a Messenger Send API error (the local window check says
+# only "outside the 24 h messaging window").
+CLOSE_GRACE_S = 2.0  # how long aclose lets sends in flight finish
+# A failed bookkeeping write is tried again after this long, doubling up to the maximum.
+_RECORD_RETRY_S = 0.1
+_RECORD_RETRY_MAX_S = 5.0
+
+
+class MessageNotFound(GatewayError):
+    """No outbox message with this id."""
+
+
+class MessageNotDead(GatewayError):
+    """The message is not a dead letter (pending, sent or skipped)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -39,7 +76,17 @@ class RetryPolicy:
     base_delay_s: float = 0.5
     max_delay_s: float = 60.0
 
+    @classmethod
+    def from_settings(cls, delivery: DeliverySettings) -> RetryPolicy:
+        return cls(
+            max_attempts=delivery.max_attempts,
+            max_age_s=delivery.max_age_minutes * 60.0,
+            base_delay_s=delivery.base_delay_seconds,
+            max_delay_s=delivery.max_delay_seconds,
+        )
+
     def delay_s(self, attempts: int, retry_after_s: float | None) -> float:
+        """The wait before attempt ``attempts + 1``; never shorter than the platform asked."""
         backoff = min(self.max_delay_s, self.base_delay_s * 2 ** max(0, attempts - 1))
         backoff *= 0.5 + random.random() / 2  # jitter: lanes that failed together retry apart
         return float(max(backoff, retry_after_s or 0.0))
@@ -50,10 +97,15 @@ class _Lane:
     messages: deque[OutboundMessage] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
     parked: bool = False  # nobody to deliver to (web chat without socket) until woken
+    sending: bool = False  # a request is with the platform (or its outcome being recorded)
 
 
 class Outbox(OutboxSink):
-    """Delivers committed outbound messages through the endpoints' channel adapters."""
+    """Delivers committed outbound messages through the endpoints' channel adapters.
+
+    ``clock`` is wall-clock seconds (``next_attempt_at`` and ages persist); the rate limiter
+    keeps its own monotonic clock.
+    """
 
     def __init__(
         self,
@@ -63,17 +115,21 @@ class Outbox(OutboxSink):
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         retry: RetryPolicy | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._store = store
         self._adapters = adapters
         self._metrics = metrics or Metrics()
         self._clock = clock
         self._retry = retry or RetryPolicy()
+        self._limiter = limiter or RateLimiter({})
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._known: set[int] = set()  # ids queued in a lane, so a re-submit is not sent twice
         self._closing = False
+        self._running = 0  # lanes with a task
         self._idle = asyncio.Event()
         self._idle.set()
+        self._retry_lock = asyncio.Lock()  # dead-letter retries, one at a time
         self._metrics.gauge("gateway_outbox_pending", lambda: float(len(self._known)))
 
     async def start(self) -> None:
@@ -84,14 +140,23 @@ class Outbox(OutboxSink):
             log.info("resuming %d pending outbound messages", len(pending))
 
     async def aclose(self) -> None:
-        """Stop sending; what is unsent stays pending in the store for the next start."""
+        """Stop sending; what is unsent stays pending in the store for the next start.
+
+        Lanes that only wait (a retry's delay, a rate-limit token) stop at once; sends in
+        flight get ``CLOSE_GRACE_S`` to finish, since their "sent" marks are worth keeping.
+        Safe to call twice.
+        """
         if self._closing:
             return
         self._closing = True
-        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
-        if tasks:
-            # Let sends in flight finish briefly: their "sent" marks are worth keeping.
-            await asyncio.wait(tasks, timeout=2.0)
+        lanes = [lane for lane in self._lanes.values() if lane.task is not None]
+        for lane in lanes:
+            if not lane.sending and lane.task is not None:
+                lane.task.cancel()
+        in_flight = [lane.task for lane in lanes if lane.sending and lane.task is not None]
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=CLOSE_GRACE_S)
+        tasks = [lane.task for lane in lanes if lane.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -112,6 +177,31 @@ class Outbox(OutboxSink):
             lane.parked = False
             self._run_lane(endpoint, conversation, lane)
 
+    async def retry(self, message_id: int) -> OutboundMessage:
+        """Send a dead letter again: back to pending with 0 attempts, due now, at the end of
+        its conversation's lane. Its closure notice (if it is one) reads ``queued`` again.
+
+        Raises ``MessageNotFound`` for an unknown id and ``MessageNotDead`` when it is not a
+        dead letter (so two concurrent retries send it once).
+        """
+        async with self._retry_lock:
+            message = await self._store.get_outbound(message_id)
+            if message is None:
+                raise MessageNotFound(f"no outbound message {message_id}")
+            if message.state is not OutboxState.DEAD or message.id in self._known:
+                raise MessageNotDead(f"message {message_id} is {message.state.value}, not dead")
+            message.state = OutboxState.PENDING
+            message.attempts = 0
+            message.next_attempt_at = self._clock()
+            change = Change(outbox_updates=[message])
+            if message.kind is MessageKind.CLOSURE and message.session_id:
+                change.notices.append((message.session_id, "queued"))
+            await asyncio.shield(self._store.commit(change))
+            self._metrics.inc("gateway_dead_letters_retried_total", endpoint=message.endpoint)
+            log.info("dead letter %d queued again: endpoint=%s", message.id, message.endpoint)
+            self.submit([message])
+        return message
+
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait until every lane is empty or parked (tests and benchmarks)."""
         await asyncio.wait_for(self._idle.wait(), timeout_s)
@@ -123,20 +213,31 @@ class Outbox(OutboxSink):
     def _run_lane(self, endpoint: str, conversation: str, lane: _Lane) -> None:
         if lane.task is None and not lane.parked and not self._closing and lane.messages:
             self._idle.clear()
-            lane.task = asyncio.create_task(self._deliver_lane(endpoint, conversation, lane))
+            self._running += 1
+            lane.task = asyncio.create_task(self._deliver_lane(lane))
+            lane.task.add_done_callback(functools.partial(self._lane_done, endpoint, conversation, lane))
 
-    async def _deliver_lane(self, endpoint: str, conversation: str, lane: _Lane) -> None:
-        try:
-            while lane.messages and not lane.parked:
-                await self._deliver(lane, lane.messages[0])
-        finally:
-            lane.task = None
-            if not lane.messages:
-                self._lanes.pop((endpoint, conversation), None)
-            if all(lane.task is None for lane in self._lanes.values()):
-                self._idle.set()
+    async def _deliver_lane(self, lane: _Lane) -> None:
+        while lane.messages and not lane.parked and not self._closing:
+            await self._deliver(lane, lane.messages[0])
+
+    def _lane_done(self, endpoint: str, conversation: str, lane: _Lane, task: asyncio.Task[None]) -> None:
+        """A lane's task ended (also when it was cancelled before it started)."""
+        lane.task = None
+        lane.sending = False
+        self._running -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery lane %s/%s failed", endpoint, conversation, exc_info=task.exception())
+        elif lane.messages:
+            self._run_lane(endpoint, conversation, lane)  # submitted after its loop ended
+        elif self._lanes.get((endpoint, conversation)) is lane:
+            del self._lanes[(endpoint, conversation)]
+        if self._running == 0:
+            self._idle.set()
 
     async def _deliver(self, lane: _Lane, message: OutboundMessage) -> None:
+        """One attempt at the head of ``lane``; it stays at the head until its outcome is final."""
+        lane.sending = False
         wait_s = message.next_attempt_at - self._clock()
         if wait_s > 0:
             await asyncio.sleep(wait_s)
@@ -144,13 +245,24 @@ class Outbox(OutboxSink):
         try:
             if adapter is None:
                 raise DeliveryError(f"endpoint {message.endpoint} is not configured", retryable=False)
+            throttled_s = await self._limiter.acquire(message.endpoint, message.conversation)
+            if throttled_s > 0:
+                self._metrics.inc("gateway_outbox_throttled_seconds_total", throttled_s, endpoint=message.endpoint)
+            if self._closing:
+                return  # stays pending in the store for the next start
+            lane.sending = True
             await adapter.send(message)
         except DeliveryDeferred:
             lane.parked = True
             self._metrics.inc("gateway_messages_out_total", endpoint=message.endpoint, outcome="deferred")
             return
         except DeliverySkipped as exc:
-            await self._finish(lane, message, OutboxState.SKIPPED, f"skipped: {exc.reason}", exc.reason)
+            notice = f"skipped: {exc.reason}"
+            if exc.refused_by_platform:  # a dead letter too, which operators can see and retry
+                message.attempts += 1
+                await self._finish(lane, message, OutboxState.DEAD, notice, exc.reason)
+            else:
+                await self._finish(lane, message, OutboxState.SKIPPED, notice, exc.reason)
         except DeliveryError as exc:
             await self._failed(lane, message, exc)
         except Exception as exc:  # an adapter bug must not kill the lane: retry, then dead letter
@@ -162,21 +274,31 @@ class Outbox(OutboxSink):
 
     async def _failed(self, lane: _Lane, message: OutboundMessage, exc: DeliveryError) -> None:
         message.attempts += 1
-        message.last_error = exc.reason
-        too_old = self._clock() - message.created_at > self._retry.max_age_s
-        if exc.retryable and message.attempts < self._retry.max_attempts and not too_old:
-            message.next_attempt_at = self._clock() + self._retry.delay_s(message.attempts, exc.retry_after_s)
+        now = self._clock()
+        if not exc.retryable:
+            await self._finish(lane, message, OutboxState.DEAD, f"failed: {exc.reason}", exc.reason)
+            return
+        next_attempt_at = now + self._retry.delay_s(message.attempts, exc.retry_after_s)
+        deadline = message.created_at + self._retry.max_age_s
+        if message.attempts >= self._retry.max_attempts:
+            reason = f"{exc.reason} (gave up after {message.attempts} attempts)"
+        elif next_attempt_at > deadline:
+            reason = f"{exc.reason} (gave up: older than {self._retry.max_age_s / 60:g} minutes)"
+        else:
+            message.next_attempt_at = next_attempt_at
+            message.last_error = exc.reason
             self._metrics.inc("gateway_messages_out_total", endpoint=message.endpoint, outcome="retry")
             log.warning(
-                "send failed (attempt %d), retrying: endpoint=%s conversation=%s: %s",
+                "send failed (attempt %d), retrying in %.2f s: endpoint=%s conversation=%s: %s",
                 message.attempts,
+                next_attempt_at - now,
                 message.endpoint,
                 message.conversation,
                 exc.reason,
             )
-            await asyncio.shield(self._store.commit(Change(outbox_updates=[message])))
+            await self._record(Change(outbox_updates=[message]))
             return
-        await self._finish(lane, message, OutboxState.DEAD, f"failed: {exc.reason}", exc.reason)
+        await self._finish(lane, message, OutboxState.DEAD, f"failed: {reason}", reason)
 
     async def _finish(
         self, lane: _Lane, message: OutboundMessage, state: OutboxState, notice: str, error: str | None
@@ -186,16 +308,35 @@ class Outbox(OutboxSink):
         change = Change(outbox_updates=[message])
         if message.kind is MessageKind.CLOSURE and message.session_id:
             change.notices.append((message.session_id, notice))
-        # Shielded: a shutdown must not lose the record of a message the platform accepted.
-        await asyncio.shield(self._store.commit(change))
+        await self._record(change)
         lane.messages.popleft()
         self._known.discard(message.id)
         self._metrics.inc("gateway_messages_out_total", endpoint=message.endpoint, outcome=state.value)
-        log.info(
-            "message out %s: endpoint=%s conversation=%s kind=%s%s",
+        level = logging.WARNING if state is OutboxState.DEAD else logging.INFO
+        log.log(
+            level,
+            "message out %s: endpoint=%s conversation=%s kind=%s id=%d%s",
             state.value,
             message.endpoint,
             message.conversation,
             message.kind.value,
+            message.id,
             f" ({error})" if error else "",
         )
+
+    async def _record(self, change: Change) -> None:
+        """Commit a delivery outcome, shielded, until the store takes it.
+
+        Giving up would leave the message pending at the head of its lane, and the lane would
+        send it again: after a 2xx that is the duplicate this module promises not to make.
+        """
+        delay_s = _RECORD_RETRY_S
+        while True:
+            try:
+                # Shielded: a shutdown must not lose the record of a message the platform accepted.
+                await asyncio.shield(self._store.commit(change))
+                return
+            except Exception:
+                log.exception("cannot record a delivery outcome; trying again in %.1f s", delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, _RECORD_RETRY_MAX_S)

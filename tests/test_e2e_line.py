@@ -577,6 +577,8 @@ async def test_closure_push_retried_after_a_restart_carries_the_same_retry_key(
     gateway = await start_gateway(settings)
     assert await post(gateway, body_of(text_event("hi"))) == 200
     await api.wait_for(1, PUSH, timeout_s=5)
+    while len(keys_seen) < 2:  # the retry is with LINE (hanging) before the gateway stops
+        await asyncio.sleep(0.01)
     await gateway.client.close()  # waits 2 s for the hanging retry, then cancels it
     assert len(keys_seen) == 2 and len(api.to(PUSH)) == 1
 
