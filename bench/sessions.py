@@ -168,7 +168,7 @@ async def baseline(sessions: int, due: int) -> None:
         handle.cancel()
 
 
-async def main(sessions: int, due: int, messages: int) -> None:
+async def main(sessions: int, due: int, messages: int, *, freeze: bool = True) -> None:
     with tempfile.TemporaryDirectory() as directory:
         db = Path(directory) / "bench.db"
         seeded_at = time.time()
@@ -195,7 +195,8 @@ async def main(sessions: int, due: int, messages: int) -> None:
         await store.open()
         outbox = Outbox(store, {})
         policies = {BULK: policy(BULK, HOUR_MINUTES), DUE: policy(DUE, HOUR_MINUTES)}
-        manager = SessionManager(store, SilentFlow(), outbox, policies)
+        # No back-pressure bound here: this measures acceptance throughput, not the 503 path.
+        manager = SessionManager(store, SilentFlow(), outbox, policies, max_pending_events=10**9)
         gc.collect()
         before = rss_bytes()
         started = time.perf_counter()
@@ -203,6 +204,8 @@ async def main(sessions: int, due: int, messages: int) -> None:
         restore_s = time.perf_counter() - started
         gc.collect()
         per_session = (rss_bytes() - before) / sessions
+        if freeze:
+            gc.freeze()  # as `chat-gateway serve` does once started (gateway/app.py)
         print(f"restore + arm: {sessions / restore_s:,.0f} sessions/s ({restore_s:.1f} s)")
         print(f"RSS per open session: {per_session:.0f} B (target <= 1024)")
 
@@ -271,10 +274,12 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seeded-at", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-freeze", action="store_true", help="skip gc.freeze() after restore (to compare)")
     args = parser.parse_args()
     if args.baseline:
         asyncio.run(baseline(args.sessions, args.due))
     elif args.seed:
         asyncio.run(seed(args.seed, args.sessions, args.due, args.seeded_at))
     else:
-        asyncio.run(main(args.sessions, args.due, min(args.messages, args.sessions - args.due)))
+        messages = min(args.messages, args.sessions - args.due)
+        asyncio.run(main(args.sessions, args.due, messages, freeze=not args.no_freeze))

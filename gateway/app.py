@@ -21,7 +21,7 @@ from channels.registry import create_adapter
 from channels.webchat import WebChatAdapter
 from gateway import admin, admin_delivery, admin_settings
 from gateway.close_scripts import CloseScripts
-from gateway.errors import RequestRejected
+from gateway.errors import ConfigError, RequestRejected
 from gateway.flows import Flow, create_flow
 from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, SETTINGS, STORE
 from gateway.metrics import Metrics
@@ -44,7 +44,8 @@ PRUNE_EVERY_S = 3600.0
 def create_store(settings: Settings) -> Store:
     """The store the configuration names."""
     if settings.storage.backend is StorageBackend.REDIS:
-        raise NotImplementedError("the Redis store is not built yet; use storage.backend: sqlite")
+        # The Store interface is ready for it (DESIGN.md); the backend itself is not built yet.
+        raise ConfigError([f"{settings.source}: storage.backend: redis is not available in this version; use sqlite"])
     from gateway.store.sqlite import SqliteStore
 
     return SqliteStore(settings.storage.path)

@@ -24,7 +24,7 @@ from gateway.session_types import Conversation, ManagerStats, SlotState
 # A handle that fires this much before the deadline re-arms instead of closing: loop time and
 # wall time drift apart by a little, and closing early is worse than a millisecond late.
 EARLY_TOLERANCE_S = 0.0005
-CLOSE_BATCH = 2000  # sessions closed per store commit when many fall due together
+CLOSE_BATCH = 500  # sessions closed per batch (group commit merges batches in flight)
 CLOSE_BATCHES_IN_FLIGHT = 4
 
 

@@ -184,3 +184,18 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     assert "check-config" in capsys.readouterr().out
+
+
+def test_serve_with_the_redis_backend_says_it_is_not_available(tmp_path: Path) -> None:
+    """Not built yet: a clear configuration error (exit 2), not a traceback."""
+    config = tmp_path / "config.yaml"
+    config.write_text("storage: {backend: redis, url: 'redis://127.0.0.1:6379/0'}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "storage.backend: redis is not available in this version; use sqlite" in result.stderr
+    assert "Traceback" not in result.stderr
