@@ -34,7 +34,8 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
     return response
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body ({} when there is none); ``BadPayload`` (400) otherwise."""
     if not request.can_read_body:
         return {}
     try:
@@ -75,7 +76,7 @@ async def get_session(request: web.Request) -> web.StreamResponse:
 
 
 async def close_session(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+    body = await read_json_object(request)
     notify = body.get("notify", True)
     if not isinstance(notify, bool):
         raise BadPayload("notify must be true or false")
@@ -102,7 +103,7 @@ async def get_contact(request: web.Request) -> web.StreamResponse:
 
 
 async def post_message(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+    body = await read_json_object(request)
     endpoint, conversation, text = body.get("endpoint"), body.get("conversation"), body.get("text")
     if not all(isinstance(v, str) and v for v in (endpoint, conversation, text)):
         raise BadPayload('"endpoint", "conversation" and "text" are required strings')

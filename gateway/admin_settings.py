@@ -30,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.admin import read_json_object
 from gateway.errors import BadPayload
 from gateway.keys import MANAGER, SETTINGS, STORE
 from gateway.models import CloseReason
@@ -68,16 +69,6 @@ def _not_found(what: str) -> web.HTTPNotFound:
 
 def _refused(exc: SettingsRefused) -> web.StreamResponse:
     return web.json_response({"error": "; ".join(exc.problems), "problems": exc.problems}, status=400)
-
-
-async def _object_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError as exc:
-        raise BadPayload("body is not JSON") from exc
-    if not isinstance(body, dict):
-        raise BadPayload("body must be a JSON object of session settings")
-    return body
 
 
 async def _runtime(request: web.Request) -> RuntimeSettings:
@@ -125,7 +116,7 @@ async def get_endpoint_session(request: web.Request) -> web.StreamResponse:
 
 
 async def put_endpoint_session(request: web.Request) -> web.StreamResponse:
-    patch = await _object_body(request)
+    patch = await read_json_object(request)
     async with request.app[_CHANGES]:
         name, runtime = await _endpoint_runtime(request)
         try:
@@ -172,7 +163,7 @@ async def _change_organisation(request: web.Request, patch: dict[str, Any] | Non
 
 
 async def put_organisation_session(request: web.Request) -> web.StreamResponse:
-    return await _change_organisation(request, await _object_body(request))
+    return await _change_organisation(request, await read_json_object(request))
 
 
 async def delete_organisation_session(request: web.Request) -> web.StreamResponse:

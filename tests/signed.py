@@ -8,6 +8,7 @@ Post it with ``await request.post(http, url)`` (an ``aiohttp.ClientSession``) or
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -121,3 +122,18 @@ def slack_request(
         "X-Slack-Signature": signature,
     }
     return SignedRequest(body, headers)
+
+
+async def post_raw(host: str, port: int, path: str, headers: list[bytes], body: bytes) -> bytes:
+    """POST with header bytes sent exactly as given (a client library would refuse non-ASCII
+    ones) and return the response's status line."""
+    head = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" % path.encode()
+    head += b"Content-Length: %d\r\n" % len(body) + b"".join(h + b"\r\n" for h in headers)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(head + b"Connection: close\r\n\r\n" + body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()

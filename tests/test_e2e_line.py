@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestServer
 from tests.conftest import Gateway, make_settings
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
 from tests.scripted_flow import ScriptedFlow
+from tests.signed import post_raw
 
 SECRET = "e2e-line-channel-secret"
 TOKEN = "e2e-line-access-token"
@@ -239,22 +240,9 @@ async def test_non_ascii_signature_header_is_401_not_500(
     socket, as any client on the internet can) is rejected like any wrong signature."""
     gateway = await start_gateway(make_settings(tmp_path, [line_endpoint(api.url)]))
     body = body_of(text_event("hello"))
-    head = (
-        b"POST /webhooks/ln HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        + b"Content-Length: %d\r\n" % len(body)
-        + b"x-line-signature: "
-        + raw_signature
-        + b"\r\nConnection: close\r\n\r\n"
-    )
     server = gateway.client.server
-    reader, writer = await asyncio.open_connection(str(server.host), int(server.port or 0))
-    try:
-        writer.write(head + body)
-        await writer.drain()
-        status_line = await asyncio.wait_for(reader.readline(), 5)
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    headers = [b"x-line-signature: " + raw_signature]
+    status_line = await post_raw(str(server.host), int(server.port or 0), "/webhooks/ln", headers, body)
     assert status_line.split()[1] == b"401", status_line
     await assert_nothing_stored(gateway, tmp_path, api)
 

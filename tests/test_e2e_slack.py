@@ -22,6 +22,7 @@ from slack_sdk.signature import SignatureVerifier
 
 from tests.conftest import Gateway, make_settings
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
+from tests.signed import post_raw
 
 SIGNING_SECRET = "e2e-slack-signing-secret"
 BOT_TOKEN = "xoxb-e2e-bot-token"
@@ -265,23 +266,9 @@ async def test_non_ascii_signature_header_is_401_not_500(
     socket, as any client on the internet can) must be rejected like any wrong signature."""
     gateway = await start_gateway(make_settings(tmp_path, [slack_endpoint(api.url)]))
     body = encode(callback(message("hello")))
-    head = (
-        b"POST /webhooks/sl HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        + b"Content-Length: %d\r\n" % len(body)
-        + b"X-Slack-Request-Timestamp: %d\r\n" % int(time.time())
-        + b"X-Slack-Signature: "
-        + raw_signature
-        + b"\r\nConnection: close\r\n\r\n"
-    )
     server = gateway.client.server
-    reader, writer = await asyncio.open_connection(str(server.host), int(server.port or 0))
-    try:
-        writer.write(head + body)
-        await writer.drain()
-        status_line = await asyncio.wait_for(reader.readline(), 5)
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    headers = [b"X-Slack-Request-Timestamp: %d" % int(time.time()), b"X-Slack-Signature: " + raw_signature]
+    status_line = await post_raw(str(server.host), int(server.port or 0), "/webhooks/sl", headers, body)
     assert status_line.split()[1] == b"401", status_line
     await assert_nothing_stored(gateway, tmp_path, api)
 
