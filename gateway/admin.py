@@ -102,12 +102,16 @@ async def get_contact(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _required_text(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise BadPayload('"endpoint", "conversation" and "text" are required strings')
+    return value
+
+
 async def post_message(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
-    endpoint, conversation, text = body.get("endpoint"), body.get("conversation"), body.get("text")
-    if not all(isinstance(v, str) and v for v in (endpoint, conversation, text)):
-        raise BadPayload('"endpoint", "conversation" and "text" are required strings')
-    assert isinstance(endpoint, str) and isinstance(conversation, str) and isinstance(text, str)
+    endpoint, conversation, text = (_required_text(body, key) for key in ("endpoint", "conversation", "text"))
     if request.app[SETTINGS].endpoint(endpoint) is None:
         raise web.HTTPNotFound(text='{"error": "no such endpoint"}', content_type="application/json")
     session = await request.app[MANAGER].send_bot_message(endpoint, conversation, text)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -237,6 +236,3 @@ def serve(settings: Settings) -> int:
     app.on_startup.append(announce)
     web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=10.0)
     return 0
-
-
-__all__ = ["create_app", "create_store", "serve", "json"]

@@ -549,23 +549,23 @@ class SessionManager:
             self._arm(slot)  # a message moved the deadline while the fire waited in the queue
             return
         policy = self._policies.get(session.endpoint)
-        contact = await self._store.get_contact(session.contact_id)
-        change = Change()
-        notify = policy is not None and policy.on_close.notify
-        self._close_into(change, session, CloseReason.INACTIVITY, notify, contact, policy, self._clock())
-        await self._commit(slot, change, closed=[session])
+        await self._close_now(slot, session, CloseReason.INACTIVITY, policy is not None and policy.on_close.notify)
 
     async def _handle_close(self, slot: Conversation, item: CloseItem) -> None:
         session = slot.session
         if session is None or session.id != item.session_id:
             item.done.set_exception(SessionNotOpen(item.session_id))
             return
-        policy = self._policies.get(session.endpoint)
+        await self._close_now(slot, session, item.reason, item.notify)
+        item.done.set_result(session)
+
+    async def _close_now(self, slot: Conversation, session: Session, reason: CloseReason, notify: bool) -> None:
+        """Close one session in its own commit (from the conversation's queue)."""
         contact = await self._store.get_contact(session.contact_id)
         change = Change()
-        self._close_into(change, session, item.reason, item.notify, contact, policy, self._clock())
+        policy = self._policies.get(session.endpoint)
+        self._close_into(change, session, reason, notify, contact, policy, self._clock())
         await self._commit(slot, change, closed=[session])
-        item.done.set_result(session)
 
     async def _close_removed(self, sessions: list[Session]) -> None:
         """Close sessions of endpoints no longer configured (reason ``endpoint_removed``)."""
