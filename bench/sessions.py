@@ -210,7 +210,7 @@ async def main(sessions: int, due: int, messages: int, *, freeze: bool = True) -
         print(f"RSS per open session: {per_session:.0f} B (target <= 1024)")
 
         # Re-arm in memory: what a message does at acceptance (the deadline moves, no cancel).
-        slots = list(manager._conversations[BULK].values())[:messages]
+        slots = manager._scheduler.slots(BULK)[:messages]
         now = time.time()
         started = time.perf_counter()
         for slot in slots:

@@ -1,5 +1,5 @@
 """Pure rules of the session lifecycle: what a close clears, which notice, how a flow's answer
-changes a session. No I/O and no timing here (that is ``gateway.sessions``).
+changes a session. No I/O and no timing here (that is the ``gateway.sessions`` package).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The session manager's in-memory types: a conversation's slot, its work items, counters."""
+"""In-memory types of the session core: a conversation's slot, its work items, counters."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class OutboxSink:
 
 
 class SlotState(IntEnum):
+    """Who has a conversation in hand; written by the scheduler only."""
+
     IDLE = 0  # nothing queued, no worker
     WORKING = 1  # a worker handles the queue
     CLOSING = 2  # held by the batch closer: new items queue up until it releases the slot

@@ -5,9 +5,8 @@ half of it is cancelled the loop rebuilds it in one go (a long stall with a mill
 So a message only moves ``session.expires_at``; when the handle fires early it re-arms itself
 for the remainder; a handle is cancelled only on close or when the deadline moves earlier.
 
-A handle that finds its session due hands it over: to the conversation's own queue when the
-conversation is busy (``on_busy``), else to a batch closer that closes many sessions falling due
-together in a few store commits, several batches in flight so that group commit overlaps them.
+A handle that finds its session due hands it to ``on_due`` (the scheduler, which closes it in a
+batch or in the conversation's own queue). Timers call nothing else: data flows one way.
 Deadlines are wall-clock (``clock``); loop time exists only here, in memory.
 """
 
@@ -15,57 +14,38 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 from gateway.models import Session
-from gateway.session_types import Conversation, ManagerStats, SlotState
+from gateway.sessions.state import Conversation, ManagerStats
 
 # A handle that fires this much before the deadline re-arms instead of closing: loop time and
 # wall time drift apart by a little, and closing early is worse than a millisecond late.
 EARLY_TOLERANCE_S = 0.0005
-CLOSE_BATCH = 500  # sessions closed per batch (group commit merges batches in flight)
-CLOSE_BATCHES_IN_FLIGHT = 4
 
 
-class ExpiryTimers:
-    """Arms the timers of open sessions and hands due ones over for closing."""
+class SessionTimers:
+    """Arms the timers of open sessions and hands due ones to ``on_due``."""
 
     def __init__(
         self,
         clock: Callable[[], float],
         stats: ManagerStats,
         *,
-        close_batch: Callable[[list[Conversation]], Coroutine[Any, Any, None]],
-        on_busy: Callable[[Conversation, Session], None],
+        on_due: Callable[[Conversation, Session], None],
     ) -> None:
         self._clock = clock
         self._stats = stats
-        self._close_batch = close_batch
-        self._on_busy = on_busy
-        self._due: list[Conversation] = []
-        self._due_signal = asyncio.Event()
-        self._closer: asyncio.Task[None] | None = None
+        self._on_due = on_due
         self._stopped = False
         # Shared by every handle: a bound method and a context per handle would cost ~100 bytes
         # per open session for nothing (timers read no context variables).
         self._fire = self._on_timer
         self._context = contextvars.Context()
 
-    def start(self) -> None:
-        self._closer = asyncio.create_task(self._run_closer(), name="session-closer")
-
-    async def aclose(self) -> None:
-        """Stop firing; cancel the closer (its batches in flight are cancelled too)."""
+    def stop(self) -> None:
+        """Fire nothing from now on (handles still in the loop become no-ops)."""
         self._stopped = True
-        if self._closer is not None:
-            self._closer.cancel()
-            await asyncio.gather(self._closer, return_exceptions=True)
-
-    @property
-    def idle(self) -> bool:
-        """No due session waits for the batch closer."""
-        return not self._due
 
     def is_due(self, session: Session) -> bool:
         return session.expires_at is not None and session.expires_at - self._clock() <= EARLY_TOLERANCE_S
@@ -100,29 +80,4 @@ class ExpiryTimers:
             return
         if self._stats.record_lags and session.expires_at is not None:
             self._stats.fire_lags_s.append(self._clock() - session.expires_at)
-        if slot.state == SlotState.IDLE:
-            # Closed in a batch with others falling due now: one commit for many closes.
-            slot.state = SlotState.CLOSING
-            self._due.append(slot)
-            self._due_signal.set()
-        else:
-            self._on_busy(slot, session)
-
-    async def _run_closer(self) -> None:
-        in_flight = asyncio.Semaphore(CLOSE_BATCHES_IN_FLIGHT)
-        tasks: set[asyncio.Task[None]] = set()
-        try:
-            while True:
-                await self._due_signal.wait()
-                self._due_signal.clear()
-                while self._due:
-                    await in_flight.acquire()
-                    batch, self._due = self._due[:CLOSE_BATCH], self._due[CLOSE_BATCH:]
-                    task = asyncio.create_task(self._close_batch(batch))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    task.add_done_callback(lambda _done: in_flight.release())
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        self._on_due(slot, session)

@@ -1,0 +1,18 @@
+"""The session core: one open session per conversation, each with its own inactivity timer.
+
+    manager.py    SessionManager, the facade the web layer and admin API call
+    scheduler.py  per-conversation order: queues, workers, back-pressure, held slots
+    turn.py       a message turn (and a bot-initiated message)
+    closing.py    the close paths: fire, operator, batch, removed endpoints, close scripts
+    timers.py     one lazily re-armed loop handle per open session
+    book.py       commits a change and keeps memory (open sessions, counts) in step
+    state.py      the in-memory types: conversation slot, work items, counters
+
+Calls go one way: manager -> turn -> closing -> book -> timers; the scheduler and the timers
+only call back through the callables they were given.
+"""
+
+from gateway.sessions.manager import SessionManager
+from gateway.sessions.state import OutboxSink, SessionNotFound, SessionNotOpen
+
+__all__ = ["OutboxSink", "SessionManager", "SessionNotFound", "SessionNotOpen"]

@@ -1,0 +1,166 @@
+"""The open sessions in memory, and the commit that changes them.
+
+Every path that changes sessions (a message turn, a close, a bot message) builds a ``Change``
+and commits it here: the store first, then memory follows (the open session of the slot, the
+open count, its timer, metrics, listeners), then the committed messages go to the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+
+from gateway.metrics import Metrics
+from gateway.models import Change, CloseReason, Contact, InboundEvent, MessageKind, OutboundMessage, Session
+from gateway.policy import EndpointPolicy
+from gateway.sessions.state import Conversation, ManagerStats, OutboxSink
+from gateway.sessions.timers import SessionTimers
+from gateway.settings import SessionMode
+from gateway.store.base import Store
+
+log = logging.getLogger("gateway.sessions")
+
+SessionListener = Callable[[Session], None]
+
+
+class SessionBook:
+    """Keeps memory in step with committed changes. ``policies`` is the manager's live map."""
+
+    def __init__(
+        self,
+        store: Store,
+        outbox: OutboxSink,
+        timers: SessionTimers,
+        policies: dict[str, EndpointPolicy],
+        *,
+        metrics: Metrics,
+        stats: ManagerStats,
+        clock: Callable[[], float],
+    ) -> None:
+        self._store = store
+        self._outbox = outbox
+        self._timers = timers
+        self._policies = policies
+        self._metrics = metrics
+        self._stats = stats
+        self._clock = clock
+        self.open_count = 0
+        self.listeners: list[SessionListener] = []  # told of every opened and closed session
+        self.close_hooks: list[SessionListener] = []  # run after a close committed (S12 scripts)
+
+    def arm(self, slot: Conversation) -> None:
+        """Arm the slot's timer, unless its endpoint closes nothing at the deadline."""
+        policy = self._policies.get(slot.endpoint)
+        if policy is None or policy.mode is SessionMode.LAZY:
+            return  # lazy (S8): nothing happens at the deadline
+        self._timers.arm(slot)  # no-op for a session that never expires (S3)
+
+    def restored(self, slot: Conversation, session: Session) -> None:
+        """A session loaded at start is open again (its timer is armed later, in bulk)."""
+        slot.session = session
+        self.open_count += 1
+
+    async def commit(
+        self,
+        slot: Conversation,
+        change: Change,
+        *,
+        opened: Session | None = None,
+        closed: Iterable[Session] = (),
+    ) -> None:
+        """Commit ``change``; then ``closed`` sessions leave memory, ``opened`` joins it (and is
+        armed), and the change's messages go to the outbox."""
+        await self._store.commit(change)
+        for session in closed:
+            self.after_close(slot, session)
+        if opened is not None and opened.is_open:
+            self._after_open(slot, opened)
+        for message in change.outbox:
+            log.info(
+                "message out queued: endpoint=%s conversation=%s kind=%s",
+                message.endpoint,
+                message.conversation,
+                message.kind,
+            )
+        self._outbox.submit(change.outbox)
+
+    def submit(self, messages: list[OutboundMessage]) -> None:
+        """Hand committed messages to the outbox."""
+        self._outbox.submit(messages)
+
+    def _after_open(self, slot: Conversation, session: Session) -> None:
+        slot.session = session
+        self.open_count += 1
+        self._metrics.inc("gateway_sessions_opened_total", endpoint=session.endpoint)
+        log.info(
+            "session opened: %s endpoint=%s conversation=%s interactive=%s developer=%s",
+            session.id,
+            session.endpoint,
+            session.conversation,
+            session.interactive,
+            session.developer,
+        )
+        self.arm(slot)
+        self.notify(session)
+
+    def after_close(self, slot: Conversation, session: Session) -> None:
+        """A close of ``session`` committed: it leaves memory; listeners and hooks hear of it."""
+        if slot.session is session:
+            slot.session = None
+            self._timers.disarm(slot)
+            self.open_count -= 1
+        self._metrics.inc("gateway_sessions_closed_total", endpoint=session.endpoint, reason=str(session.close_reason))
+        self._stats.closes_committed += 1
+        if self._stats.record_lags and session.close_reason is CloseReason.INACTIVITY and session.expires_at:
+            self._stats.close_lags_s.append(self._clock() - session.expires_at)
+        log.info("session closed: %s reason=%s notice=%s", session.id, session.close_reason, session.notice)
+        self.notify(session)
+        for hook in self.close_hooks:
+            hook(session)
+
+    def notify(self, session: Session) -> None:
+        for listener in self.listeners:
+            try:
+                listener(session)
+            except Exception:
+                log.exception("session listener failed")
+
+    # -- building blocks shared by the turn and the close paths ------------------------------
+
+    def new_session(self, policy: EndpointPolicy, conversation: str, at: float, *, interactive: bool) -> Session:
+        return Session(
+            id=uuid.uuid4().hex,
+            endpoint=policy.endpoint,
+            channel=policy.channel,
+            conversation=conversation,
+            started_at=at,
+            last_activity_at=at,
+            expires_at=policy.deadline(at),
+            interactive=interactive,
+            developer=policy.developer,  # S14
+        )
+
+    def message(
+        self, session: Session, kind: MessageKind, text: str, key: str, event: InboundEvent | None = None
+    ) -> OutboundMessage:
+        """An outbound message of ``session`` (``key`` makes it once-only in the outbox)."""
+        return OutboundMessage(
+            endpoint=session.endpoint,
+            channel=session.channel,
+            conversation=session.conversation,
+            kind=kind,
+            text=text,
+            key=key,
+            created_at=self._clock(),
+            session_id=session.id,
+            reply_token=event.reply_token if event else None,
+            reply_token_expires_at=event.reply_token_expires_at if event else None,
+            user_last_seen_at=session.last_activity_at if session.interactive else None,
+        )
+
+
+def include_contact(change: Change, contact: Contact) -> None:
+    """Add ``contact`` to the change once (several rules may touch it in one turn)."""
+    if not any(c is contact for c in change.contacts):
+        change.contacts.append(contact)

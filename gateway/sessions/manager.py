@@ -1,0 +1,292 @@
+"""The session manager: one open session per conversation, each with its own inactivity timer.
+
+A facade over the parts of ``gateway.sessions``: the scheduler (per-conversation order), the
+message turn, the close paths, the timers, and the book that keeps memory in step with the
+store. Data flows one way: ``accept`` (called by the web layer once the event is parsed)
+commits the event to the durable inbox, moves the session's deadline at once, and queues the
+event on its conversation.
+
+The fire/message race: the fire is an item in the conversation's own queue (or, when the
+conversation is idle, a batch close that holds the conversation meanwhile), and every close
+re-checks the deadline first. So either a message accepted before the close moved the deadline
+and the session lives on, or the session closes and the message opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from gateway.close_scripts import CloseScripts
+from gateway.errors import Overloaded
+from gateway.flows import Flow
+from gateway.metrics import Metrics
+from gateway.models import CloseReason, InboundEvent, Session, StoredEvent
+from gateway.policy import EndpointPolicy
+from gateway.sessions.book import SessionBook, SessionListener
+from gateway.sessions.closing import SessionCloser
+from gateway.sessions.scheduler import ConversationScheduler
+from gateway.sessions.state import (
+    BotMessageItem,
+    CloseItem,
+    Conversation,
+    ExpireItem,
+    ManagerStats,
+    OutboxSink,
+    SessionNotFound,
+    SessionNotOpen,
+    WorkItem,
+)
+from gateway.sessions.timers import SessionTimers
+from gateway.sessions.turn import MessageTurn
+from gateway.settings import SessionMode
+from gateway.store.base import Store
+
+log = logging.getLogger("gateway.sessions")
+
+_RESTORE_YIELD_EVERY = 5000  # restore and re-arm this many sessions between yields to the loop
+
+
+class SessionManager:
+    """Owns the open sessions and their timers. ``start`` restores; ``aclose`` stops."""
+
+    def __init__(
+        self,
+        store: Store,
+        flow: Flow,
+        outbox: OutboxSink,
+        policies: dict[str, EndpointPolicy],
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        error_reply: str | None = None,
+        max_pending_events: int = 10_000,
+        scripts: CloseScripts | None = None,
+    ) -> None:
+        self._store = store
+        self._policies = dict(policies)  # shared with the parts below; set_policy updates it
+        self._metrics = metrics or Metrics()
+        self._clock = clock
+        self._max_pending = max_pending_events
+        self._closing = False
+        self.ready = False
+        self.stats = ManagerStats()
+        self._scheduler = ConversationScheduler(
+            self._policies, handle=self._handle, on_failure=self._on_failure, close_batch=self._close_due
+        )
+        self._timers = SessionTimers(clock, self.stats, on_due=self._scheduler.expire)
+        self._book = SessionBook(
+            store, outbox, self._timers, self._policies, metrics=self._metrics, stats=self.stats, clock=clock
+        )
+        self._closer = SessionCloser(
+            store,
+            self._book,
+            self._scheduler,
+            self._timers,
+            self._policies,
+            metrics=self._metrics,
+            clock=clock,
+            scripts=scripts,
+        )
+        self._turn = MessageTurn(
+            store,
+            flow,
+            self._book,
+            self._closer,
+            self._policies,
+            metrics=self._metrics,
+            clock=clock,
+            error_reply=error_reply,
+        )
+        self._metrics.gauge("gateway_open_sessions", lambda: float(self._book.open_count))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restore: load open sessions, re-queue pending inbound events (they move deadlines),
+        then arm every timer; sessions overdue since before the restart close at once."""
+        self._scheduler.start()
+        removed: list[Session] = []
+        loaded = 0
+        async for session in self._store.open_sessions():
+            policy = self._policies.get(session.endpoint)
+            if policy is None:
+                removed.append(session)
+                continue
+            # Deadlines derive from the current policy: a setting changed while we were down
+            # applies to the restored sessions too.
+            session.expires_at = policy.deadline(session.last_activity_at)
+            self._book.restored(self._scheduler.slot(session.endpoint, session.conversation), session)
+            loaded += 1
+            if loaded % _RESTORE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        await self._closer.close_removed(removed)
+        for stored in await self._store.pending_inbound():
+            self._enqueue(stored)
+        armed = 0
+        for slot in self._scheduler.slots():
+            if slot.session is not None and slot.handle is None:
+                self._book.arm(slot)
+                armed += 1
+                if armed % _RESTORE_YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+        self.ready = True
+        log.info("restored %d open sessions, %d pending events re-queued", loaded, self.pending_events)
+
+    async def aclose(self) -> None:
+        """Stop taking work, let workers finish the item in hand, cancel timers. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        self.ready = False
+        self._closer.stop()
+        self._timers.stop()
+        for slot in self._scheduler.slots():
+            self._timers.disarm(slot)
+        await self._scheduler.aclose()
+        await self._closer.aclose()
+
+    @property
+    def open_count(self) -> int:
+        return self._book.open_count
+
+    @property
+    def pending_events(self) -> int:
+        """Accepted events not yet handled."""
+        return self._scheduler.pending_events
+
+    @property
+    def listeners(self) -> list[SessionListener]:
+        """Called with every session opened or closed (web chat sockets follow their session)."""
+        return self._book.listeners
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait until no conversation has work queued or in hand (for tests and benchmarks)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._scheduler.busy:
+            if loop.time() > deadline:
+                raise TimeoutError("session manager did not drain")
+            await asyncio.sleep(0.005)
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    async def accept(self, endpoint: str, event: InboundEvent, arrival_at: float | None = None) -> bool:
+        """Commit ``event`` durably and queue it; False when it is a redelivery (seen before).
+
+        Returns once the event is in the inbox, so the caller may answer 2xx. The deadline of
+        the conversation's open session moves now, not when a worker gets to the event.
+        """
+        if self._closing:
+            raise Overloaded("gateway is shutting down")
+        if self._scheduler.backlog >= self._max_pending:
+            # The backlog waits on disk, but unbounded it would only grow: say "later" (503).
+            self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="overloaded")
+            raise Overloaded(f"{self._scheduler.pending_events} events wait to be handled; try again later")
+        arrival = self._clock() if arrival_at is None else arrival_at
+        with self._scheduler.admitting():
+            stored = await self._store.add_inbound(endpoint, event, arrival)
+        # Nothing awaits from here to _enqueue: the pending count takes over from admitting.
+        if stored is None:
+            self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="duplicate")
+            return False
+        self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="accepted")
+        log.info(
+            "event in: endpoint=%s conversation=%s kind=%s id=%s", endpoint, event.conversation, event.kind, stored.id
+        )
+        self._enqueue(stored)
+        return True
+
+    def _enqueue(self, stored: StoredEvent) -> None:
+        slot = self._scheduler.slot(stored.endpoint, stored.event.conversation)
+        session = slot.session
+        policy = self._policies.get(stored.endpoint)
+        if (
+            stored.event.is_interaction
+            and session is not None
+            and policy is not None
+            and not self._scheduler.is_held(slot)
+            and session.expires_at is not None
+            and session.expires_at > stored.arrival_at
+        ):
+            # Move the deadline at acceptance (lazy re-arm: the handle re-arms when it fires).
+            session.expires_at = max(session.expires_at, policy.deadline(stored.arrival_at) or 0.0)
+        self._scheduler.push(slot, stored)
+
+    async def _handle(self, slot: Conversation, item: WorkItem) -> None:
+        if isinstance(item, StoredEvent):
+            await self._turn.handle_event(slot, item)
+        elif isinstance(item, ExpireItem):
+            await self._closer.handle_expire(slot, item)
+        elif isinstance(item, CloseItem):
+            await self._closer.handle_close(slot, item)
+        elif isinstance(item, BotMessageItem):
+            await self._turn.handle_bot_message(slot, item)
+        else:
+            await self._closer.handle_clear_profiles(slot, item)
+
+    async def _on_failure(self, slot: Conversation, item: WorkItem, exc: Exception) -> None:
+        if isinstance(item, CloseItem | BotMessageItem) and not item.done.done():
+            item.done.set_exception(exc)
+        if isinstance(item, StoredEvent):
+            await self._turn.give_up_on(item)
+
+    async def _close_due(self, batch: list[Conversation]) -> None:
+        await self._closer.close_due(batch)
+
+    # -- operator actions --------------------------------------------------------------------
+
+    def open_session(self, endpoint: str, conversation: str) -> Session | None:
+        """The open session of a conversation, from memory."""
+        slot = self._scheduler.find(endpoint, conversation)
+        return slot.session if slot is not None else None
+
+    def live_view(self, session: Session) -> Session:
+        """The in-memory version of an open session (its deadline may have moved since the
+        last write), else the given one."""
+        live = self.open_session(session.endpoint, session.conversation)
+        return live if live is not None and live.id == session.id else session
+
+    async def close(self, session_id: str, *, reason: CloseReason = CloseReason.ADMIN, notify: bool = True) -> Session:
+        """Close an open session now (admin API); raises SessionNotFound / SessionNotOpen."""
+        session = await self._store.get_session(session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        live = self.open_session(session.endpoint, session.conversation)
+        if live is None or live.id != session_id:
+            raise SessionNotOpen(session_id)
+        done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        slot = self._scheduler.slot(session.endpoint, session.conversation)
+        self._scheduler.push(slot, CloseItem(session_id, reason, notify, done))
+        return await done
+
+    async def send_bot_message(self, endpoint: str, conversation: str, text: str) -> Session:
+        """A bot-initiated message; opens a non-interactive session when none is open (S13)."""
+        if endpoint not in self._policies:
+            raise SessionNotFound(f"unknown endpoint {endpoint}")
+        done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        self._scheduler.push(self._scheduler.slot(endpoint, conversation), BotMessageItem(text, done))
+        return await done
+
+    async def set_policy(self, policy: EndpointPolicy) -> None:
+        """Apply a changed endpoint policy to its open sessions at once (re-arming timers),
+        yielding to the loop every few thousand sessions so a big endpoint never stalls it."""
+        self._policies[policy.endpoint] = policy
+        for done, slot in enumerate(self._scheduler.slots(policy.endpoint), start=1):
+            if done % _RESTORE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+                if self._policies.get(policy.endpoint) is not policy:
+                    return  # a newer policy took over; it re-applies to every session
+            session = slot.session
+            if session is None:
+                continue
+            session.expires_at = policy.deadline(session.last_activity_at)
+            if session.expires_at is None or policy.mode is SessionMode.LAZY:
+                self._timers.disarm(slot)
+            elif not self._scheduler.is_held(slot):
+                self._book.arm(slot)
+
+    def policy(self, endpoint: str) -> EndpointPolicy | None:
+        return self._policies.get(endpoint)
