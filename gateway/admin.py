@@ -8,10 +8,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.errors import BadPayload
+from gateway.errors import BadPayload, SessionNotFound, SessionNotOpen
 from gateway.keys import MANAGER, SETTINGS, STORE
 from gateway.models import SessionState
-from gateway.sessions import SessionNotFound, SessionNotOpen
 from gateway.store.base import SessionQuery
 from gateway.wire import contact_json, session_json
 

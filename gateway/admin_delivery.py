@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.errors import BadPayload
+from gateway.errors import BadPayload, MessageNotDead, MessageNotFound
 from gateway.keys import OUTBOX, STORE
 from gateway.models import JSONDict, OutboundMessage
-from gateway.outbox import MessageNotDead, MessageNotFound
 from gateway.wire import iso
 
 DEFAULT_LIMIT = 100

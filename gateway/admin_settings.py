@@ -31,13 +31,12 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admin import read_json_object
-from gateway.errors import BadPayload
+from gateway.errors import BadPayload, SettingsRefused
 from gateway.keys import MANAGER, SETTINGS, STORE
 from gateway.models import CloseReason
 from gateway.runtime_settings import (
     ORGANISATION_SCOPE,
     RuntimeSettings,
-    SettingsRefused,
     endpoint_scope,
     load_runtime,
 )

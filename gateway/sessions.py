@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from gateway.close_scripts import CloseScripts
-from gateway.errors import Overloaded
+from gateway.errors import Overloaded, SessionNotFound, SessionNotOpen
 from gateway.expiry import ExpiryTimers
 from gateway.flows import Flow, FlowResult, FlowTurn
 from gateway.metrics import Metrics
@@ -62,8 +62,6 @@ from gateway.session_types import (
     ExpireItem,
     ManagerStats,
     OutboxSink,
-    SessionNotFound,
-    SessionNotOpen,
     SlotState,
     WorkItem,
 )
@@ -72,7 +70,7 @@ from gateway.store.base import Store
 from gateway.wire import session_json
 
 # The manager's public names, including the types callers catch or implement.
-__all__ = ["OutboxSink", "SessionManager", "SessionNotFound", "SessionNotOpen"]
+__all__ = ["OutboxSink", "SessionManager"]
 
 log = logging.getLogger("gateway.sessions")
 
