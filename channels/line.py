@@ -35,7 +35,7 @@ from linebot.v3.webhook import SignatureValidator
 
 from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, platform_time
 from channels.text import split_text
-from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped
+from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped, ReplyTokenRejected
 from gateway.models import EventKind, InboundEvent, JSONDict, MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings
 
@@ -219,10 +219,6 @@ def _transport_error(exc: Exception) -> DeliveryError:
     return DeliveryError(f"line: {type(exc).__name__}: {exc}", retryable=True)
 
 
-class _TokenRejected(Exception):
-    """Internal: LINE refused the reply token; the message can go by push instead."""
-
-
 # -- the adapter ------------------------------------------------------------------------------
 
 
@@ -339,7 +335,7 @@ class LineAdapter:
             try:
                 await self._reply(api, message.reply_token or "", batches[0])
                 return
-            except _TokenRejected:
+            except ReplyTokenRejected:
                 if self._may_have_sent(message):
                     logger.info(
                         "line %s: reply token of %s already used by an earlier attempt: delivered",
@@ -370,7 +366,7 @@ class LineAdapter:
         except ApiException as exc:
             status, message = int(exc.status or 0), error_message(exc.body)
             if is_invalid_reply_token(status, message):
-                raise _TokenRejected from exc
+                raise ReplyTokenRejected() from exc
             # A 5xx (like a timeout below) may or may not have delivered the reply.
             raise classify_error(status, message) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -1,4 +1,7 @@
-"""The operator API under ``/admin`` (bearer token; JSON in and out; DESIGN.md shapes)."""
+"""The operator API under ``/admin`` (bearer token; JSON in and out; DESIGN.md shapes).
+
+Handlers raise ``gateway.errors``; ``gateway.http_errors`` answers them (one error shape).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.errors import BadPayload
+from gateway.errors import BadPayload, NotFound, SessionNotFound, Unauthorized
+from gateway.http_errors import ADMIN_PREFIX
 from gateway.keys import MANAGER, SETTINGS, STORE
 from gateway.models import SessionState
-from gateway.sessions import SessionNotFound, SessionNotOpen
 from gateway.store.base import SessionQuery
 from gateway.wire import contact_json, session_json
 
@@ -19,17 +22,13 @@ from gateway.wire import contact_json, session_json
 @web.middleware
 async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """/admin/* is 404 without a configured token, 401 without the right bearer."""
-    if request.path.startswith("/admin"):
+    if request.path.startswith(ADMIN_PREFIX):
         token = request.app[SETTINGS].admin.token.value
         if not token:
             raise web.HTTPNotFound()
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise web.HTTPUnauthorized(
-                text='{"error": "missing or wrong bearer token"}',
-                content_type="application/json",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise Unauthorized("missing or wrong bearer token")
     response: web.StreamResponse = await handler(request)
     return response
 
@@ -71,7 +70,7 @@ async def list_sessions(request: web.Request) -> web.StreamResponse:
 async def get_session(request: web.Request) -> web.StreamResponse:
     session = await request.app[STORE].get_session(request.match_info["id"])
     if session is None:
-        raise web.HTTPNotFound(text='{"error": "no such session"}', content_type="application/json")
+        raise SessionNotFound(request.match_info["id"])
     return web.json_response(session_json(request.app[MANAGER].live_view(session)))
 
 
@@ -80,12 +79,8 @@ async def close_session(request: web.Request) -> web.StreamResponse:
     notify = body.get("notify", True)
     if not isinstance(notify, bool):
         raise BadPayload("notify must be true or false")
-    try:
-        session = await request.app[MANAGER].close(request.match_info["id"], notify=notify)
-    except SessionNotFound:
-        raise web.HTTPNotFound(text='{"error": "no such session"}', content_type="application/json") from None
-    except SessionNotOpen:
-        raise web.HTTPConflict(text='{"error": "session is closed already"}', content_type="application/json") from None
+    # SessionNotFound (404) and SessionNotOpen (409) are answered by the error middleware.
+    session = await request.app[MANAGER].close(request.match_info["id"], notify=notify)
     return web.json_response(session_json(session))
 
 
@@ -94,7 +89,7 @@ async def get_contact(request: web.Request) -> web.StreamResponse:
     contact_id = request.match_info["contact_id"]
     contact = await store.get_contact(contact_id)
     if contact is None:
-        raise web.HTTPNotFound(text='{"error": "no such contact"}', content_type="application/json")
+        raise NotFound("no such contact")
     manager = request.app[MANAGER]
     sessions = await store.contact_sessions(contact_id)
     return web.json_response(
@@ -113,7 +108,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     endpoint, conversation, text = (_required_text(body, key) for key in ("endpoint", "conversation", "text"))
     if request.app[SETTINGS].endpoint(endpoint) is None:
-        raise web.HTTPNotFound(text='{"error": "no such endpoint"}', content_type="application/json")
+        raise NotFound("no such endpoint")
     session = await request.app[MANAGER].send_bot_message(endpoint, conversation, text)
     return web.json_response({"session": session_json(session)}, status=202)
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.errors import BadPayload
+from gateway.errors import BadPayload, MessageNotFound
 from gateway.keys import OUTBOX, STORE
 from gateway.models import JSONDict, OutboundMessage
-from gateway.outbox import MessageNotDead, MessageNotFound
 from gateway.wire import iso
 
 DEFAULT_LIMIT = 100
@@ -39,10 +38,6 @@ def outbound_json(message: OutboundMessage) -> JSONDict:
     }
 
 
-def _error(status: type[web.HTTPException], text: str) -> web.HTTPException:
-    return status(text=f'{{"error": "{text}"}}', content_type="application/json")
-
-
 async def list_dead_letters(request: web.Request) -> web.StreamResponse:
     try:
         limit = int(request.query.get("limit", str(DEFAULT_LIMIT)))
@@ -55,13 +50,8 @@ async def list_dead_letters(request: web.Request) -> web.StreamResponse:
 async def retry_dead_letter(request: web.Request) -> web.StreamResponse:
     text = request.match_info["id"]
     if not (text.isascii() and text.isdigit() and len(text) <= 19 and 0 < int(text) < 2**63):  # a row id
-        raise _error(web.HTTPNotFound, "no such message")
-    try:
-        message = await request.app[OUTBOX].retry(int(text))
-    except MessageNotFound:
-        raise _error(web.HTTPNotFound, "no such message") from None
-    except MessageNotDead:
-        raise _error(web.HTTPConflict, "message is not a dead letter") from None
+        raise MessageNotFound(f"{text!r} is not a message id")
+    message = await request.app[OUTBOX].retry(int(text))  # MessageNotFound 404, MessageNotDead 409
     return web.json_response(outbound_json(message), status=202)
 
 

@@ -24,20 +24,18 @@ as one step, so two concurrent PUTs of different keys both hold.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
 from aiohttp import web
 
 from gateway.admin import read_json_object
-from gateway.errors import BadPayload
+from gateway.errors import BadPayload, NotFound
 from gateway.keys import MANAGER, SETTINGS, STORE
 from gateway.models import CloseReason
 from gateway.runtime_settings import (
     ORGANISATION_SCOPE,
     RuntimeSettings,
-    SettingsRefused,
     endpoint_scope,
     load_runtime,
 )
@@ -63,14 +61,6 @@ def add_routes(app: web.Application) -> None:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _not_found(what: str) -> web.HTTPNotFound:
-    return web.HTTPNotFound(text=json.dumps({"error": f"no such {what}"}), content_type="application/json")
-
-
-def _refused(exc: SettingsRefused) -> web.StreamResponse:
-    return web.json_response({"error": "; ".join(exc.problems), "problems": exc.problems}, status=400)
-
-
 async def _runtime(request: web.Request) -> RuntimeSettings:
     return await load_runtime(request.app[SETTINGS], request.app[STORE])
 
@@ -79,7 +69,7 @@ async def _endpoint_runtime(request: web.Request) -> tuple[str, RuntimeSettings]
     name = request.match_info["name"]
     runtime = await _runtime(request)
     if name not in runtime.endpoints:
-        raise _not_found("endpoint")
+        raise NotFound("no such endpoint")
     return name, runtime
 
 
@@ -119,10 +109,7 @@ async def put_endpoint_session(request: web.Request) -> web.StreamResponse:
     patch = await read_json_object(request)
     async with request.app[_CHANGES]:
         name, runtime = await _endpoint_runtime(request)
-        try:
-            override = runtime.with_endpoint(name, patch) or None  # {}: no override at all
-        except SettingsRefused as exc:
-            return _refused(exc)
+        override = runtime.with_endpoint(name, patch) or None  # {}: no override at all
         await _store(request, endpoint_scope(name), override)
         after = runtime.with_stored(endpoint_scope(name), override)
         await _apply(request, runtime, after)
@@ -132,10 +119,7 @@ async def put_endpoint_session(request: web.Request) -> web.StreamResponse:
 async def delete_endpoint_session(request: web.Request) -> web.StreamResponse:
     async with request.app[_CHANGES]:
         name, runtime = await _endpoint_runtime(request)
-        try:
-            runtime.check_endpoint_reset(name)
-        except SettingsRefused as exc:
-            return _refused(exc)
+        runtime.check_endpoint_reset(name)
         await _store(request, endpoint_scope(name), None)
         after = runtime.with_stored(endpoint_scope(name), None)
         await _apply(request, runtime, after)
@@ -152,10 +136,7 @@ async def get_organisation_session(request: web.Request) -> web.StreamResponse:
 async def _change_organisation(request: web.Request, patch: dict[str, Any] | None) -> web.StreamResponse:
     async with request.app[_CHANGES]:
         runtime = await _runtime(request)
-        try:
-            override = runtime.with_organisation(patch) or None
-        except SettingsRefused as exc:
-            return _refused(exc)
+        override = runtime.with_organisation(patch) or None
         await _store(request, ORGANISATION_SCOPE, override)
         after = runtime.with_stored(ORGANISATION_SCOPE, override)
         await _apply(request, runtime, after)

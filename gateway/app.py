@@ -13,15 +13,15 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from channels.base import ChannelAdapter
 from channels.registry import create_adapter
 from channels.webchat import WebChatAdapter
 from gateway import admin, admin_delivery, admin_settings
 from gateway.close_scripts import CloseScripts
-from gateway.errors import ConfigError, RequestRejected
+from gateway.errors import ConfigError
 from gateway.flows import Flow, create_flow
+from gateway.http_errors import answer_errors
 from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, SETTINGS, STORE
 from gateway.metrics import Metrics
 from gateway.models import Session
@@ -58,7 +58,7 @@ def create_app(
     flow: Flow | None = None,
 ) -> web.Application:
     """Build the gateway application. ``store`` and ``flow`` may be passed in (tests)."""
-    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[_errors, admin.admin_auth])
+    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[answer_errors, admin.admin_auth])
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[METRICS] = Metrics()
@@ -191,17 +191,6 @@ async def _close_sockets(app: web.Application) -> None:
     for adapter in app[ADAPTERS].values():
         if isinstance(adapter, WebChatAdapter):
             await adapter.aclose()
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Our rejections become their status with a JSON reason; bad input never becomes a 5xx."""
-    try:
-        response: web.StreamResponse = await handler(request)
-    except RequestRejected as exc:
-        headers = {"Retry-After": "5"} if exc.status == 503 else None
-        return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)
-    return response
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:

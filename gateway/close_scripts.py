@@ -23,12 +23,8 @@ from typing import Any
 
 import aiohttp
 
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import CloseScriptError, ConfigError
 from gateway.models import JSONDict
-
-
-class CloseScriptError(GatewayError):
-    """The close script failed, timed out or answered nonsense."""
 
 
 @dataclass(slots=True)

@@ -25,7 +25,6 @@ from typing import Any
 from gateway.config_reader import (
     FAILED,
     Converter,
-    Invalid,
     Reader,
     boolean,
     choice,
@@ -42,7 +41,7 @@ from gateway.config_reader import (
     section,
     text,
 )
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, Invalid
 from gateway.settings import (
     AdminSettings,
     Channel,

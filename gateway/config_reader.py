@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.errors import Invalid
 from gateway.settings import Secret
 
 Converter = Callable[["Reader", object, str], Any]
@@ -28,14 +29,6 @@ Check = Callable[["Reader", str, dict[str, Any]], None]
 E = TypeVar("E", bound=Enum)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class Invalid(Exception):
-    """A value is unusable. ``reason`` is None when its problems are already reported."""
-
-    def __init__(self, reason: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class _Failed:

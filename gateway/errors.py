@@ -1,20 +1,34 @@
 """The gateway's exceptions, one tree, translated at the edges.
 
     GatewayError
-    ├── ConfigError              bad configuration: every problem, one line each
-    ├── RequestRejected          an inbound request we refuse (status set per subclass)
-    │   ├── BadSignature         401: missing or wrong platform signature
-    │   ├── Forbidden            403: e.g. a wrong Messenger verify token
-    │   ├── BadPayload           400: a body that cannot be the platform's payload
-    │   └── Overloaded           503: the backlog of accepted events passed its bound
-    ├── DeliveryError            a send failed (retryable or not, with an optional delay)
-    │   └── DeliveryDeferred     nobody to deliver to yet (web chat without a socket)
-    ├── StoreError               storage failed or is unusable
-    │   └── StoreLocked          another process holds the database
-    └── FlowError                the flow failed or answered nonsense
+    ├── ConfigError                bad configuration: every problem, one line each
+    ├── Invalid                    one configuration value is unusable (becomes a ConfigError line)
+    ├── RequestRejected            a request we refuse: answered with its status (gateway.http_errors)
+    │   ├── BadSignature           401: missing or wrong platform signature
+    │   ├── Unauthorized           401: missing or wrong admin bearer token
+    │   ├── Forbidden              403: e.g. a wrong Messenger verify token
+    │   ├── BadPayload             400: a body or query that cannot be what the route takes
+    │   │   └── SettingsRefused    400: a runtime settings change breaks the rules (``problems``)
+    │   ├── NotFound               404: no such session, contact, endpoint, message
+    │   │   ├── SessionNotFound    404: no session with this id
+    │   │   └── MessageNotFound    404: no outbox message with this id
+    │   ├── Conflict               409: it exists, but its state forbids the request
+    │   │   ├── SessionNotOpen     409: the session is closed already
+    │   │   └── MessageNotDead     409: the message is not a dead letter
+    │   └── Overloaded             503: the backlog of accepted events passed its bound
+    ├── DeliveryError              a send failed (retryable or not, with an optional delay)
+    │   ├── DeliveryDeferred       nobody to deliver to yet (web chat without a socket)
+    │   ├── DeliverySkipped        platform policy forbids this send (24 h window, opt-out)
+    │   └── ReplyTokenRejected     LINE refused a reply token: the adapter pushes instead
+    ├── StoreError                 storage failed or is unusable
+    │   └── StoreLocked            another process holds the database
+    ├── FlowError                  the flow failed or answered nonsense
+    └── CloseScriptError           a close script failed, timed out or answered nonsense
 
 Channel adapters wrap aiohttp/SDK errors into DeliveryError; stores wrap sqlite3/redis errors
-into StoreError. Callers catch these classes only.
+into StoreError. Callers catch these classes only. The web layer's one error middleware
+(``gateway.http_errors``) turns every RequestRejected into ``{"error": reason}`` (with
+``"problems"`` when it lists them) and its class's ``status``; no handler answers an error itself.
 """
 
 from __future__ import annotations
@@ -32,18 +46,41 @@ class ConfigError(GatewayError):
         self.problems = problems
 
 
+class Invalid(GatewayError):
+    """A configuration value is unusable (raised by converters, collected by the config reader).
+
+    ``reason`` is None when its problems are already reported.
+    """
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class RequestRejected(GatewayError):
-    """An inbound request is refused; the web layer answers ``status`` with ``reason``."""
+    """A request is refused; the web layer answers ``status`` with ``{"error": reason}``, and
+    ``"problems"`` too when the error lists them.
+
+    ``detail``, when given, is the exception's message (logs) instead of ``reason``: an answer
+    says no more than ``reason``.
+    """
 
     status = 400
+    problems: list[str] | None = None
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: str, *, detail: str | None = None) -> None:
+        super().__init__(reason if detail is None else detail)
         self.reason = reason
 
 
 class BadSignature(RequestRejected):
     """Missing or wrong signature (or a stale Slack timestamp)."""
+
+    status = 401
+
+
+class Unauthorized(RequestRejected):
+    """Missing or wrong admin bearer token (answered with ``WWW-Authenticate: Bearer``)."""
 
     status = 401
 
@@ -55,9 +92,59 @@ class Forbidden(RequestRejected):
 
 
 class BadPayload(RequestRejected):
-    """A body that cannot be the platform's payload."""
+    """A body or query that cannot be what the route takes (a platform's payload, an admin body)."""
 
     status = 400
+
+
+class SettingsRefused(BadPayload):
+    """A runtime change breaks the file's rules; ``problems`` holds ``<dotted.key>: <reason>`` lines."""
+
+    problems: list[str]
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class NotFound(RequestRejected):
+    """The request names something that does not exist (``reason``: e.g. "no such contact")."""
+
+    status = 404
+
+
+class SessionNotFound(NotFound):
+    """No session with this id."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("no such session", detail=detail)
+
+
+class MessageNotFound(NotFound):
+    """No outbox message with this id."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("no such message", detail=detail)
+
+
+class Conflict(RequestRejected):
+    """What the request names exists, but its state forbids the request."""
+
+    status = 409
+
+
+class SessionNotOpen(Conflict):
+    """The session is closed already."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("session is closed already", detail=detail)
+
+
+class MessageNotDead(Conflict):
+    """The message is not a dead letter (pending, sent or skipped)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("message is not a dead letter", detail=detail)
 
 
 class Overloaded(RequestRejected):
@@ -99,6 +186,10 @@ class FlowError(GatewayError):
     """The flow failed, timed out, or answered something we cannot use."""
 
 
+class CloseScriptError(GatewayError):
+    """The close script failed, timed out or answered nonsense."""
+
+
 class DeliverySkipped(DeliveryError):
     """Platform policy forbids this send (Messenger 24 h window, Twilio opt-out): not an error
     to retry, recorded as ``skipped: <reason>``.
@@ -111,3 +202,10 @@ class DeliverySkipped(DeliveryError):
     def __init__(self, reason: str, *, refused_by_platform: bool = False) -> None:
         super().__init__(reason, retryable=False)
         self.refused_by_platform = refused_by_platform
+
+
+class ReplyTokenRejected(DeliveryError):
+    """LINE refused a reply token; the adapter pushes the message instead (never leaves it)."""
+
+    def __init__(self, reason: str = "line: reply token refused") -> None:
+        super().__init__(reason, retryable=True)

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from channels.base import ChannelAdapter
-from gateway.errors import DeliveryDeferred, DeliveryError, DeliverySkipped, GatewayError
+from gateway.errors import DeliveryDeferred, DeliveryError, DeliverySkipped, MessageNotDead, MessageNotFound
 from gateway.metrics import Metrics
 from gateway.models import Change, MessageKind, OutboundMessage, OutboxState
 from gateway.ratelimit import RateLimiter
@@ -57,14 +57,6 @@ CLOSE_GRACE_S = 2.0  # how long aclose lets sends in flight finish
 # A failed bookkeeping write is tried again after this long, doubling up to the maximum.
 _RECORD_RETRY_S = 0.1
 _RECORD_RETRY_MAX_S = 5.0
-
-
-class MessageNotFound(GatewayError):
-    """No outbox message with this id."""
-
-
-class MessageNotDead(GatewayError):
-    """The message is not a dead letter (pending, sent or skipped)."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -42,7 +42,7 @@ from typing import Any
 
 from gateway.config import read_endpoint_session, read_organisation_session
 from gateway.config_reader import fmt_number
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, SettingsRefused
 from gateway.policy import EndpointPolicy, policy_for
 from gateway.settings import EndpointSessionSettings, EndpointSettings, OrganisationSessionSettings, Settings
 from gateway.store.base import Store
@@ -102,14 +102,6 @@ def _project(full: Mapping[str, Any], shape: Mapping[str, Any]) -> JSON:
 
 def _prefixed(prefix: str, problems: list[str]) -> list[str]:
     return [f"{prefix}{problem}" for problem in problems]
-
-
-class SettingsRefused(Exception):
-    """A runtime change breaks the file's rules; ``problems`` holds ``<dotted.key>: <reason>`` lines."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 @dataclasses.dataclass(slots=True, frozen=True)

@@ -8,7 +8,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 
 from channels.webchat import WebChatAdapter, page_html, parse_client_frame
-from gateway.errors import Overloaded
+from gateway.errors import BadPayload, Overloaded
 from gateway.keys import ADAPTERS, MANAGER, OUTBOX
 from gateway.settings import EndpointSettings
 
@@ -32,7 +32,7 @@ def socket_handler(endpoint: EndpointSettings) -> Handler:
     async def socket(request: web.Request) -> web.StreamResponse:
         conversation = request.query.get("conversation", "").strip()
         if not conversation or len(conversation) > MAX_CONVERSATION_ID:
-            raise web.HTTPBadRequest(text="conversation query parameter (1-200 characters) is required")
+            raise BadPayload("conversation query parameter (1-200 characters) is required")
         app = request.app
         adapter = app[ADAPTERS][endpoint.name]
         assert isinstance(adapter, WebChatAdapter)

@@ -13,6 +13,6 @@ only call back through the callables they were given.
 """
 
 from gateway.sessions.manager import SessionManager
-from gateway.sessions.state import OutboxSink, SessionNotFound, SessionNotOpen
+from gateway.sessions.state import OutboxSink
 
-__all__ = ["OutboxSink", "SessionManager", "SessionNotFound", "SessionNotOpen"]
+__all__ = ["OutboxSink", "SessionManager"]

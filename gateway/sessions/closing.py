@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 
 from gateway.close_scripts import CloseScripts
+from gateway.errors import SessionNotOpen
 from gateway.metrics import Metrics
 from gateway.models import Change, CloseReason, Contact, MessageKind, Session, contact_id_of
 from gateway.policy import EndpointPolicy
@@ -26,7 +27,7 @@ from gateway.session_rules import (
 )
 from gateway.sessions.book import SessionBook, include_contact
 from gateway.sessions.scheduler import ConversationScheduler
-from gateway.sessions.state import ClearProfilesItem, CloseItem, Conversation, ExpireItem, SessionNotOpen
+from gateway.sessions.state import ClearProfilesItem, CloseItem, Conversation, ExpireItem
 from gateway.sessions.timers import SessionTimers
 from gateway.store.base import Store
 from gateway.wire import session_json

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from gateway.close_scripts import CloseScripts
-from gateway.errors import Overloaded
+from gateway.errors import Overloaded, SessionNotFound, SessionNotOpen
 from gateway.flows import Flow
 from gateway.metrics import Metrics
 from gateway.models import CloseReason, InboundEvent, Session, StoredEvent
@@ -35,8 +35,6 @@ from gateway.sessions.state import (
     ExpireItem,
     ManagerStats,
     OutboxSink,
-    SessionNotFound,
-    SessionNotOpen,
     WorkItem,
 )
 from gateway.sessions.timers import SessionTimers

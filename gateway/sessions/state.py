@@ -8,16 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from gateway.errors import GatewayError
 from gateway.models import CloseReason, OutboundMessage, Session, StoredEvent
-
-
-class SessionNotFound(GatewayError):
-    """No session with this id."""
-
-
-class SessionNotOpen(GatewayError):
-    """The session is closed already."""
 
 
 class OutboxSink:
