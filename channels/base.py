@@ -6,18 +6,23 @@ conversation id it produces is also the address it sends to.
 
 Conversation ids (DESIGN.md): messenger the PSID; line the userId, groupId or roomId; slack
 ``<channel>`` or ``<channel>:<thread_ts>``; twilio the user's E.164 number; webchat the client's id.
+
+What a platform needs is its ``ChannelSpec`` (``channels.registry``). This
+module imports nothing heavy at run time (aiohttp only for type checking), so configuration
+checks can read the specs without the web stack or the platform SDKs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
-
-import aiohttp
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from gateway.models import InboundEvent, OutboundMessage
+
+if TYPE_CHECKING:
+    import aiohttp
 
 # Platform times outside this window are not real (NaN, 1e17, year 10000): they are dropped,
 # so that no later conversion (ISO 8601 for the flow) fails on an accepted event.
@@ -30,6 +35,39 @@ def platform_time(seconds: float | None) -> float | None:
     if seconds is None or not math.isfinite(seconds) or not _EARLIEST_S <= seconds <= _LATEST_S:
         return None
     return seconds
+
+
+def whole_conversation(conversation: str) -> str:
+    """The default rate-limit scope: every conversation is its own."""
+    return conversation
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    """Sends per second to a platform (None: unlimited): a channel's defaults, or one endpoint's
+    limits in force (``gateway.ratelimit``)."""
+
+    per_second: float | None = None  # the whole endpoint
+    per_conversation_per_second: float | None = None
+    # Which conversations share one per-conversation bucket (the platform's unit of the limit).
+    scope: Callable[[str], str] = field(default=whole_conversation, compare=False)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.per_second is None and self.per_conversation_per_second is None
+
+
+@dataclass(slots=True, frozen=True)
+class ChannelSpec:
+    """What one platform needs; plain data, read without importing the adapter.
+
+    ``adapter`` is ``"module:Class"``, imported when an endpoint of the channel is created.
+    """
+
+    adapter: str
+    credentials: tuple[str, ...] = ()  # required, non-empty
+    optional_credentials: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(slots=True, frozen=True)

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from channels.base import ChannelAdapter
-from channels.registry import create_adapter
+from channels.registry import Channel, create_adapter
 from channels.webchat import WebChatAdapter
 from gateway import admin, admin_delivery, admin_settings
 from gateway.close_scripts import CloseScripts
@@ -29,7 +29,7 @@ from gateway.outbox import Outbox, RetryPolicy
 from gateway.ratelimit import RateLimiter
 from gateway.runtime_settings import load_policies
 from gateway.sessions import SessionManager
-from gateway.settings import Channel, Settings, StorageBackend
+from gateway.settings import Settings, StorageBackend
 from gateway.store.base import Store
 from gateway.webchat_routes import page_handler, socket_handler
 from gateway.webhooks import webhook_handler
@@ -77,7 +77,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     for endpoint in settings.endpoints:
-        if endpoint.channel is Channel.WEBCHAT:
+        if endpoint.channel == Channel.WEBCHAT:
             app.router.add_get(f"/webchat/{endpoint.name}", page_handler(endpoint))
             app.router.add_get(f"/webchat/{endpoint.name}/ws", socket_handler(endpoint))
         else:
@@ -223,10 +223,10 @@ def serve(settings: Settings) -> int:
 
     async def announce(app: web.Application) -> None:
         for endpoint in settings.endpoints:
-            if endpoint.channel is Channel.WEBCHAT:
+            if endpoint.channel == Channel.WEBCHAT:
                 log.info("web chat %s: open http://%s:%d/webchat/%s", endpoint.name, shown_host, port, endpoint.name)
             else:
-                log.info("webhook %s (%s): POST %s", endpoint.name, endpoint.channel.value, endpoint.path)
+                log.info("webhook %s (%s): POST %s", endpoint.name, endpoint.channel, endpoint.path)
         log.info("serving on http://%s:%d (config %s)", host, port, settings.source)
         # Restored sessions live until they close: keep them out of the collector's full passes
         # (measured: one 12-55 ms stall per run of bench/delivery.py without this).

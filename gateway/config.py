@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from channels.registry import Channel, credentials_of
 from gateway.config_reader import (
     FAILED,
     Converter,
@@ -45,7 +46,6 @@ from gateway.config_reader import (
 from gateway.errors import ConfigError
 from gateway.settings import (
     AdminSettings,
-    Channel,
     DeliverySettings,
     DiscardSettings,
     EndpointSessionSettings,
@@ -73,15 +73,6 @@ _TOP_LEVEL = ("server", "storage", "admin", "organisation", "flow", "delivery", 
 _CHANNEL_NAMES = frozenset(channel.value for channel in Channel)
 _ORG_DEFAULTS = OrganisationSessionSettings()
 _NO_BOUNDS = OrganisationSessionSettings(min_minutes=0.0, max_minutes=math.inf)
-
-# Credentials per channel, (required, optional): the names the adapters read.
-_CREDENTIALS: dict[Channel, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    Channel.MESSENGER: (("app_secret", "verify_token", "page_access_token"), ("api_version",)),
-    Channel.LINE: (("channel_secret", "channel_access_token"), ()),
-    Channel.SLACK: (("signing_secret", "bot_token"), ("bot_user_id",)),
-    Channel.TWILIO: (("account_sid", "auth_token", "from_number"), ()),
-    Channel.WEBCHAT: ((), ()),
-}
 
 
 # --- converters for the gateway's own values ------------------------------------------------
@@ -216,7 +207,7 @@ def _check_endpoint(r: Reader, key: str, values: dict[str, Any]) -> None:
     credentials = values.get("credentials", {})
     if not isinstance(channel, Channel) or not isinstance(credentials, dict):
         return  # the channel or the mapping is already reported
-    required, optional_keys = _CREDENTIALS[channel]
+    required, optional_keys = credentials_of(channel)
     for cred in credentials:
         if cred not in required and cred not in optional_keys:
             takes = ", ".join(required + optional_keys) or "no credentials"
@@ -340,7 +331,7 @@ def _endpoints(org: OrganisationSessionSettings) -> Converter:
             if endpoint is FAILED:
                 continue
             endpoints.append(endpoint)
-            if endpoint.channel is Channel.WEBCHAT:
+            if endpoint.channel == Channel.WEBCHAT:
                 continue  # web chat is served under /webchat/<name>; its path is unused
             if endpoint.path in paths:
                 r.problem(f"{label}.path", f"{endpoint.path!r} is already used by endpoint {paths[endpoint.path]}")

@@ -25,9 +25,10 @@ from channels.line import (
     retry_key,
 )
 from channels.line_parse import REPLY_TOKEN_TTL_S, conversation_of, dedup_key_of, is_interaction, is_user_message
+from channels.registry import Channel
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, MessageKind, OutboundMessage
-from gateway.settings import Channel, EndpointSettings, Secret
+from gateway.settings import EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
 
 SECRET = "line-channel-secret"
