@@ -1,5 +1,5 @@
-"""The one map from channel name to platform: its adapter class, credentials and default rate
-limits. The core asks here and names no platform itself.
+"""The one map from channel name to platform: its adapter class, credentials, default rate
+limits and how it is served. The core asks here and names no platform itself.
 
 A new platform is an adapter module under ``channels/`` plus one ``Channel`` member and one
 ``ChannelSpec`` below. The specs are plain data, so configuration checks read them without
@@ -67,7 +67,11 @@ _SPECS: dict[Channel, ChannelSpec] = {
         credentials=("account_sid", "auth_token", "from_number"),
         limits=Limits(per_second=1.0),
     ),
-    Channel.WEBCHAT: ChannelSpec(adapter="channels.webchat:WebChatAdapter"),
+    Channel.WEBCHAT: ChannelSpec(
+        adapter="channels.webchat:WebChatAdapter",
+        hosted_path="/webchat/{name}",
+        holds_undelivered=True,
+    ),
 }
 
 
@@ -85,6 +89,23 @@ def credentials_of(channel: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def default_limits(channel: str) -> Limits:
     """The rate limits of ``channel`` when an endpoint sets none."""
     return spec_of(channel).limits
+
+
+def is_hosted(channel: str) -> bool:
+    """Whether ``channel`` serves its own routes instead of a webhook at the endpoint's path."""
+    return spec_of(channel).hosted_path is not None
+
+
+def entry_path(endpoint: EndpointSettings) -> str:
+    """The path users or the platform call for ``endpoint``: the hosted path of its channel
+    (web chat: ``/webchat/<name>``), else its webhook path."""
+    hosted = spec_of(endpoint.channel).hosted_path
+    return endpoint.path if hosted is None else hosted.format(name=endpoint.name)
+
+
+def holding_channels() -> frozenset[str]:
+    """The channels whose undeliverable messages stay pending until the user connects."""
+    return frozenset(channel.value for channel, spec in _SPECS.items() if spec.holds_undelivered)
 
 
 def create_adapter(endpoint: EndpointSettings, clock: Callable[[], float] = time.time) -> ChannelAdapter:

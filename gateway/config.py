@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from channels.registry import Channel, credentials_of
+from channels.registry import Channel, credentials_of, is_hosted
 from gateway.config_reader import (
     FAILED,
     Converter,
@@ -331,8 +331,8 @@ def _endpoints(org: OrganisationSessionSettings) -> Converter:
             if endpoint is FAILED:
                 continue
             endpoints.append(endpoint)
-            if endpoint.channel == Channel.WEBCHAT:
-                continue  # web chat is served under /webchat/<name>; its path is unused
+            if is_hosted(endpoint.channel):
+                continue  # served under its channel's own path (web chat: /webchat/<name>); unused
             if endpoint.path in paths:
                 r.problem(f"{label}.path", f"{endpoint.path!r} is already used by endpoint {paths[endpoint.path]}")
             else:

@@ -11,8 +11,17 @@ import textwrap
 
 import pytest
 
-from channels.base import WebhookChannel
-from channels.registry import Channel, create_adapter, credentials_of, default_limits, spec_of
+from channels.base import HostedChannel, SessionListener, WebhookChannel
+from channels.registry import (
+    Channel,
+    create_adapter,
+    credentials_of,
+    default_limits,
+    entry_path,
+    holding_channels,
+    is_hosted,
+    spec_of,
+)
 from gateway.settings import EndpointSettings, Secret
 
 _CREDENTIAL_READ = re.compile(r"""\.credential\(\s*["']([a-z_]+)["']\s*\)""")
@@ -26,10 +35,13 @@ def endpoint_of(channel: Channel, name: str = "e") -> EndpointSettings:
 
 
 @pytest.mark.parametrize("channel", list(Channel))
-def test_every_channel_has_an_adapter(channel: Channel) -> None:
+def test_every_channel_has_an_adapter_served_as_its_spec_says(channel: Channel) -> None:
     adapter = create_adapter(endpoint_of(channel), clock=lambda: 1_700_000_000.0)
     assert adapter.channel == channel.value
-    assert isinstance(adapter, WebhookChannel) == (channel is not Channel.WEBCHAT)
+    if is_hosted(channel):
+        assert isinstance(adapter, HostedChannel)
+    else:
+        assert isinstance(adapter, WebhookChannel) and not isinstance(adapter, HostedChannel)
 
 
 @pytest.mark.parametrize("channel", list(Channel))
@@ -61,6 +73,17 @@ def test_slack_threads_share_their_channels_rate_limit_scope() -> None:
     assert default_limits(Channel.TWILIO).scope("+15550001111") == "+15550001111"
 
 
+def test_entry_path_is_the_hosted_path_or_the_webhook_path() -> None:
+    assert entry_path(endpoint_of(Channel.WEBCHAT, "web")) == "/webchat/web"
+    assert entry_path(endpoint_of(Channel.SLACK, "sl")) == "/webhooks/sl"
+
+
+def test_only_web_chat_holds_undelivered_messages_and_listens_to_sessions() -> None:
+    assert holding_channels() == {"webchat"}
+    listeners = {c for c in Channel if isinstance(create_adapter(endpoint_of(c)), SessionListener)}
+    assert listeners == {Channel.WEBCHAT}
+
+
 def test_unknown_channel_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         spec_of("fax")
@@ -71,7 +94,7 @@ def test_check_config_loads_neither_the_web_stack_nor_platform_sdks() -> None:
     code = textwrap.dedent(
         """
         import sys
-        from channels.registry import Channel, credentials_of, default_limits
+        from channels.registry import Channel, credentials_of, default_limits, entry_path
         from gateway.config import load_settings
         for channel in Channel:
             credentials_of(channel), default_limits(channel)
