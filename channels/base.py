@@ -6,18 +6,24 @@ conversation id it produces is also the address it sends to.
 
 Conversation ids (DESIGN.md): messenger the PSID; line the userId, groupId or roomId; slack
 ``<channel>`` or ``<channel>:<thread_ts>``; twilio the user's E.164 number; webchat the client's id.
+
+What a platform needs and how it is served is its ``ChannelSpec`` (``channels.registry``). This
+module imports nothing heavy at run time (aiohttp only for type checking), so configuration
+checks can read the specs without the web stack or the platform SDKs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
-
-import aiohttp
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from gateway.models import InboundEvent, OutboundMessage
+
+if TYPE_CHECKING:
+    import aiohttp
+    from aiohttp import web
 
 # Platform times outside this window are not real (NaN, 1e17, year 10000): they are dropped,
 # so that no later conversion (ISO 8601 for the flow) fails on an accepted event.
@@ -30,6 +36,46 @@ def platform_time(seconds: float | None) -> float | None:
     if seconds is None or not math.isfinite(seconds) or not _EARLIEST_S <= seconds <= _LATEST_S:
         return None
     return seconds
+
+
+def whole_conversation(conversation: str) -> str:
+    """The default rate-limit scope: every conversation is its own."""
+    return conversation
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    """Sends per second to a platform (None: unlimited): a channel's defaults, or one endpoint's
+    limits in force (``gateway.ratelimit``)."""
+
+    per_second: float | None = None  # the whole endpoint
+    per_conversation_per_second: float | None = None
+    # Which conversations share one per-conversation bucket (the platform's unit of the limit).
+    scope: Callable[[str], str] = field(default=whole_conversation, compare=False)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.per_second is None and self.per_conversation_per_second is None
+
+
+@dataclass(slots=True, frozen=True)
+class ChannelSpec:
+    """What one platform needs and how the gateway serves it; plain data, read without
+    importing the adapter.
+
+    ``adapter`` is ``"module:Class"``, imported when an endpoint of the channel is created.
+    ``hosted_path`` set means the adapter serves its own routes there (``{name}`` is the
+    endpoint's name) and is a ``HostedChannel``; unset, it is a ``WebhookChannel`` at the
+    endpoint's ``path``. ``holds_undelivered``: a message nobody can receive now stays pending
+    until the user connects (``DeliveryDeferred``), and the store's retention prunes it.
+    """
+
+    adapter: str
+    credentials: tuple[str, ...] = ()  # required, non-empty
+    optional_credentials: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    hosted_path: str | None = None
+    holds_undelivered: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -104,3 +150,33 @@ class WebhookChannel(ChannelAdapter, Protocol):
         ``BadPayload`` for a body that cannot be the platform's payload. Never anything else
         for bad input.
         """
+
+
+class Inbox(Protocol):
+    """The core as a ``HostedChannel`` sees it: one endpoint's sessions and outbox."""
+
+    def open_session_id(self, conversation: str) -> str | None:
+        """The id of the conversation's open session, None when none is open."""
+
+    async def accept(self, event: InboundEvent) -> None:
+        """Commit ``event`` of this endpoint. Raises ``Overloaded`` when it is not accepted."""
+
+    def wake(self, conversation: str) -> None:
+        """The conversation can receive again: send the messages kept for it, in order."""
+
+
+@runtime_checkable
+class HostedChannel(ChannelAdapter, Protocol):
+    """A channel the gateway hosts itself (web chat): it serves its own routes, and its
+    ``aclose`` also runs at shutdown, before cleanup, so that client connections end first."""
+
+    def add_routes(self, router: web.UrlDispatcher, path: str, inbox: Inbox) -> None:
+        """Add this endpoint's routes under ``path`` (its spec's ``hosted_path``)."""
+
+
+@runtime_checkable
+class SessionListener(Protocol):
+    """An adapter that hears of every change of its conversations' sessions (opened, closed)."""
+
+    def session_changed(self, conversation: str, state: str, session_id: str) -> None:
+        """Called in the loop, synchronously: it must not block (schedule any I/O)."""

@@ -1,8 +1,8 @@
 """LINE Messaging API: signed webhooks in, reply or push out. See CHANNELS.md, "LINE".
 
 Inbound: the signature is checked with the SDK's ``SignatureValidator``, then the JSON is read
-here, tolerantly (the SDK's ``WebhookParser`` drops or rejects events with missing or new
-fields). The conversation id is the groupId, roomId or userId of the event's source.
+tolerantly by ``channels.line_parse`` (the SDK's ``WebhookParser`` drops or rejects events with
+missing or new fields). The conversation id is the groupId, roomId or userId of the event's source.
 
 Outbound: the SDK's async client (``AsyncMessagingApi``). A reply is free but its token works
 once, within about a minute, and takes no retry key; a push costs quota but is idempotent with
@@ -13,12 +13,11 @@ attempt of one message, also after a restart, carries the same key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -33,10 +32,11 @@ from linebot.v3.messaging import (
 from linebot.v3.messaging.exceptions import ApiException
 from linebot.v3.webhook import SignatureValidator
 
-from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, platform_time
+from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse
+from channels.line_parse import to_inbound
 from channels.text import split_text
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped, ReplyTokenRejected
-from gateway.models import EventKind, InboundEvent, JSONDict, MessageKind, OutboundMessage
+from gateway.models import MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings
 
 logger = logging.getLogger(__name__)
@@ -45,115 +45,11 @@ DEFAULT_API_BASE_URL = "https://api.line.me"
 SIGNATURE_HEADER = "x-line-signature"
 MAX_TEXT_UNITS = 5000  # LINE's text limit; counted in UTF-16 code units to be safe with emoji
 MAX_MESSAGES_PER_REQUEST = 5
-# A reply token lives about one minute from the webhook; keep a margin for queueing and transit.
-REPLY_TOKEN_TTL_S = 50.0
 REQUEST_TIMEOUT_S = 10.0
 RATE_LIMIT_RETRY_S = 1.0  # LINE sends no Retry-After on 429
 MAX_CONNECTIONS = 100
 # Fixed forever: retry keys must come out the same across restarts and versions.
 RETRY_KEY_NAMESPACE = uuid.UUID("db58abf3-d587-4183-8780-581cd4d4f05d")
-
-
-# -- pure predicates and conversions on one ``events[]`` item (S16 housekeeping) --------------
-
-
-def is_standby(event: Mapping[str, Any]) -> bool:
-    """Another channel owns this chat (module mode): we must not answer."""
-    return event.get("mode") == "standby"
-
-
-def is_user_message(event: Mapping[str, Any]) -> bool:
-    """A message the user sent (text, sticker, image, ...), not in standby mode."""
-    return event.get("type") == "message" and isinstance(event.get("message"), Mapping) and not is_standby(event)
-
-
-def is_postback(event: Mapping[str, Any]) -> bool:
-    """A tap on a postback action, an interaction like a message."""
-    return event.get("type") == "postback" and isinstance(event.get("postback"), Mapping) and not is_standby(event)
-
-
-def is_interaction(event: Mapping[str, Any]) -> bool:
-    """User messages and postbacks open and extend sessions; follow, join, read, standby, unsend
-    and everything else are housekeeping (S16)."""
-    return is_user_message(event) or is_postback(event)
-
-
-def conversation_of(source: Any) -> str | None:
-    """The conversation id of an event source: its group, its room, else its user."""
-    if not isinstance(source, Mapping):
-        return None
-    key = {"group": "groupId", "room": "roomId"}.get(str(source.get("type")), "userId")
-    value = source.get(key)
-    return value if isinstance(value, str) and value else None
-
-
-def dedup_key_of(event: Mapping[str, Any]) -> str:
-    """``webhookEventId``; else the message id; else a hash of the event itself (stable across
-    redeliveries, which change only ``deliveryContext``)."""
-    event_id = event.get("webhookEventId")
-    if isinstance(event_id, str) and event_id:
-        return event_id
-    message = event.get("message")
-    if isinstance(message, Mapping) and message.get("id") not in (None, ""):
-        return f"{message['id']}"
-    stable = {k: v for k, v in event.items() if k != "deliveryContext"}
-    return hashlib.sha256(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def attachment_of(message: Mapping[str, Any]) -> JSONDict:
-    """A non-text message as an attachment: every field LINE gave, except one-use tokens."""
-    attachment: JSONDict = {"type": message.get("type")}
-    attachment.update({k: v for k, v in message.items() if k != "type" and not k.endswith("Token")})
-    return attachment
-
-
-def to_inbound(event: Mapping[str, Any], now: float) -> InboundEvent | None:
-    """The channel-neutral event for one LINE event, or None for housekeeping (``now`` is the
-    wall clock at arrival, for the reply token's expiry)."""
-    if not is_interaction(event):
-        return None
-    conversation = conversation_of(event.get("source"))
-    if conversation is None:
-        return None
-    text: str | None
-    attachments: tuple[JSONDict, ...]
-    message_id: str | None = None
-    if is_user_message(event):
-        message = event["message"]
-        kind = EventKind.MESSAGE
-        raw_id = message.get("id")
-        message_id = None if raw_id in (None, "") else f"{raw_id}"
-        raw_text = message.get("text")
-        if message.get("type") == "text" and isinstance(raw_text, str):
-            text, attachments = raw_text, ()
-        else:
-            text, attachments = None, (attachment_of(message),)
-    else:
-        postback = event["postback"]
-        kind = EventKind.POSTBACK
-        data = postback.get("data")
-        text = data if isinstance(data, str) else None
-        attachment: JSONDict = {"type": "postback", "data": text}
-        if isinstance(postback.get("params"), Mapping):
-            attachment["params"] = dict(postback["params"])
-        attachments = (attachment,)
-    stamp = event.get("timestamp")
-    token = event.get("replyToken")
-    reply_token = token if isinstance(token, str) and token else None
-    return InboundEvent(
-        conversation=conversation,
-        kind=kind,
-        dedup_key=dedup_key_of(event),
-        message_id=message_id,
-        text=text,
-        attachments=attachments,
-        timestamp=platform_time(stamp / 1000)
-        if isinstance(stamp, int | float) and not isinstance(stamp, bool)
-        else None,
-        # A redelivered event's token may be stale already: the send falls back to push then.
-        reply_token=reply_token,
-        reply_token_expires_at=now + REPLY_TOKEN_TTL_S if reply_token else None,
-    )
 
 
 # -- pure helpers for sending --------------------------------------------------------------------

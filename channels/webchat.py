@@ -5,60 +5,29 @@ Client frames: ``{"type":"message","text"}`` and ``{"type":"refresh"}``. Server 
 ``{"type":"session","state":"open"|"closed","session_id"}``. A message for a conversation with
 no socket raises ``DeliveryDeferred``: the outbox keeps it (persisted) and resumes the lane when
 a socket for that conversation connects, so it is delivered once, in order.
+
+The adapter is a ``HostedChannel`` and a ``SessionListener`` (``channels.base``): it serves the
+page and the socket itself (``channels.webchat_routes``) and hears of session changes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from channels import webchat_routes
+from channels.base import Inbox
 from gateway.errors import DeliveryDeferred
-from gateway.models import EventKind, InboundEvent, MessageKind, OutboundMessage
+from gateway.models import MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings
 
 log = logging.getLogger("channels.webchat")
-
-MAX_TEXT_CHARS = 4000
-
-
-def page_html() -> str:
-    """The chat page served at ``GET /webchat/<name>``."""
-    return resources.files("channels").joinpath("static/webchat.html").read_text(encoding="utf-8")
-
-
-def parse_client_frame(conversation: str, data: str) -> InboundEvent | None:
-    """A client frame as an inbound event; None for anything malformed (ignored, per contract)."""
-    try:
-        frame: Any = json.loads(data)
-    except ValueError:
-        return None
-    if not isinstance(frame, dict):
-        return None
-    frame_id = f"webchat:{uuid.uuid4().hex}"
-    if frame.get("type") == "message":
-        text = frame.get("text")
-        if not isinstance(text, str) or not text.strip():
-            return None
-        return InboundEvent(
-            conversation=conversation,
-            kind=EventKind.MESSAGE,
-            dedup_key=frame_id,
-            message_id=frame_id,
-            text=text[:MAX_TEXT_CHARS],
-            timestamp=time.time(),
-        )
-    if frame.get("type") == "refresh":
-        return InboundEvent(conversation=conversation, kind=EventKind.REFRESH, dedup_key=frame_id)
-    return None
 
 
 class WebChatAdapter:
@@ -75,8 +44,12 @@ class WebChatAdapter:
     async def start(self, http: aiohttp.ClientSession) -> None:
         return None
 
+    def add_routes(self, router: web.UrlDispatcher, path: str, inbox: Inbox) -> None:
+        """The page at ``path`` and its WebSocket at ``<path>/ws``."""
+        webchat_routes.add_routes(router, path, self, inbox)
+
     async def aclose(self) -> None:
-        """Close every socket (aiohttp's on_shutdown calls this before cleanup)."""
+        """Close every socket (aiohttp's on_shutdown calls this before cleanup). Safe twice."""
         sockets = [ws for group in self._sockets.values() for ws in group]
         self._sockets.clear()
         for ws in sockets:

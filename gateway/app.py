@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from channels.base import ChannelAdapter
-from channels.registry import create_adapter
-from channels.webchat import WebChatAdapter
+from channels.base import ChannelAdapter, HostedChannel, SessionListener
+from channels.registry import create_adapter, entry_path, holding_channels
 from gateway import admin, admin_delivery, admin_settings
 from gateway.close_scripts import CloseScripts
 from gateway.errors import ConfigError
 from gateway.flows import Flow, create_flow
 from gateway.http_errors import answer_errors
+from gateway.inbox import EndpointInbox
 from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, SETTINGS, STORE
 from gateway.metrics import Metrics
 from gateway.models import Session
@@ -29,9 +29,8 @@ from gateway.outbox import Outbox, RetryPolicy
 from gateway.ratelimit import RateLimiter
 from gateway.runtime_settings import load_policies
 from gateway.sessions import SessionManager
-from gateway.settings import Channel, Settings, StorageBackend
+from gateway.settings import Settings, StorageBackend
 from gateway.store.base import Store
-from gateway.webchat_routes import page_handler, socket_handler
 from gateway.webhooks import webhook_handler
 
 log = logging.getLogger("gateway.app")
@@ -77,9 +76,9 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     for endpoint in settings.endpoints:
-        if endpoint.channel is Channel.WEBCHAT:
-            app.router.add_get(f"/webchat/{endpoint.name}", page_handler(endpoint))
-            app.router.add_get(f"/webchat/{endpoint.name}/ws", socket_handler(endpoint))
+        adapter = app[ADAPTERS][endpoint.name]
+        if isinstance(adapter, HostedChannel):
+            adapter.add_routes(app.router, entry_path(endpoint), EndpointInbox(app, endpoint.name))
         else:
             handler = webhook_handler(endpoint)
             app.router.add_post(endpoint.path, handler)
@@ -160,21 +159,24 @@ def _manager_context(flow: Flow, scripts: CloseScripts) -> Callable[[web.Applica
 
 
 def _session_frames(adapters: dict[str, ChannelAdapter]) -> Callable[[Session], None]:
-    """Web chat sockets hear of every change of their conversation's session."""
+    """Adapters that listen (web chat sockets) hear of every change of their conversations' sessions."""
+    listeners = {name: adapter for name, adapter in adapters.items() if isinstance(adapter, SessionListener)}
 
     def listener(session: Session) -> None:
-        adapter = adapters.get(session.endpoint)
-        if isinstance(adapter, WebChatAdapter):
+        adapter = listeners.get(session.endpoint)
+        if adapter is not None:
             adapter.session_changed(session.conversation, session.state.value, session.id)
 
     return listener
 
 
 async def _retention_context(app: web.Application) -> AsyncIterator[None]:
+    held = holding_channels()
+
     async def prune_forever() -> None:
         while True:
             try:
-                removed = await app[STORE].prune(app[CLOCK]() - RETENTION_S)
+                removed = await app[STORE].prune(app[CLOCK]() - RETENTION_S, holding_channels=held)
                 if removed:
                     log.info("pruned %d rows older than 7 days", removed)
             except Exception:
@@ -188,8 +190,9 @@ async def _retention_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_sockets(app: web.Application) -> None:
+    """Hosted channels end their clients' connections first (web chat sockets)."""
     for adapter in app[ADAPTERS].values():
-        if isinstance(adapter, WebChatAdapter):
+        if isinstance(adapter, HostedChannel):
             await adapter.aclose()
 
 
@@ -212,10 +215,11 @@ def serve(settings: Settings) -> int:
 
     async def announce(app: web.Application) -> None:
         for endpoint in settings.endpoints:
-            if endpoint.channel is Channel.WEBCHAT:
-                log.info("web chat %s: open http://%s:%d/webchat/%s", endpoint.name, shown_host, port, endpoint.name)
+            if isinstance(app[ADAPTERS][endpoint.name], HostedChannel):
+                url = f"http://{shown_host}:{port}{entry_path(endpoint)}"
+                log.info("%s %s: open %s", endpoint.channel, endpoint.name, url)
             else:
-                log.info("webhook %s (%s): POST %s", endpoint.name, endpoint.channel.value, endpoint.path)
+                log.info("webhook %s (%s): POST %s", endpoint.name, endpoint.channel, endpoint.path)
         log.info("serving on http://%s:%d (config %s)", host, port, settings.source)
         # Restored sessions live until they close: keep them out of the collector's full passes
         # (measured: one 12-55 ms stall per run of bench/delivery.py without this).

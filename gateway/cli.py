@@ -10,10 +10,11 @@ import argparse
 import logging
 import sys
 
+from channels.registry import entry_path
 from gateway.config import load_settings
 from gateway.config_reader import fmt_number
 from gateway.errors import ConfigError, StoreError
-from gateway.settings import Channel, Settings, StorageBackend, effective_expiration_minutes
+from gateway.settings import Settings, StorageBackend, effective_expiration_minutes
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEFAULT_CONFIG = "config.yaml"
@@ -48,7 +49,7 @@ def _summary(settings: Settings) -> list[str]:
     for endpoint in settings.endpoints:
         minutes = effective_expiration_minutes(endpoint.session.expiration_minutes, settings.organisation)
         expiry = "never expires" if minutes == 0 else f"expires after {fmt_number(minutes)} min"
-        url = f"/webchat/{endpoint.name}" if endpoint.channel is Channel.WEBCHAT else endpoint.path
+        url = entry_path(endpoint)
         lines.append(f"  {endpoint.name}: {endpoint.channel} {url}, {expiry} ({endpoint.session.mode})")
     return lines
 

@@ -45,7 +45,7 @@ def policy_for(endpoint: EndpointSettings, organisation: OrganisationSessionSett
     session = endpoint.session
     return EndpointPolicy(
         endpoint=endpoint.name,
-        channel=endpoint.channel.value,
+        channel=str(endpoint.channel),
         developer=endpoint.developer,
         expiration_minutes=_effective(session.expiration_minutes, organisation),
         mode=session.mode,

@@ -1,22 +1,10 @@
 """Token-bucket rate limits on outbound sends: per endpoint and per conversation.
 
-Platforms throttle senders (CHANNELS.md), so the outbox paces itself instead of collecting 429s:
-
-=========  =======================  ==================================================
-channel    default                  why
-=========  =======================  ==================================================
-slack      1/s per channel          Slack: about one message per second per channel
-twilio     1/s per endpoint         a long code sends about one segment per second, and
-                                    one endpoint has one ``from_number``
-line       2000/s per endpoint      LINE: 2000 requests/s per channel
-messenger  300/s per endpoint       Send API: about 300 calls/s per page
-webchat    none                     our own sockets
-=========  =======================  ==================================================
-
-An endpoint's ``rate_limit.per_second`` / ``per_conversation_per_second`` replace these
-defaults; None keeps the channel's. A Slack thread (``<channel>:<thread_ts>``) is its own
-conversation but shares its channel's limit, so Slack's per-conversation bucket is keyed by the
-channel.
+Platforms throttle senders (CHANNELS.md), so the outbox paces itself instead of collecting 429s.
+Each channel declares its default limits (``channels.registry``); an endpoint's
+``rate_limit.per_second`` / ``per_conversation_per_second`` replace them, None keeps the
+channel's. A channel's ``scope`` says which conversations share one per-conversation bucket
+(Slack: a thread ``<channel>:<thread_ts>`` shares its channel's).
 
 Buckets allow small bursts: a per-endpoint bucket holds ``max(1, rate)`` tokens (one second's
 worth), a per-conversation bucket one token. Waiting never spins: a caller sleeps exactly until
@@ -34,48 +22,18 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from gateway.settings import Channel, EndpointSettings
+from channels.base import Limits
+from channels.registry import default_limits
+from gateway.settings import EndpointSettings
 
 _EPSILON = 1e-9  # float slack when comparing token counts
 
 
-def _whole(conversation: str) -> str:
-    return conversation
-
-
-def _slack_channel(conversation: str) -> str:
-    """Slack limits per channel; ``<channel>:<thread_ts>`` threads share their channel's."""
-    return conversation.partition(":")[0]
-
-
-@dataclass(slots=True, frozen=True)
-class Limits:
-    """One endpoint's limits in sends per second (None: unlimited)."""
-
-    per_second: float | None = None
-    per_conversation_per_second: float | None = None
-    # Which conversations share one per-conversation bucket (the platform's unit of the limit).
-    scope: Callable[[str], str] = field(default=_whole, compare=False)
-
-    @property
-    def unlimited(self) -> bool:
-        return self.per_second is None and self.per_conversation_per_second is None
-
-
-CHANNEL_DEFAULTS: Mapping[Channel, Limits] = {
-    Channel.SLACK: Limits(per_conversation_per_second=1.0, scope=_slack_channel),
-    Channel.TWILIO: Limits(per_second=1.0),
-    Channel.LINE: Limits(per_second=2000.0),
-    Channel.MESSENGER: Limits(per_second=300.0),
-    Channel.WEBCHAT: Limits(),
-}
-
-
 def limits_for(endpoint: EndpointSettings) -> Limits:
     """The endpoint's configured limits, each unset one taken from its channel's default."""
-    default = CHANNEL_DEFAULTS.get(endpoint.channel, Limits())
+    default = default_limits(endpoint.channel)
     configured = endpoint.rate_limit
     return Limits(
         per_second=configured.per_second if configured.per_second is not None else default.per_second,

@@ -12,14 +12,6 @@ from pathlib import Path
 DEFAULT_EXPIRATION_MINUTES = 30.0  # S2
 
 
-class Channel(StrEnum):
-    MESSENGER = "messenger"
-    LINE = "line"
-    SLACK = "slack"
-    TWILIO = "twilio"
-    WEBCHAT = "webchat"
-
-
 class SessionMode(StrEnum):
     PROACTIVE = "proactive"  # S7: close at the deadline, without waiting for the user
     LAZY = "lazy"  # S8: judge the session when the user comes back
@@ -138,7 +130,7 @@ class EndpointSessionSettings:
 @dataclass(slots=True, frozen=True)
 class EndpointSettings:
     name: str
-    channel: Channel
+    channel: str  # a channels.registry.Channel value; the core never branches on it
     path: str  # webhook path; /webhooks/<name> unless overridden
     developer: bool = False  # S14
     api_base_url: str | None = None  # override of the platform API origin

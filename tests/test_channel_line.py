@@ -17,21 +17,18 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from channels.base import WebhookRequest
 from channels.line import (
-    REPLY_TOKEN_TTL_S,
     RETRY_KEY_NAMESPACE,
     LineAdapter,
     classify_error,
-    conversation_of,
-    dedup_key_of,
     error_message,
-    is_interaction,
     is_invalid_reply_token,
-    is_user_message,
     retry_key,
 )
+from channels.line_parse import REPLY_TOKEN_TTL_S, conversation_of, dedup_key_of, is_interaction, is_user_message
+from channels.registry import Channel
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, MessageKind, OutboundMessage
-from gateway.settings import Channel, EndpointSettings, Secret
+from gateway.settings import EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
 
 SECRET = "line-channel-secret"

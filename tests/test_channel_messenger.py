@@ -25,9 +25,10 @@ from channels.messenger import (
     is_postback,
     is_user_message,
 )
+from channels.registry import Channel
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped, Forbidden
 from gateway.models import EventKind, MessageKind, OutboundMessage
-from gateway.settings import Channel, EndpointSettings, Secret
+from gateway.settings import EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
 
 APP_SECRET = "s3cr3t-app"

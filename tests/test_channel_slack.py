@@ -14,11 +14,11 @@ from slack_sdk.signature import SignatureVerifier
 
 import channels.slack as slack
 from channels.base import WebhookRequest
-from channels.registry import create_adapter
+from channels.registry import Channel, create_adapter
 from channels.slack import SlackAdapter, conversation_of, is_user_message, split_conversation
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, MessageKind, OutboundMessage
-from gateway.settings import Channel, EndpointSettings, Secret
+from gateway.settings import EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"

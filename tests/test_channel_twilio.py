@@ -16,6 +16,7 @@ from multidict import CIMultiDict, MultiDict
 from twilio.request_validator import RequestValidator
 
 from channels.base import WebhookRequest
+from channels.registry import Channel
 from channels.twilio_sms import (
     TWIML_EMPTY,
     TwilioAdapter,
@@ -24,7 +25,7 @@ from channels.twilio_sms import (
 )
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, MessageKind, OutboundMessage
-from gateway.settings import Channel, EndpointSettings, Secret
+from gateway.settings import EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
 
 ACCOUNT_SID = "AC" + "1" * 32

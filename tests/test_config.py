@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from channels.registry import Channel
 from gateway.config import load_settings, read_endpoint_session, read_organisation_session
 from gateway.errors import ConfigError
 from gateway.settings import (
     DEFAULT_EXPIRATION_MINUTES,
-    Channel,
     FlowType,
     OnCloseSettings,
     OrganisationSessionSettings,

@@ -17,8 +17,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from gateway.ratelimit import CHANNEL_DEFAULTS, Limits, RateLimiter, TokenBucket, limits_for
-from gateway.settings import Channel, EndpointSettings, RateLimitSettings
+from channels.base import Limits
+from channels.registry import Channel, default_limits
+from gateway.ratelimit import RateLimiter, TokenBucket, limits_for
+from gateway.settings import EndpointSettings, RateLimitSettings
 from tests.conftest import make_settings
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
 from tests.test_delivery import POST, POSTED, slack_endpoint, slack_say
@@ -115,7 +117,7 @@ def endpoint(channel: Channel, **rate_limit: float) -> EndpointSettings:
 def test_channel_defaults_apply_when_unset(channel: Channel, per_second: float, per_conversation: float) -> None:
     limits = limits_for(endpoint(channel))
     assert (limits.per_second, limits.per_conversation_per_second) == (per_second, per_conversation)
-    assert set(CHANNEL_DEFAULTS) == set(Channel)
+    assert limits == default_limits(channel)
 
 
 def test_configured_values_replace_only_their_own_default() -> None:

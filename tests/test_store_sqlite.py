@@ -496,8 +496,8 @@ async def test_prune(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> Non
     sent_web_old.state, sent_web_old.sent_at = OutboxState.SENT, T0 + 1
     await store.commit(Change(outbox_updates=[sent_web_old]))
 
-    assert await store.prune(cutoff) == 6
-    assert await store.prune(cutoff) == 0
+    assert await store.prune(cutoff, holding_channels={"webchat"}) == 6
+    assert await store.prune(cutoff, holding_channels={"webchat"}) == 0
     assert [e.event.dedup_key for e in await store.pending_inbound()] == ["old-pending"]
     assert old_pending is not None
     assert await store.add_inbound("web", make_event("old0"), cutoff) is not None  # its dedup id is gone

@@ -7,7 +7,7 @@ an inbound event (with its dedup key) durably before the webhook is answered.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,6 +91,7 @@ class Store(Protocol):
     async def delete_override(self, scope: str) -> None: ...
 
     # -- retention ---------------------------------------------------------------------------
-    async def prune(self, before: float) -> int:
-        """Drop handled inbound events (their dedup ids) and undeliverable web chat messages
-        older than ``before``; returns how many rows went."""
+    async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
+        """Drop handled inbound events (their dedup ids) older than ``before``, and messages
+        still pending from then for a channel of ``holding_channels`` (channels that keep a
+        message until the user connects: web chat); returns how many rows went."""

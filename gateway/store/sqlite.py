@@ -22,7 +22,7 @@ import json
 import os
 import sqlite3
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -132,6 +132,7 @@ class _SetOverride:
 @dataclass(slots=True, frozen=True)
 class _Prune:
     before: float
+    holding_channels: str  # a JSON list
 
 
 _Work = _ChangeRows | _InboundRow | _SetOverride | _Prune
@@ -216,7 +217,7 @@ def _apply_merged(conn: sqlite3.Connection, works: list[_Work]) -> list[Any]:
                 conn.execute("INSERT OR REPLACE INTO overrides (scope, value) VALUES (?, ?)", (work.scope, work.value))
             results.append(None)
         else:
-            results.append(_prune_chunk(conn, work.before))
+            results.append(_prune_chunk(conn, work))
     return results
 
 
@@ -245,18 +246,18 @@ def _insert_outbox(conn: sqlite3.Connection, batch: list[rows.Row]) -> dict[str,
     return cast(dict[str, int], json.loads(conn.execute(rows.OUTBOX_IDS, (keys,)).fetchone()[0]))
 
 
-def _prune_chunk(conn: sqlite3.Connection, before: float) -> int:
+def _prune_chunk(conn: sqlite3.Connection, work: _Prune) -> int:
     deleted = conn.execute(
         "DELETE FROM inbound WHERE id IN (SELECT id FROM inbound WHERE state = 'done' AND arrival_at < ? LIMIT ?)",
-        (before, PRUNE_CHUNK),
+        (work.before, PRUNE_CHUNK),
     ).rowcount
-    # Kept web chat frames nobody reconnected for (DESIGN.md, retention: 7 days).
-    webchat = conn.execute(
-        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' AND channel = 'webchat' "
-        "AND created_at < ? LIMIT ?)",
-        (before, PRUNE_CHUNK),
+    # Messages kept for users who never came back, e.g. web chat frames (DESIGN.md, retention: 7 days).
+    held = conn.execute(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' "
+        "AND channel IN (SELECT value FROM json_each(?)) AND created_at < ? LIMIT ?)",
+        (work.holding_channels, work.before, PRUNE_CHUNK),
     ).rowcount
-    return deleted + webchat
+    return deleted + held
 
 
 # -- open: lock, pragmas, migrations ----------------------------------------------------------------
@@ -476,11 +477,13 @@ class SqliteStore:
         """Drop the runtime settings of ``scope`` (no error when there are none)."""
         await self._submit(_SetOverride(scope, None))
 
-    async def prune(self, before: float) -> int:
-        """Delete handled inbound events and still-pending web chat messages older than ``before``,
-        a chunk per write so other writes interleave; returns the number of rows deleted."""
+    async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
+        """Delete handled inbound events and messages still pending for ``holding_channels``
+        (web chat) older than ``before``, a chunk per write so other writes interleave; returns
+        the number of rows deleted."""
+        work = _Prune(before, json.dumps(sorted(holding_channels)))
         total = 0
-        while deleted := await self._submit(_Prune(before)):
+        while deleted := await self._submit(work):
             total += deleted
         return total
 
