@@ -28,6 +28,9 @@ from gateway.store.base import Store
 ADMIN_TOKEN = "test-admin-token"
 
 
+pytest_plugins = ["tests.browser"]  # the `browser` fixture (headless Chromium)
+
+
 def webchat_endpoint(name: str = "web", minutes: float = 0.01, **session: Any) -> dict[str, Any]:
     """A web chat endpoint entry for ``write_config``."""
     return {"name": name, "channel": "webchat", "session": {"expiration_minutes": minutes, **session}}
