@@ -1,5 +1,5 @@
 """Row <-> model conversion for the SQLite store: column lists, row tuples, JSON columns, and
-the statements and reads that depend on the column order (the schema itself is in sqlite.py).
+the statements and reads that depend on the column order (the schema itself is in sqlite_schema.py).
 
 Rows going in are built on the event loop when a write is submitted (a snapshot, so the writer
 thread never reads a model object the loop may be changing); rows coming out become models on
@@ -32,7 +32,7 @@ from gateway.models import (
 
 Row = tuple[Any, ...]
 
-# Column order of the row tuples below; the SQL in sqlite.py is built from these lists.
+# Column order of the row tuples below; the bulk SQL below is built from these lists.
 SESSION_COLUMNS = (
     "id",
     "endpoint",
@@ -115,7 +115,7 @@ def _set_excluded(columns: Sequence[str]) -> str:
 # columns and ``state``, and SQLite then leaves every index alone: measured on 100k sessions with
 # random ids, touching them all took 11 s with "SET every column" and 3 s like this. It also
 # skips rows already closed in the store, so a stale open copy cannot resurrect a closed session.
-# Closed sessions are written first in a batch (see sqlite.py), which with this rule gives the
+# Closed sessions are written first in a batch (see sqlite_writer.py), which with this rule gives the
 # same result as applying the changes one by one.
 _SESSION_UPSERT = (
     f"INSERT INTO sessions ({_names(SESSION_COLUMNS)}) SELECT {_from_json(SESSION_COLUMNS)} FROM json_each(?) "
