@@ -29,7 +29,15 @@ from gateway.models import Change, Contact, InboundEvent, OutboundMessage, Sessi
 from gateway.store import sqlite_rows as rows
 from gateway.store.base import SessionQuery
 from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
-from gateway.store.sqlite_writer import ChangeRows, GroupCommitWriter, InboundRow, Prune, SetOverride, Work
+from gateway.store.sqlite_writer import (
+    ChangeRows,
+    GroupCommitWriter,
+    InboundRow,
+    PartsSent,
+    Prune,
+    SetOverride,
+    Work,
+)
 
 READ_CHUNK = 5000  # sessions per hop while streaming open_sessions
 
@@ -152,6 +160,13 @@ class SqliteStore:
         except (TypeError, ValueError) as exc:
             raise StoreError(f"cannot store change: {exc}") from exc
         await self._submit(work, change)
+
+    async def record_parts_sent(self, message_id: int, parts_sent: int) -> None:
+        """Set ``parts_sent`` of outbox message ``message_id`` and nothing else, group-committed.
+
+        A narrow write: it cannot undo a concurrent update of the message's other columns.
+        """
+        await self._submit(PartsSent(message_id, parts_sent))
 
     async def put_override(self, scope: str, value: dict[str, Any]) -> None:
         """Store the runtime settings of ``scope``, replacing earlier ones."""

@@ -83,9 +83,11 @@ OUTBOX_INSERT_COLUMNS = (
     "next_attempt_at",
     "last_error",
     "sent_at",
+    "parts_sent",
 )
 OUTBOX_COLUMNS = ("id", *OUTBOX_INSERT_COLUMNS)
 # The fields a delivery attempt changes; the row ends with the id for "WHERE id = ?".
+# ``parts_sent`` is not among them: it has its own narrow write (SET_PARTS_SENT).
 OUTBOX_UPDATE_COLUMNS = ("state", "attempts", "next_attempt_at", "last_error", "sent_at")
 
 
@@ -141,6 +143,11 @@ UPDATE_OUTBOX = (
     "UPDATE outbox SET "
     + ", ".join(f"{c} = json_extract(u.value, '$[{i}]')" for i, c in enumerate(OUTBOX_UPDATE_COLUMNS))
     + f" FROM json_each(?) AS u WHERE outbox.id = json_extract(u.value, '$[{len(OUTBOX_UPDATE_COLUMNS)}]')"
+)
+# Rows of (id, parts_sent); at most one row per id.
+SET_PARTS_SENT = (
+    "UPDATE outbox SET parts_sent = json_extract(p.value, '$[1]') FROM json_each(?) AS p "
+    "WHERE outbox.id = json_extract(p.value, '$[0]')"
 )
 INSERT_INBOUND = (
     "INSERT INTO inbound (endpoint, dedup_key, payload, arrival_at, state) SELECT json_extract(value, '$[0]'), "
@@ -284,6 +291,7 @@ def outbox_insert_row(m: OutboundMessage) -> Row:
         m.next_attempt_at,
         m.last_error,
         m.sent_at,
+        m.parts_sent,
     )
 
 
@@ -312,6 +320,7 @@ def row_to_outbound(r: Row) -> OutboundMessage:
         next_attempt_at=r[14],
         last_error=r[15],
         sent_at=r[16],
+        parts_sent=r[17],
     )
 
 

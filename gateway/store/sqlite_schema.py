@@ -61,6 +61,9 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX outbox_by_state ON outbox (state, id)",
         "CREATE TABLE overrides (scope TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ],
+    # 2: how many parts of a split text the platform accepted, so that a retry, also after a
+    # restart, sends only the rest (ChannelAdapter.send). Rows of version 1 start at 0.
+    ["ALTER TABLE outbox ADD COLUMN parts_sent INTEGER NOT NULL DEFAULT 0"],
 ]
 
 BUSY_TIMEOUT_MS = 5000

@@ -64,7 +64,13 @@ class Prune:
     before: float
 
 
-Work = ChangeRows | InboundRow | SetOverride | Prune
+@dataclass(slots=True, frozen=True)
+class PartsSent:
+    message_id: int
+    parts_sent: int
+
+
+Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent
 
 
 @dataclass(slots=True)
@@ -133,12 +139,16 @@ def _apply_merged(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
     # One row per id, the last one winning, as if the changes had been applied one by one.
     _bulk(conn, rows.UPDATE_OUTBOX, list({row[-1]: row for change in changes for row in change.updates}.values()))
     _bulk(conn, rows.SET_NOTICES, list({row[0]: row for change in changes for row in change.notices}.values()))
+    progress = {work.message_id: (work.message_id, work.parts_sent) for work in works if isinstance(work, PartsSent)}
+    _bulk(conn, rows.SET_PARTS_SENT, list(progress.values()))
     results: list[Any] = []
     for work in works:
         if isinstance(work, ChangeRows):
             results.append([outbox_ids[row[0]] for row in work.outbox])
         elif isinstance(work, InboundRow):
             results.append(next(inbound_ids))
+        elif isinstance(work, PartsSent):
+            results.append(None)
         elif isinstance(work, SetOverride):
             if work.value is None:
                 conn.execute("DELETE FROM overrides WHERE scope = ?", (work.scope,))
