@@ -4,6 +4,10 @@ An adapter turns a platform's webhook request into channel-neutral ``InboundEven
 the signature first) and sends a text to a conversation. It knows nothing of sessions: the
 conversation id it produces is also the address it sends to.
 
+A long text goes out in parts, one platform request each; the outbox stores how many the
+platform accepted (``OutboundMessage.parts_sent``), and ``send_parts`` resumes after them, so a
+part is not sent again by a retry or after a restart.
+
 Conversation ids (DESIGN.md): messenger the PSID; line the userId, groupId or roomId; slack
 ``<channel>`` or ``<channel>:<thread_ts>``; twilio the user's E.164 number; webchat the client's id.
 
@@ -15,9 +19,9 @@ checks can read the specs without the web stack or the platform SDKs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from gateway.models import InboundEvent, OutboundMessage
 
@@ -29,6 +33,11 @@ if TYPE_CHECKING:
 # so that no later conversion (ISO 8601 for the flow) fails on an accepted event.
 _EARLIEST_S = 946_684_800.0  # 2000-01-01
 _LATEST_S = 4_102_444_800.0  # 2100-01-01
+
+Part = TypeVar("Part")
+
+# ``await progress(done, total)``: the platform accepted parts 1..``done`` of ``total``.
+Progress = Callable[[int, int], Awaitable[None]]
 
 
 def platform_time(seconds: float | None) -> float | None:
@@ -126,13 +135,34 @@ class ChannelAdapter(Protocol):
     async def aclose(self) -> None:
         """Close platform clients. Safe to call twice."""
 
-    async def send(self, message: OutboundMessage) -> None:
-        """Deliver ``message.text`` to ``message.conversation``.
+    async def send(self, message: OutboundMessage, progress: Progress | None = None) -> None:
+        """Deliver ``message.text`` to ``message.conversation``, in parts, through ``send_parts``.
+
+        A part is one platform request: the text cut at the platform's limit, or for LINE up
+        to five such texts in one request. Parts before ``message.parts_sent`` are not sent
+        again; after each part the platform accepts, ``await progress(done, total)`` (the
+        outbox records ``done`` before the next part goes out; it stores nothing else here).
 
         Raises ``DeliveryError`` (``retryable``, ``retry_after_s``) on failure,
         ``DeliverySkipped`` when platform policy forbids the send, ``DeliveryDeferred`` when
         nobody can receive it now (web chat).
         """
+
+
+async def send_parts(
+    message: OutboundMessage,
+    parts: Sequence[Part],
+    post: Callable[[int, Part], Awaitable[None]],
+    progress: Progress | None,
+) -> None:
+    """The one rule for split messages: ``await post(index, part)`` for each part from
+    ``message.parts_sent`` on, in order, one at a time, and ``await progress(index + 1, total)``
+    after each that returned. Parts an earlier attempt delivered are skipped; when that is all
+    of them, nothing is sent. ``post`` raises to stop (the message is retried from there)."""
+    for index in range(message.parts_sent, len(parts)):
+        await post(index, parts[index])
+        if progress is not None:
+            await progress(index + 1, len(parts))
 
 
 @runtime_checkable

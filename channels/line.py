@@ -13,6 +13,7 @@ attempt of one message, also after a restart, carries the same key.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -32,7 +33,7 @@ from linebot.v3.messaging import (
 from linebot.v3.messaging.exceptions import ApiException
 from linebot.v3.webhook import SignatureValidator
 
-from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse
+from channels.base import ParsedWebhook, Progress, WebhookRequest, WebhookResponse, send_parts
 from channels.line_parse import to_inbound
 from channels.text import split_text
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped, ReplyTokenRejected
@@ -207,8 +208,12 @@ class LineAdapter:
 
     # -- outbound ----------------------------------------------------------------------------
 
-    async def send(self, message: OutboundMessage) -> None:
+    async def send(self, message: OutboundMessage, progress: Progress | None = None) -> None:
         """Reply while the token is fresh, else push (closure notices always push).
+
+        A part here is one request: up to ``MAX_MESSAGES_PER_REQUEST`` texts. A message of one
+        request may reply; a longer one pushes request after request from part
+        ``message.parts_sent`` on (``channels.base.send_parts``), each with its own retry key.
 
         A reply carries no retry key, so its repeat is detected by the token instead: a token is
         ours alone and works once, so when LINE refuses a still-fresh token for a message an
@@ -225,12 +230,12 @@ class LineAdapter:
         if not parts:
             raise DeliverySkipped("empty text")
         batches = [parts[i : i + MAX_MESSAGES_PER_REQUEST] for i in range(0, len(parts), MAX_MESSAGES_PER_REQUEST)]
-        # Only a single-request message replies: were a later push to fail, its retry would have
-        # to push the first batch again, and the reply it repeats carried no retry key.
-        if len(batches) == 1 and self._may_reply(message):
+        # Only a single-request message replies: a reply carries no retry key, and in a longer
+        # message a crash between the reply and its recorded progress would have the next
+        # attempt push that first batch again.
+        if len(batches) == 1 and message.parts_sent == 0 and self._may_reply(message):
             try:
                 await self._reply(api, message.reply_token or "", batches[0])
-                return
             except ReplyTokenRejected:
                 if self._may_have_sent(message):
                     logger.info(
@@ -240,8 +245,11 @@ class LineAdapter:
                     )
                     return
                 logger.info("line %s: reply token refused for %s; pushing", self._endpoint.name, message.key)
-        for index, batch in enumerate(batches):
-            await self._push(api, message, index, batch)
+            else:
+                if progress is not None:
+                    await progress(1, 1)
+                return
+        await send_parts(message, batches, functools.partial(self._push, api, message), progress)
 
     def _may_reply(self, message: OutboundMessage) -> bool:
         return (

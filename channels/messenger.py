@@ -9,6 +9,7 @@ raises with a URL: logs name the path only and error reasons are scrubbed of the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -20,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, platform_time
+from channels.base import ParsedWebhook, Progress, WebhookRequest, WebhookResponse, platform_time, send_parts
 from channels.text import retry_after_s, split_text
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped, Forbidden
 from gateway.models import EventKind, InboundEvent, JSONDict, MessageKind, OutboundMessage
@@ -39,8 +40,6 @@ REQUEST_TIMEOUT_S = 10.0
 RETRYABLE_CODES = frozenset({1, 2, 4, 17, 32, 613, 1200})
 OUTSIDE_WINDOW_CODE = 10
 OUTSIDE_WINDOW_SUBCODE = 2018278
-# Parts already delivered of a split message, remembered for this many message keys at most.
-MAX_TRACKED_PARTS = 1024
 
 _HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -106,8 +105,6 @@ class MessengerAdapter:
         base = (endpoint.api_base_url or DEFAULT_API_BASE_URL).rstrip("/")
         self._path = f"/{endpoint.credential('api_version') or DEFAULT_API_VERSION}/me/messages"
         self._url = base + self._path
-        # message key -> parts already delivered, so a retry does not repeat them
-        self._sent_parts: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"MessengerAdapter(endpoint={self._endpoint.name!r}, path={self._path!r})"
@@ -178,8 +175,9 @@ class MessengerAdapter:
 
     # -- outbound ----------------------------------------------------------------------------
 
-    async def send(self, message: OutboundMessage) -> None:
-        """Send ``message.text`` to the PSID, in parts of at most 2000 characters.
+    async def send(self, message: OutboundMessage, progress: Progress | None = None) -> None:
+        """Send ``message.text`` to the PSID, in parts of at most 2000 characters, from part
+        ``message.parts_sent`` on (``channels.base.send_parts``).
 
         Free-form messages (replies and notices alike) are allowed only within 24 h of the
         user's last message: outside it, or when that time is unknown, ``DeliverySkipped``.
@@ -195,25 +193,22 @@ class MessengerAdapter:
         token = self._endpoint.credential("page_access_token")
         if not token:
             raise DeliveryError("messenger: no page_access_token configured", retryable=False)
-        messaging_type = "RESPONSE" if message.kind is MessageKind.REPLY else "UPDATE"
         parts = split_text(message.text, MAX_TEXT_CHARS)
-        for index in range(self._sent_parts.get(message.key, 0), len(parts)):
-            body = {
-                "recipient": {"id": message.conversation},
-                "messaging_type": messaging_type,
-                "message": {"text": parts[index]},
-            }
-            try:
-                await self._post(http, token, body)
-            except DeliveryError as exc:
-                if not exc.retryable:
-                    self._sent_parts.pop(message.key, None)
-                logger.warning(
-                    "messenger send to %s failed (part %d/%d): %s", self._path, index + 1, len(parts), exc.reason
-                )
-                raise
-            self._remember_part(message.key, index + 1)
-        self._sent_parts.pop(message.key, None)
+        await send_parts(message, parts, functools.partial(self._send_part, http, token, message, len(parts)), progress)
+
+    async def _send_part(
+        self, http: aiohttp.ClientSession, token: str, message: OutboundMessage, total: int, index: int, text: str
+    ) -> None:
+        body = {
+            "recipient": {"id": message.conversation},
+            "messaging_type": "RESPONSE" if message.kind is MessageKind.REPLY else "UPDATE",
+            "message": {"text": text},
+        }
+        try:
+            await self._post(http, token, body)
+        except DeliveryError as exc:
+            logger.warning("messenger send to %s failed (part %d/%d): %s", self._path, index + 1, total, exc.reason)
+            raise
 
     async def _post(self, http: aiohttp.ClientSession, token: str, body: JSONDict) -> None:
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -234,12 +229,6 @@ class MessengerAdapter:
         except (ValueError, RecursionError):
             decoded = None
         raise classify_error(status, decoded, wait_s)
-
-    def _remember_part(self, key: str, done: int) -> None:
-        self._sent_parts.pop(key, None)
-        self._sent_parts[key] = done
-        while len(self._sent_parts) > MAX_TRACKED_PARTS:
-            del self._sent_parts[next(iter(self._sent_parts))]
 
 
 # -- parsing helpers --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ What slack-sdk 3.47 does that this module works around:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -37,7 +38,7 @@ from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetr
 from slack_sdk.signature import Clock, SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, platform_time
+from channels.base import ParsedWebhook, Progress, WebhookRequest, WebhookResponse, platform_time, send_parts
 from channels.text import retry_after_s, split_text
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, InboundEvent, JSONDict, OutboundMessage
@@ -52,8 +53,6 @@ TIMESTAMP_HEADER = "X-Slack-Request-Timestamp"
 # below that, leaving room for characters Slack counts as more than one.
 MAX_TEXT_CHARS = 3500
 REQUEST_TIMEOUT_S = 10.0
-# Parts already delivered of a split message, remembered for this many message keys at most.
-MAX_TRACKED_PARTS = 1024
 # Message subtypes that are still a user writing: a file upload with its comment, and a thread
 # reply also sent to the channel. Every other subtype (edits, deletions, joins, bot_message,
 # ...) is housekeeping (S16).
@@ -140,8 +139,6 @@ class SlackAdapter:
         self._state = _State.NEW
         self._http: aiohttp.ClientSession | None = None
         self._client: AsyncWebClient | None = None
-        # message key -> parts already delivered, so a retry does not repeat them
-        self._sent_parts: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"SlackAdapter(endpoint={self._endpoint.name!r}, bot_user_id={self._bot_user_id!r}, {self._state})"
@@ -243,9 +240,10 @@ class SlackAdapter:
 
     # -- outbound ----------------------------------------------------------------------------
 
-    async def send(self, message: OutboundMessage) -> None:
+    async def send(self, message: OutboundMessage, progress: Progress | None = None) -> None:
         """Post ``message.text`` to the conversation's channel (and thread), in parts of at most
-        ``MAX_TEXT_CHARS``, in order; a retry resumes after the parts already posted."""
+        ``MAX_TEXT_CHARS``, in order, from part ``message.parts_sent`` on
+        (``channels.base.send_parts``)."""
         channel, thread_ts = split_conversation(message.conversation)
         if not channel:
             raise DeliveryError(f"slack: no channel in conversation {message.conversation!r}", retryable=False)
@@ -255,24 +253,31 @@ class SlackAdapter:
         if client is None or self._http is None or self._http.closed:
             raise DeliveryError("slack adapter is not running", retryable=True)
         parts = split_text(message.text, MAX_TEXT_CHARS, prefer_line_breaks=True)
-        for index in range(self._sent_parts.get(message.key, 0), len(parts)):
-            try:
-                await self._post(client, channel, thread_ts, parts[index])
-            except DeliveryError as exc:
-                if not exc.retryable:
-                    self._sent_parts.pop(message.key, None)
-                logger.warning(
-                    "slack send on %s to %s failed (part %d/%d): %s",
-                    self._endpoint.name,
-                    message.conversation,
-                    index + 1,
-                    len(parts),
-                    exc.reason,
-                )
-                raise
-            if len(parts) > 1:
-                self._remember_part(message.key, index + 1)
-        self._sent_parts.pop(message.key, None)
+        post = functools.partial(self._send_part, client, channel, thread_ts, message.conversation, len(parts))
+        await send_parts(message, parts, post, progress)
+
+    async def _send_part(
+        self,
+        client: AsyncWebClient,
+        channel: str,
+        thread_ts: str | None,
+        conversation: str,
+        total: int,
+        index: int,
+        text: str,
+    ) -> None:
+        try:
+            await self._post(client, channel, thread_ts, text)
+        except DeliveryError as exc:
+            logger.warning(
+                "slack send on %s to %s failed (part %d/%d): %s",
+                self._endpoint.name,
+                conversation,
+                index + 1,
+                total,
+                exc.reason,
+            )
+            raise
 
     async def _post(self, client: AsyncWebClient, channel: str, thread_ts: str | None, text: str) -> None:
         try:
@@ -280,12 +285,6 @@ class SlackAdapter:
                 await client.chat_postMessage(channel=channel, text=text, thread_ts=thread_ts)
         except (SlackClientError, aiohttp.ClientError, TimeoutError, AttributeError) as exc:
             raise _failure_of(exc) from exc
-
-    def _remember_part(self, key: str, done: int) -> None:
-        self._sent_parts.pop(key, None)
-        self._sent_parts[key] = done
-        while len(self._sent_parts) > MAX_TRACKED_PARTS:
-            del self._sent_parts[next(iter(self._sent_parts))]
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -42,7 +41,7 @@ from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse
+from channels.base import ParsedWebhook, Progress, WebhookRequest, WebhookResponse, send_parts
 from channels.text import retry_after_s, split_text
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, InboundEvent, JSONDict, OutboundMessage
@@ -63,10 +62,6 @@ OPT_IN_KEYWORDS = frozenset({"START", "YES", "UNSTOP"})
 CODE_UNSUBSCRIBED = 21610  # the recipient sent STOP: never retry
 CODE_TOO_MANY_REQUESTS = 20429
 _PERMANENT_CODES = {21211: "invalid 'To' number", 21614: "'To' is not a mobile number", 20003: "authentication failed"}
-
-# Remembered progress of split messages whose later part failed, so a retry does not resend
-# the parts Twilio already accepted. In memory only: a restart may repeat them (README's window).
-_MAX_PARTIAL_PROGRESS = 1024
 
 
 def is_status_callback(form: Mapping[str, str]) -> bool:
@@ -150,7 +145,6 @@ class TwilioAdapter:
         self._state = _State.UNOPENED
         self._http_client: Any = None
         self._client: Any = None
-        self._progress: OrderedDict[str, int] = OrderedDict()  # message key -> parts already sent
 
     def __repr__(self) -> str:
         return f"TwilioAdapter(endpoint={self._endpoint.name!r}, state={self._state.value})"
@@ -239,31 +233,19 @@ class TwilioAdapter:
         if http_client is not None:
             await http_client.close()
 
-    async def send(self, message: OutboundMessage) -> None:
+    async def send(self, message: OutboundMessage, progress: Progress | None = None) -> None:
         """Send ``message.text`` to the number ``message.conversation``, in parts of at most
-        ``MAX_BODY_CHARS`` UTF-16 code units (``channels.text.split_text``).
-
-        A retry of a split message resumes after the parts already accepted.
+        ``MAX_BODY_CHARS`` UTF-16 code units (``channels.text.split_text``), from part
+        ``message.parts_sent`` on (``channels.base.send_parts``).
         """
         if self._state is not _State.OPENED:
             raise DeliveryError(f"twilio adapter is {self._state.value}", retryable=True)
         parts = split_text(message.text, MAX_BODY_CHARS, utf16=True)
         if not parts:
             raise DeliveryError("empty message body", retryable=False)
-        done = self._progress.pop(message.key, 0)
-        for index in range(done, len(parts)):
-            try:
-                await self._create(message.conversation, parts[index])
-            except DeliveryError as exc:
-                if exc.retryable and index > 0:
-                    self._remember(message.key, index)
-                raise
-        log.debug("twilio sent %d part(s) to endpoint %s", len(parts) - done, self._endpoint.name)
-
-    def _remember(self, key: str, parts_sent: int) -> None:
-        self._progress[key] = parts_sent
-        while len(self._progress) > _MAX_PARTIAL_PROGRESS:
-            self._progress.popitem(last=False)
+        first = message.parts_sent
+        await send_parts(message, parts, lambda _index, body: self._create(message.conversation, body), progress)
+        log.debug("twilio sent %d part(s) to endpoint %s", max(len(parts) - first, 0), self._endpoint.name)
 
     async def _create(self, to: str, body: str) -> None:
         answer = _Answer()

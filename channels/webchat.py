@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from channels import webchat_routes
-from channels.base import Inbox
+from channels.base import Inbox, Progress
 from gateway.errors import DeliveryDeferred
 from gateway.models import MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings
@@ -70,7 +70,8 @@ class WebChatAdapter:
     def connected(self, conversation: str) -> bool:
         return bool(self._sockets.get(conversation))
 
-    async def send(self, message: OutboundMessage) -> None:
+    async def send(self, message: OutboundMessage, progress: Progress | None = None) -> None:
+        """One frame with the whole text (no parts: a socket takes any length)."""
         kind = "closure" if message.kind is MessageKind.CLOSURE else "reply"
         frame = {"type": "message", "text": message.text, "kind": kind}
         if not await self._broadcast(message.conversation, frame):

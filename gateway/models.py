@@ -155,7 +155,9 @@ class OutboundMessage:
     """A message waiting in (or gone through) the durable outbox.
 
     ``key`` makes the enqueue idempotent (``close:<session_id>``, ``reply:<event_id>:<n>``);
-    ``id`` is assigned by the store.
+    ``id`` is assigned by the store. ``parts_sent`` counts the parts of a split text (platform
+    requests, see ``channels.base.ChannelAdapter.send``) that the platform already accepted:
+    later attempts, also after a restart, resume after them.
     """
 
     endpoint: str
@@ -175,6 +177,7 @@ class OutboundMessage:
     next_attempt_at: float = 0.0
     last_error: str | None = None
     sent_at: float | None = None
+    parts_sent: int = 0
 
 
 @dataclass(slots=True)

@@ -23,9 +23,16 @@ schedule. Outcomes:
   as ``DeliverySkipped``: the operator must see it, while the closure notice still reads
   ``skipped: <reason>``. Other dead closure notices read ``failed: <reason>``.
 
+A long text goes out in parts (one platform request each, ``ChannelAdapter.send``). After each
+part the platform accepted, and before the next goes out, the lane commits ``parts_sent`` on the
+row (a narrow write, shielded and repeated like the "sent" mark); retries and restarts resume
+after it. The last part needs no such write: the "sent" mark follows it. A dead letter retried
+keeps its ``parts_sent``: what the platform accepted is not sent again.
+
 The one window in which a send can repeat (platforms without an idempotency key): a crash
-after the platform accepted a message and before the "sent" mark committed; on restart the
-message is still pending and goes out again. LINE pushes carry ``X-Line-Retry-Key`` instead.
+after the platform accepted a part and before its record (``parts_sent``, or the "sent" mark
+for the last part) committed; on restart that part is still unrecorded and goes out again, the
+parts before it do not. LINE pushes carry ``X-Line-Retry-Key`` instead.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from channels.base import ChannelAdapter
@@ -243,7 +250,7 @@ class Outbox(OutboxSink):
             if self._closing:
                 return  # stays pending in the store for the next start
             lane.sending = True
-            await adapter.send(message)
+            await adapter.send(message, functools.partial(self._part_sent, message))
         except DeliveryDeferred:
             lane.parked = True
             self._metrics.inc("gateway_messages_out_total", endpoint=message.endpoint, outcome="deferred")
@@ -288,9 +295,17 @@ class Outbox(OutboxSink):
                 message.conversation,
                 exc.reason,
             )
-            await self._record(Change(outbox_updates=[message]))
+            await self._record(functools.partial(self._store.commit, Change(outbox_updates=[message])))
             return
         await self._finish(lane, message, OutboxState.DEAD, f"failed: {reason}", reason)
+
+    async def _part_sent(self, message: OutboundMessage, done: int, total: int) -> None:
+        """The platform accepted parts 1..``done`` of ``total``: commit that before the next part
+        goes out, so that no retry and no restart sends them again (the last part's record is
+        the "sent" mark)."""
+        message.parts_sent = done
+        if done < total:
+            await self._record(functools.partial(self._store.record_parts_sent, message.id, done))
 
     async def _finish(
         self, lane: _Lane, message: OutboundMessage, state: OutboxState, notice: str, error: str | None
@@ -300,7 +315,7 @@ class Outbox(OutboxSink):
         change = Change(outbox_updates=[message])
         if message.kind is MessageKind.CLOSURE and message.session_id:
             change.notices.append((message.session_id, notice))
-        await self._record(change)
+        await self._record(functools.partial(self._store.commit, change))
         lane.messages.popleft()
         self._known.discard(message.id)
         self._metrics.inc("gateway_messages_out_total", endpoint=message.endpoint, outcome=state.value)
@@ -316,17 +331,19 @@ class Outbox(OutboxSink):
             f" ({error})" if error else "",
         )
 
-    async def _record(self, change: Change) -> None:
-        """Commit a delivery outcome, shielded, until the store takes it.
+    async def _record(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Commit a delivery outcome or progress (``write()``, a store write), shielded, until
+        the store takes it.
 
         Giving up would leave the message pending at the head of its lane, and the lane would
-        send it again: after a 2xx that is the duplicate this module promises not to make.
+        send it (or the part) again: after a 2xx that is the duplicate this module promises not
+        to make.
         """
         delay_s = _RECORD_RETRY_S
         while True:
             try:
                 # Shielded: a shutdown must not lose the record of a message the platform accepted.
-                await asyncio.shield(self._store.commit(change))
+                await asyncio.shield(write())
                 return
             except Exception:
                 log.exception("cannot record a delivery outcome; trying again in %.1f s", delay_s)

@@ -527,12 +527,21 @@ async def test_a_retry_after_a_partial_send_resumes_at_the_failed_part(
     text = "a" * 2000 + " " + "b" * 2000 + " " + "c" * 10
     api.respond(SEND_PATH, Answer())
     api.fail_next(SEND_PATH, Answer(), Answer(status=503, json_body={}))
+    message = outbound(text)
+    reported: list[tuple[int, int]] = []
+
+    async def progress(done: int, total: int) -> None:  # as the outbox does, which also stores it
+        reported.append((done, total))
+        message.parts_sent = done
+
     with pytest.raises(DeliveryError) as caught:
-        await adapter.send(outbound(text))
+        await adapter.send(message, progress)
     assert caught.value.retryable
-    await adapter.send(outbound(text))
+    assert reported == [(1, 3)]
+    await adapter.send(message, progress)
     texts = [request.json()["message"]["text"][0] for request in api.to(SEND_PATH)]
     assert texts == ["a", "b", "b", "c"]
+    assert reported == [(1, 3), (2, 3), (3, 3)]
 
 
 @pytest.mark.parametrize(

@@ -494,12 +494,21 @@ async def test_long_text_is_cut_at_line_breaks(adapter: SlackAdapter, api: FakeP
 async def test_a_retry_resumes_after_the_parts_already_posted(adapter: SlackAdapter, api: FakePlatform) -> None:
     text = "a" * 3000 + " " + "b" * 3000 + " " + "c" * 3000
     api.fail_next(POST_PATH, Answer(json_body={"ok": True}), Answer(status=503, text="busy"))
+    message = outbound("C1", text)
+    reported: list[tuple[int, int]] = []
+
+    async def progress(done: int, total: int) -> None:  # as the outbox does, which also stores it
+        reported.append((done, total))
+        message.parts_sent = done
+
     with pytest.raises(DeliveryError) as failed:
-        await adapter.send(outbound("C1", text))
+        await adapter.send(message, progress)
     assert failed.value.retryable
-    await adapter.send(outbound("C1", text))
+    assert reported == [(1, 3)]
+    await adapter.send(message, progress)
     sent = [call.json()["text"][0] for call in api.to(POST_PATH)]
     assert sent == ["a", "b", "b", "c"]
+    assert reported == [(1, 3), (2, 3), (3, 3)]
 
 
 async def test_rate_limit_is_retryable_after_retry_after(adapter: SlackAdapter, api: FakePlatform) -> None:

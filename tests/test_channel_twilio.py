@@ -433,15 +433,24 @@ async def test_long_text_is_split_in_utf16_units() -> None:
 
 async def test_split_retry_resumes_after_accepted_parts() -> None:
     text = "a" * 1600 + "b" * 1600 + "c" * 10
+    message = outbound(text, key="reply:7:0")
+    reported: list[tuple[int, int]] = []
+
+    async def progress(done: int, total: int) -> None:  # as the outbox does, which also stores it
+        reported.append((done, total))
+        message.parts_sent = done
+
     async with FakePlatform() as api, started(api) as adapter:
         api.respond(MESSAGES_PATH, CREATED)
         api.fail_next(MESSAGES_PATH, CREATED, Answer(status=503, json_body={"code": 20500, "message": "busy"}))
         with pytest.raises(DeliveryError) as failed:
-            await adapter.send(outbound(text, key="reply:7:0"))
+            await adapter.send(message, progress)
         assert failed.value.retryable
-        await adapter.send(outbound(text, key="reply:7:0"))
+        assert reported == [(1, 3)]
+        await adapter.send(message, progress)
         bodies = [r.form()["Body"][0] for r in api.to(MESSAGES_PATH)]
     assert bodies == ["a", "b", "b", "c"]  # "a" sent once; the failed "b" again; then "c"
+    assert reported == [(1, 3), (2, 3), (3, 3)]
 
 
 @pytest.mark.parametrize(

@@ -28,9 +28,10 @@ from gateway.models import (
     SessionState,
 )
 from gateway.store import sqlite as sqlite_module
-from gateway.store import sqlite_rows
+from gateway.store import sqlite_rows, sqlite_writer
 from gateway.store.base import SessionQuery, Store
-from gateway.store.sqlite import MIGRATIONS, SqliteStore
+from gateway.store.sqlite import SqliteStore
+from gateway.store.sqlite_schema import MIGRATIONS
 
 T0 = 1_700_000_000.123456789  # full float precision must survive the round trip
 
@@ -482,7 +483,7 @@ async def test_overrides(store: SqliteStore, db_path: Path) -> None:
 
 
 async def test_prune(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sqlite_module, "PRUNE_CHUNK", 2)  # several rounds
+    monkeypatch.setattr(sqlite_writer, "PRUNE_CHUNK", 2)  # several rounds
     cutoff = T0 + 100
     old_done = [await store.add_inbound("web", make_event(f"old{i}"), T0 + i) for i in range(5)]
     old_pending = await store.add_inbound("web", make_event("old-pending"), T0)

@@ -78,6 +78,10 @@ class Store(Protocol):
     async def pending_outbox(self) -> list[OutboundMessage]:
         """Messages not yet sent, skipped or dead, in id order."""
 
+    async def record_parts_sent(self, message_id: int, parts_sent: int) -> None:
+        """Commit that the platform accepted the first ``parts_sent`` parts of a split message;
+        only that column of the row changes."""
+
     async def dead_letters(self, limit: int = 100) -> list[OutboundMessage]: ...
 
     async def get_outbound(self, message_id: int) -> OutboundMessage | None: ...

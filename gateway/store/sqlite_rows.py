@@ -1,5 +1,5 @@
 """Row <-> model conversion for the SQLite store: column lists, row tuples, JSON columns, and
-the statements and reads that depend on the column order (the schema itself is in sqlite.py).
+the statements and reads that depend on the column order (the schema itself is in sqlite_schema.py).
 
 Rows going in are built on the event loop when a write is submitted (a snapshot, so the writer
 thread never reads a model object the loop may be changing); rows coming out become models on
@@ -32,7 +32,7 @@ from gateway.models import (
 
 Row = tuple[Any, ...]
 
-# Column order of the row tuples below; the SQL in sqlite.py is built from these lists.
+# Column order of the row tuples below; the bulk SQL below is built from these lists.
 SESSION_COLUMNS = (
     "id",
     "endpoint",
@@ -83,9 +83,11 @@ OUTBOX_INSERT_COLUMNS = (
     "next_attempt_at",
     "last_error",
     "sent_at",
+    "parts_sent",
 )
 OUTBOX_COLUMNS = ("id", *OUTBOX_INSERT_COLUMNS)
 # The fields a delivery attempt changes; the row ends with the id for "WHERE id = ?".
+# ``parts_sent`` is not among them: it has its own narrow write (SET_PARTS_SENT).
 OUTBOX_UPDATE_COLUMNS = ("state", "attempts", "next_attempt_at", "last_error", "sent_at")
 
 
@@ -115,7 +117,7 @@ def _set_excluded(columns: Sequence[str]) -> str:
 # columns and ``state``, and SQLite then leaves every index alone: measured on 100k sessions with
 # random ids, touching them all took 11 s with "SET every column" and 3 s like this. It also
 # skips rows already closed in the store, so a stale open copy cannot resurrect a closed session.
-# Closed sessions are written first in a batch (see sqlite.py), which with this rule gives the
+# Closed sessions are written first in a batch (see sqlite_writer.py), which with this rule gives the
 # same result as applying the changes one by one.
 _SESSION_UPSERT = (
     f"INSERT INTO sessions ({_names(SESSION_COLUMNS)}) SELECT {_from_json(SESSION_COLUMNS)} FROM json_each(?) "
@@ -141,6 +143,11 @@ UPDATE_OUTBOX = (
     "UPDATE outbox SET "
     + ", ".join(f"{c} = json_extract(u.value, '$[{i}]')" for i, c in enumerate(OUTBOX_UPDATE_COLUMNS))
     + f" FROM json_each(?) AS u WHERE outbox.id = json_extract(u.value, '$[{len(OUTBOX_UPDATE_COLUMNS)}]')"
+)
+# Rows of (id, parts_sent); at most one row per id.
+SET_PARTS_SENT = (
+    "UPDATE outbox SET parts_sent = json_extract(p.value, '$[1]') FROM json_each(?) AS p "
+    "WHERE outbox.id = json_extract(p.value, '$[0]')"
 )
 INSERT_INBOUND = (
     "INSERT INTO inbound (endpoint, dedup_key, payload, arrival_at, state) SELECT json_extract(value, '$[0]'), "
@@ -284,6 +291,7 @@ def outbox_insert_row(m: OutboundMessage) -> Row:
         m.next_attempt_at,
         m.last_error,
         m.sent_at,
+        m.parts_sent,
     )
 
 
@@ -312,6 +320,7 @@ def row_to_outbound(r: Row) -> OutboundMessage:
         next_attempt_at=r[14],
         last_error=r[15],
         sent_at=r[16],
+        parts_sent=r[17],
     )
 
 

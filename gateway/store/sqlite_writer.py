@@ -1,0 +1,269 @@
+"""The SQLite store's group-commit writer: every write goes through one queue and one connection.
+
+aiosqlite runs each connection's calls on its own thread, one at a time (DESIGN.md, known traps).
+So the writer task takes all that is queued (up to ``MAX_BATCH_OPS``) to the writer thread in
+ONE hop and applies it as one transaction with one commit. Rows of one shape go in as one
+statement (see sqlite_rows.py). Each write still fails alone: a failing batch is rolled back to
+its savepoint and bisected.
+
+Writes are plain data (``Work``), built on the event loop when submitted, so the writer thread
+never reads a model object the loop may be changing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import aiosqlite
+
+from gateway.errors import StoreError
+from gateway.models import Change, SessionState
+from gateway.store import sqlite_rows as rows
+from gateway.store.sqlite_schema import run
+
+MAX_BATCH_OPS = 2000  # writes per transaction
+PRUNE_CHUNK = 5000  # rows per table per delete, so a big prune never holds the writer long
+
+
+# -- write operations: plain data built on the loop, applied on the writer thread -----------------
+
+
+@dataclass(slots=True)
+class ChangeRows:
+    sessions: list[rows.Row]
+    closes: list[rows.Row]
+    contacts: list[rows.Row]
+    outbox: list[rows.Row]
+    handled: list[int]
+    updates: list[rows.Row]
+    notices: list[tuple[str, str]]  # (session_id, notice)
+
+
+@dataclass(slots=True, frozen=True)
+class InboundRow:
+    endpoint: str
+    dedup_key: str
+    payload: str
+    arrival_at: float
+
+
+@dataclass(slots=True, frozen=True)
+class SetOverride:
+    scope: str
+    value: str | None  # None deletes
+
+
+@dataclass(slots=True, frozen=True)
+class Prune:
+    before: float
+    holding_channels: str  # a JSON list
+
+
+@dataclass(slots=True, frozen=True)
+class PartsSent:
+    message_id: int
+    parts_sent: int
+
+
+Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent
+
+
+@dataclass(slots=True)
+class _Op:
+    work: Work
+    future: asyncio.Future[Any]
+    change: Change | None = None  # its outbox messages get their ids when the batch commits
+
+
+def _apply_batch(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
+    """Apply a batch in one transaction: each work's result, or the exception that failed it alone."""
+    results: list[Any] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for segment in _segments(works):
+            results += _apply_segment(conn, segment)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+def _segments(works: list[Work]) -> Iterator[list[Work]]:
+    """Cut the batch where merging would reorder writes: notices are applied after all session
+    upserts of a segment, so a session upserted after a notice to it starts a new segment."""
+    start = 0
+    noticed: set[str] = set()
+    for i, work in enumerate(works):
+        if isinstance(work, ChangeRows):
+            if noticed and any(row[0] in noticed for row in (*work.sessions, *work.closes)):
+                yield works[start:i]
+                start, noticed = i, set()
+            noticed.update(session_id for session_id, _ in work.notices)
+    yield works[start:]
+
+
+def _apply_segment(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
+    """Apply ``works`` merged under a savepoint. On an error roll back and bisect, so that only
+    the failing work fails and k failures among n works cost about k*log2(n) retries."""
+    conn.execute("SAVEPOINT segment")
+    try:
+        results = _apply_merged(conn, works)
+    except (sqlite3.Error, ValueError, TypeError) as exc:  # the last two: a value with no JSON form (NaN)
+        conn.execute("ROLLBACK TO segment")
+        conn.execute("RELEASE segment")
+        if len(works) == 1:
+            return [exc]
+        half = len(works) // 2
+        return _apply_segment(conn, works[:half]) + _apply_segment(conn, works[half:])
+    conn.execute("RELEASE segment")
+    return results
+
+
+def _apply_merged(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
+    changes = [work for work in works if isinstance(work, ChangeRows)]
+    inbound_ids = iter(_insert_inbound(conn, [work for work in works if isinstance(work, InboundRow)]))
+    outbox_ids = _insert_outbox(conn, [row for change in changes for row in change.outbox])
+    sessions = [row for change in changes for row in change.sessions]
+    _bulk(conn, rows.UPSERT_CLOSED_SESSIONS, [row for row in sessions if row[rows.SESSION_STATE] != SessionState.OPEN])
+    _bulk(conn, rows.CLOSE_SESSIONS, [row for change in changes for row in change.closes])
+    _bulk(conn, rows.UPSERT_OPEN_SESSIONS, [row for row in sessions if row[rows.SESSION_STATE] == SessionState.OPEN])
+    _bulk(conn, rows.UPSERT_CONTACTS, [row for change in changes for row in change.contacts])
+    _bulk(conn, rows.MARK_HANDLED, [event_id for change in changes for event_id in change.handled])
+    # One row per id, the last one winning, as if the changes had been applied one by one.
+    _bulk(conn, rows.UPDATE_OUTBOX, list({row[-1]: row for change in changes for row in change.updates}.values()))
+    _bulk(conn, rows.SET_NOTICES, list({row[0]: row for change in changes for row in change.notices}.values()))
+    progress = {work.message_id: (work.message_id, work.parts_sent) for work in works if isinstance(work, PartsSent)}
+    _bulk(conn, rows.SET_PARTS_SENT, list(progress.values()))
+    results: list[Any] = []
+    for work in works:
+        if isinstance(work, ChangeRows):
+            results.append([outbox_ids[row[0]] for row in work.outbox])
+        elif isinstance(work, InboundRow):
+            results.append(next(inbound_ids))
+        elif isinstance(work, PartsSent):
+            results.append(None)
+        elif isinstance(work, SetOverride):
+            if work.value is None:
+                conn.execute("DELETE FROM overrides WHERE scope = ?", (work.scope,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO overrides (scope, value) VALUES (?, ?)", (work.scope, work.value))
+            results.append(None)
+        else:
+            results.append(_prune_chunk(conn, work))
+    return results
+
+
+def _bulk(conn: sqlite3.Connection, sql: str, batch: list[Any]) -> None:
+    if batch:
+        conn.execute(sql, (json.dumps(batch, allow_nan=False),))
+
+
+def _insert_inbound(conn: sqlite3.Connection, works: list[InboundRow]) -> list[int | None]:
+    """Insert new events; the id of each, or None for a redelivery (also of one earlier in ``works``)."""
+    if not works:
+        return []
+    newer_than = conn.execute("SELECT ifnull(max(id), 0) FROM inbound").fetchone()[0]  # AUTOINCREMENT ids grow
+    _bulk(conn, rows.INSERT_INBOUND, [[w.endpoint, w.dedup_key, w.payload, w.arrival_at] for w in works])
+    added = conn.execute(rows.NEW_INBOUND_IDS, (newer_than,)).fetchone()[0]
+    ids = {(endpoint, key): event_id for endpoint, key, event_id in json.loads(added)}
+    return [ids.pop((w.endpoint, w.dedup_key), None) for w in works]
+
+
+def _insert_outbox(conn: sqlite3.Connection, batch: list[rows.Row]) -> dict[str, int]:
+    """Insert messages whose key is new; key -> id of every message in ``batch``."""
+    if not batch:
+        return {}
+    keys = json.dumps(batch, allow_nan=False)
+    conn.execute(rows.INSERT_OUTBOX, (keys,))
+    return cast(dict[str, int], json.loads(conn.execute(rows.OUTBOX_IDS, (keys,)).fetchone()[0]))
+
+
+def _prune_chunk(conn: sqlite3.Connection, work: Prune) -> int:
+    deleted = conn.execute(
+        "DELETE FROM inbound WHERE id IN (SELECT id FROM inbound WHERE state = 'done' AND arrival_at < ? LIMIT ?)",
+        (work.before, PRUNE_CHUNK),
+    ).rowcount
+    # Messages kept for users who never came back, e.g. web chat frames (DESIGN.md, retention: 7 days).
+    held = conn.execute(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' "
+        "AND channel IN (SELECT value FROM json_each(?)) AND created_at < ? LIMIT ?)",
+        (work.holding_channels, work.before, PRUNE_CHUNK),
+    ).rowcount
+    return deleted + held
+
+
+def _fail(future: asyncio.Future[Any], message: str, cause: BaseException) -> None:
+    """Fail one caller with its own StoreError (an exception instance is never shared)."""
+    if not future.done():
+        error = StoreError(message)
+        error.__cause__ = cause
+        future.set_exception(error)
+
+
+# -- the writer task ------------------------------------------------------------------------------
+
+
+class GroupCommitWriter:
+    """Applies submitted writes on ``conn``, everything queued in one transaction per hop.
+
+    Created inside the running loop (it starts its task). ``batches_committed`` counts write
+    transactions and ``ops_committed`` the writes in them; their ratio is the group-commit factor.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+        self._queue: deque[_Op] = deque()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self.batches_committed = 0
+        self.ops_committed = 0
+        self._task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+
+    def submit(self, work: Work, change: Change | None = None) -> asyncio.Future[Any]:
+        """Queue ``work``; the future gets its result once its batch committed. A write is applied
+        even if the caller stops waiting (the future is not the write)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Op(work, future, change))
+        self._wakeup.set()
+        return future
+
+    async def stop(self) -> None:
+        """Apply what is queued, then end the task (returns also if the task was cancelled)."""
+        self._stopping = True
+        self._wakeup.set()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH_OPS))]
+            try:
+                results = await run(self._conn, _apply_batch, [op.work for op in batch])
+            except Exception as exc:  # the whole transaction failed, so did every write in it
+                for op in batch:
+                    _fail(op.future, f"write batch failed: {exc}", exc)
+                continue
+            self.batches_committed += 1
+            for op, result in zip(batch, results, strict=True):
+                if isinstance(result, Exception):
+                    _fail(op.future, f"sqlite: {result}", result)
+                    continue
+                self.ops_committed += 1
+                if op.change is not None:  # committed even if the caller stopped waiting
+                    for message, message_id in zip(op.change.outbox, result, strict=True):
+                        message.id = message_id
+                if not op.future.done():
+                    op.future.set_result(result)

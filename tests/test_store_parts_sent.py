@@ -1,0 +1,120 @@
+"""Schema version 2 of the SQLite store: the outbox's ``parts_sent`` column, migrated in place
+into a database of version 1, and its narrow write (``record_parts_sent``)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from gateway.models import Change, MessageKind, OutboundMessage, OutboxState
+from gateway.store.sqlite import SqliteStore
+from gateway.store.sqlite_schema import MIGRATIONS
+
+T0 = 1_700_000_000.5
+
+
+def message(key: str) -> OutboundMessage:
+    return OutboundMessage(
+        endpoint="sl",
+        channel="slack",
+        conversation="C1",
+        kind=MessageKind.REPLY,
+        text="a long text",
+        key=key,
+        created_at=T0,
+        next_attempt_at=T0,
+    )
+
+
+def version_1_database(path: Path) -> None:
+    """A database as a gateway of schema version 1 left it, with one pending and one sent message."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        raw.execute("PRAGMA journal_mode = WAL")
+        for statement in MIGRATIONS[0]:  # migrations are append-only: this IS version 1
+            raw.execute(statement)
+        raw.execute("PRAGMA user_version = 1")
+        insert = (
+            "INSERT INTO outbox (key, endpoint, channel, conversation, kind, text, created_at, state, attempts,"
+            " next_attempt_at) VALUES (?, 'sl', 'slack', 'C1', 'reply', ?, ?, ?, ?, ?)"
+        )
+        raw.execute(insert, ("reply:1:0", "pending text", T0, "pending", 2, T0 + 5))
+        raw.execute(insert, ("reply:2:0", "sent text", T0, "sent", 1, T0))
+    finally:
+        raw.close()
+
+
+def schema_of(path: Path) -> tuple[int, list[str]]:
+    raw = sqlite3.connect(path)
+    try:
+        version = int(raw.execute("PRAGMA user_version").fetchone()[0])
+        columns = [row[1] for row in raw.execute("PRAGMA table_info(outbox)")]
+    finally:
+        raw.close()
+    return version, columns
+
+
+async def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "gateway.db"
+    version_1_database(path)
+    version, columns = schema_of(path)
+    assert version == 1 and "parts_sent" not in columns
+
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        version, columns = schema_of(path)
+        assert version == len(MIGRATIONS) == 2
+        assert columns[-1] == "parts_sent"
+        [pending] = await store.pending_outbox()  # the old rows are all there, starting at part 0
+        assert (pending.key, pending.text, pending.attempts, pending.next_attempt_at) == (
+            "reply:1:0",
+            "pending text",
+            2,
+            T0 + 5,
+        )
+        assert pending.parts_sent == 0
+        await store.record_parts_sent(pending.id, 1)
+    finally:
+        await store.aclose()
+
+    again = SqliteStore(path)  # a second open finds version 2 and migrates nothing
+    await again.open()
+    try:
+        [pending] = await again.pending_outbox()
+        assert pending.parts_sent == 1
+        assert schema_of(path)[0] == 2
+    finally:
+        await again.aclose()
+
+
+async def test_parts_sent_is_a_narrow_write_that_survives_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        first, second = message("reply:1:0"), message("reply:2:0")
+        await store.commit(Change(outbox=[first, second]))
+        stored = await store.get_outbound(first.id)
+        assert stored is not None and stored.parts_sent == 0
+        # In one batch: the progress of one message and a full update of both, whose snapshot
+        # still says 0 parts: the update does not undo the progress, nor the progress the update.
+        first.attempts, second.state = 3, OutboxState.DEAD
+        await asyncio.gather(
+            store.record_parts_sent(first.id, 2),
+            store.commit(Change(outbox_updates=[first, second])),
+            store.record_parts_sent(second.id, 1),
+            store.record_parts_sent(second.id, 4),  # the last one wins
+        )
+    finally:
+        await store.aclose()
+    again = SqliteStore(path)
+    await again.open()
+    try:
+        got = {m.key: m for m in [await again.get_outbound(first.id), await again.get_outbound(second.id)] if m}
+    finally:
+        await again.aclose()
+    assert (got["reply:1:0"].parts_sent, got["reply:1:0"].attempts) == (2, 3)
+    assert (got["reply:2:0"].parts_sent, got["reply:2:0"].state) == (4, OutboxState.DEAD)
