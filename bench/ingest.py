@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ingest.py [--seconds 10] [--connections 32] [--rounds 1]
                                      [--servers aiohttp,relay,bolt,gateway] [--py-spy DIR]
+                                     [--before GIT-REF]
 
 Signed Slack ``message`` events, each from a new user in a new DM channel (so each one opens a
 session in the gateway), are sent by wrk (a C load generator in its own process; Debian's
@@ -19,6 +20,9 @@ The servers, one after the other, each on a fresh process:
 - ``bolt``: slack-bolt's ``AsyncApp`` echoing with ``say()`` (the ``bench`` extra);
 - ``gateway``: ``python -m gateway.cli serve`` (what ``scripts/serve`` runs) on a config with one
   Slack endpoint, the echo flow, SQLite in a temp dir and the default logging level (INFO).
+
+``--before REF`` adds a ``before`` row: the gateway as of that commit (``git archive`` into the
+temp dir, run with the same venv), just before ``gateway``, for before/after ratios of a change.
 
 Printed per server: requests/s, latency p50 / p99 / max as wrk measured it (closed loop, so
 latency and throughput trade), non-2xx answers, replies counted at the fake, and the server
@@ -203,27 +207,43 @@ def gateway_config(directory: Path, port: int, api: str) -> Path:
     return path
 
 
-def start_server(kind: str, port: int, api: str, directory: Path) -> subprocess.Popen[bytes]:
+def export_tree(ref: str, workdir: Path) -> Path:
+    """The project's files as of git ``ref``, for the ``before`` server."""
+    tree = workdir / "before-src"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def start_server(kind: str, port: int, api: str, directory: Path, before: Path | None) -> subprocess.Popen[bytes]:
     log = open(directory / f"{kind}.log", "wb")  # the child writes it
-    if kind == "gateway":
+    cwd = ROOT
+    if kind in ("gateway", "before"):
         config = gateway_config(directory, port, api)
+        # ``-m`` puts the working directory first on sys.path: the ``before`` tree's packages
+        # win over the venv's editable install of this one.
         command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+        if kind == "before":
+            assert before is not None
+            cwd = before
     else:
         command = [sys.executable, str(BENCH / "ingest_servers.py"), kind, "--port", str(port), "--api", api]
         command += ["--secret", SECRET]
-    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
 async def wait_ready(kind: str, port: int, process: subprocess.Popen[bytes]) -> None:
-    url = f"http://127.0.0.1:{port}" + ("/healthz" if kind == "gateway" else PATH)
+    gateway = kind in ("gateway", "before")
+    url = f"http://127.0.0.1:{port}" + ("/healthz" if gateway else PATH)
     deadline = time.monotonic() + 60
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"{kind} exited with {process.returncode} before it was ready")
             try:
-                async with http.request("GET" if kind == "gateway" else "POST", url) as response:
-                    if kind != "gateway" or response.status == 200:
+                async with http.request("GET" if gateway else "POST", url) as response:
+                    if not gateway or response.status == 200:
                         return
             except aiohttp.ClientError:
                 pass
@@ -263,11 +283,13 @@ class Result:
         return 0 if self.replies is None else max(0, self.requests - self.non_2xx - self.replies)
 
 
-async def measure(kind: str, args: argparse.Namespace, fake: Fake, wrk: str, workdir: Path, tag: str) -> Result:
+async def measure(
+    kind: str, args: argparse.Namespace, fake: Fake, wrk: str, workdir: Path, tag: str, before: Path | None
+) -> Result:
     directory = workdir / f"{tag}-{kind}"
     directory.mkdir()
     port = free_port()
-    process = start_server(kind, port, fake.origin, directory)
+    process = start_server(kind, port, fake.origin, directory, before)
     spy: subprocess.Popen[bytes] | None = None
     try:
         await wait_ready(kind, port, process)
@@ -283,11 +305,11 @@ async def measure(kind: str, args: argparse.Namespace, fake: Fake, wrk: str, wor
         env = {**os.environ, "INGEST_EVENTS": str(events), "INGEST_PATH": PATH, "INGEST_THREADS": str(args.threads)}
         command = [wrk, "-t", str(args.threads), "-c", str(args.connections), "-d", f"{args.seconds:g}s"]
         command += ["--timeout", "10s", "-s", str(BENCH / "ingest.lua"), url]
-        if args.py_spy and kind == "gateway":
+        if args.py_spy and kind in ("gateway", "before"):
             out = Path(args.py_spy) / f"{tag}-{kind}.txt"
             spy_command = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(process.pid)]
             spy_command += ["--duration", f"{int(args.seconds)}"]
-            spy_command += ["--format", "raw", "--threads", "--nonblocking", "-o", str(out)]
+            spy_command += ["--format", "raw", "--threads", "--gil", "--rate", "400", "--nonblocking", "-o", str(out)]
             spy = subprocess.Popen(spy_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu_before = cpu_seconds(process.pid)
         run = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, text=True, check=True)
@@ -338,7 +360,10 @@ def table(results: list[Result]) -> list[str]:
 def ratios(results: list[Result]) -> dict[str, float]:
     by = {r.server: r for r in results}
     out: dict[str, float] = {}
-    gateway, relay, bolt = by.get("gateway"), by.get("relay"), by.get("bolt")
+    gateway, relay, bolt, before = by.get("gateway"), by.get("relay"), by.get("bolt"), by.get("before")
+    if gateway and before:
+        out["gateway/before req/s"] = gateway.rate / before.rate
+        out["before/gateway CPU per request"] = (before.cpu_s / before.requests) / (gateway.cpu_s / gateway.requests)
     if gateway and relay:
         out["gateway/relay req/s"] = gateway.rate / relay.rate
         out["gateway p99 / relay p99"] = gateway.p99_ms / relay.p99_ms
@@ -369,15 +394,18 @@ def verdict(results: list[Result], found: dict[str, float]) -> list[str]:
 async def run_all(args: argparse.Namespace) -> int:
     wrk = ensure_wrk()
     servers = [s for s in args.servers.split(",") if s]
+    if args.before and "before" not in servers:
+        servers.insert(servers.index("gateway") if "gateway" in servers else len(servers), "before")
     fake = Fake(free_port())
     rounds: list[dict[str, float]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+            before = export_tree(args.before, Path(tmp)) if args.before else None
             for number in range(1, args.rounds + 1):
                 print(f"round {number}/{args.rounds}: {load()}", flush=True)
                 results = []
                 for kind in servers:
-                    results.append(await measure(kind, args, fake, wrk, Path(tmp), f"r{number}"))
+                    results.append(await measure(kind, args, fake, wrk, Path(tmp), f"r{number}", before))
                     print(f"  {kind} done ({load()})", flush=True)
                 print("\n".join(table(results)))
                 found = ratios(results)
@@ -402,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole table (default 1)")
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset, in order")
     parser.add_argument("--py-spy", metavar="DIR", help="record the gateway with py-spy (raw stacks) into DIR")
+    parser.add_argument("--before", metavar="GIT-REF", help="also run the gateway as of this commit, for ratios")
     args = parser.parse_args(argv)
-    unknown = set(args.servers.split(",")) - set(SERVERS)
+    unknown = set(args.servers.split(",")) - {*SERVERS, "before"}
     if unknown:
         parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
