@@ -319,7 +319,8 @@ class Outbox(OutboxSink):
         lane.messages.popleft()
         self._known.discard(message.id)
         self._metrics.inc("gateway_messages_out_total", endpoint=message.endpoint, outcome=state.value)
-        level = logging.WARNING if state is OutboxState.DEAD else logging.INFO
+        # Per-message lines are DEBUG (DESIGN.md, logging); a dead letter is an operator's business.
+        level = logging.WARNING if state is OutboxState.DEAD else logging.DEBUG
         log.log(
             level,
             "message out %s: endpoint=%s conversation=%s kind=%s id=%d%s",

@@ -77,7 +77,7 @@ class SessionBook:
         if opened is not None and opened.is_open:
             self._after_open(slot, opened)
         for message in change.outbox:
-            log.info(
+            log.debug(
                 "message out queued: endpoint=%s conversation=%s kind=%s",
                 message.endpoint,
                 message.conversation,
@@ -93,7 +93,7 @@ class SessionBook:
         slot.session = session
         self.open_count += 1
         self._metrics.inc("gateway_sessions_opened_total", endpoint=session.endpoint)
-        log.info(
+        log.debug(
             "session opened: %s endpoint=%s conversation=%s interactive=%s developer=%s",
             session.id,
             session.endpoint,
@@ -114,7 +114,7 @@ class SessionBook:
         self._stats.closes_committed += 1
         if self._stats.record_lags and session.close_reason is CloseReason.INACTIVITY and session.expires_at:
             self._stats.close_lags_s.append(self._clock() - session.expires_at)
-        log.info("session closed: %s reason=%s notice=%s", session.id, session.close_reason, session.notice)
+        log.debug("session closed: %s reason=%s notice=%s", session.id, session.close_reason, session.notice)
         self.notify(session)
         for hook in self.close_hooks:
             hook(session)

@@ -189,10 +189,13 @@ class SessionCloser:
                 self.close_into(change, session, reason=reason, notify=False, contact=None, policy=None, now=now)
             await self._store.commit(change)
             for session in change.sessions:
-                log.info(
+                log.debug(
                     "session closed: %s reason=endpoint_removed (endpoint %s is gone)", session.id, session.endpoint
                 )
                 self._metrics.inc("gateway_sessions_closed_total", endpoint=session.endpoint, reason="endpoint_removed")
+        if sessions:
+            gone = ", ".join(sorted({session.endpoint for session in sessions}))
+            log.info("closed %d open sessions of endpoints no longer configured (%s)", len(sessions), gone)
 
     # -- close scripts (S12) -----------------------------------------------------------------
 
@@ -217,7 +220,7 @@ class SessionCloser:
             self._metrics.inc("gateway_close_script_errors_total", endpoint=session.endpoint)
             log.warning("close script for session %s failed: %s", session.id, exc)
             return
-        log.info("close script ran for session %s; auth profiles to clear: %s", session.id, names or "none")
+        log.debug("close script ran for session %s; auth profiles to clear: %s", session.id, names or "none")
         if names and not self._stopped:
             # Through the conversation's queue: a turn of the next session must not race it.
             self._scheduler.push(self._scheduler.slot(session.endpoint, session.conversation), ClearProfilesItem(names))

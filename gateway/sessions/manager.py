@@ -191,7 +191,7 @@ class SessionManager:
             self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="duplicate")
             return False
         self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="accepted")
-        log.info(
+        log.debug(
             "event in: endpoint=%s conversation=%s kind=%s id=%s", endpoint, event.conversation, event.kind, stored.id
         )
         self._enqueue(stored)
