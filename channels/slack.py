@@ -1,4 +1,4 @@
-"""Slack Events API in, ``chat.postMessage`` out, through slack-sdk's own verifier and async client.
+"""Slack Events API in, ``chat.postMessage`` out: slack-sdk's own verifier, and one lean aiohttp POST.
 
 Conversation ids (DESIGN.md): ``<channel>`` for a top-level message, ``<channel>:<thread_ts>``
 for a reply inside a thread (a thread is its own conversation). Replies to a top-level message
@@ -7,7 +7,16 @@ go to the channel, replies in a thread stay in that thread.
 Text passes through unchanged both ways: inbound text is Slack's own markup (``&lt;``,
 ``<@U123>``), and replies are posted as Slack mrkdwn, so an echo round-trips exactly.
 
-What slack-sdk 3.47 does that this module works around:
+Replies and notices are posted with one aiohttp request on the shared session, not through
+slack-sdk's ``AsyncWebClient`` (kept for ``auth.test`` at start): measured under load
+(bench/ingest.py with py-spy), the SDK's path held the GIL for ~28% of the gateway's samples,
+building debug strings whenever its logger's own level is unset, copying headers and wrapping
+the answer. The lean path keeps the SDK's semantics: JSON body with the bot token as a bearer,
+connection errors retried once after ``CONNECTION_RETRY_S`` (what the SDK's
+``AsyncConnectionErrorRetryHandler`` did), nothing else retried here, and every answer judged
+as the SDK did (``_answer_error``).
+
+What slack-sdk 3.47 does that this module works around (``auth.test``):
 
 - ``AsyncBaseClient`` copies HTTPS_PROXY/HTTP_PROXY into a per-request ``proxy=`` and ignores
   NO_PROXY, so a test's 127.0.0.1 API would go through the proxy. The attribute is reset after
@@ -36,6 +45,7 @@ import aiohttp
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetryHandler
 from slack_sdk.signature import Clock, SignatureVerifier
+from slack_sdk.version import __version__ as slack_sdk_version
 from slack_sdk.web.async_client import AsyncWebClient
 
 from channels.base import ParsedWebhook, Progress, WebhookRequest, WebhookResponse, platform_time, send_parts
@@ -53,6 +63,9 @@ TIMESTAMP_HEADER = "X-Slack-Request-Timestamp"
 # below that, leaving room for characters Slack counts as more than one.
 MAX_TEXT_CHARS = 3500
 REQUEST_TIMEOUT_S = 10.0
+CONNECTION_RETRY_S = 0.5  # one retry of a connection error, after this long (as slack-sdk's handler)
+# What slack-sdk's handler retried: refused, reset, or closed before an answer.
+_CONNECTION_ERRORS = (aiohttp.ServerConnectionError, aiohttp.ClientOSError)
 # Message subtypes that are still a user writing: a file upload with its comment, and a thread
 # reply also sent to the channel. Every other subtype (edits, deletions, joins, bot_message,
 # ...) is housekeeping (S16).
@@ -139,6 +152,13 @@ class SlackAdapter:
         self._state = _State.NEW
         self._http: aiohttp.ClientSession | None = None
         self._client: AsyncWebClient | None = None
+        self._post_url = self._base_url + "chat.postMessage"
+        token = endpoint.credential("bot_token")
+        self._post_headers = {
+            "Content-Type": "application/json;charset=utf-8",
+            "User-Agent": f"chat-gateway slack-sdk/{slack_sdk_version}",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        }
 
     def __repr__(self) -> str:
         return f"SlackAdapter(endpoint={self._endpoint.name!r}, bot_user_id={self._bot_user_id!r}, {self._state})"
@@ -249,16 +269,16 @@ class SlackAdapter:
             raise DeliveryError(f"slack: no channel in conversation {message.conversation!r}", retryable=False)
         if not message.text.strip():
             raise DeliverySkipped("empty text")
-        client = self._client
-        if client is None or self._http is None or self._http.closed:
+        http = self._http
+        if self._client is None or http is None or http.closed:
             raise DeliveryError("slack adapter is not running", retryable=True)
         parts = split_text(message.text, MAX_TEXT_CHARS, prefer_line_breaks=True)
-        post = functools.partial(self._send_part, client, channel, thread_ts, message.conversation, len(parts))
+        post = functools.partial(self._send_part, http, channel, thread_ts, message.conversation, len(parts))
         await send_parts(message, parts, post, progress)
 
     async def _send_part(
         self,
-        client: AsyncWebClient,
+        http: aiohttp.ClientSession,
         channel: str,
         thread_ts: str | None,
         conversation: str,
@@ -267,7 +287,7 @@ class SlackAdapter:
         text: str,
     ) -> None:
         try:
-            await self._post(client, channel, thread_ts, text)
+            await self._post(http, channel, thread_ts, text)
         except DeliveryError as exc:
             logger.warning(
                 "slack send on %s to %s failed (part %d/%d): %s",
@@ -279,12 +299,28 @@ class SlackAdapter:
             )
             raise
 
-    async def _post(self, client: AsyncWebClient, channel: str, thread_ts: str | None, text: str) -> None:
+    async def _post(self, http: aiohttp.ClientSession, channel: str, thread_ts: str | None, text: str) -> None:
+        """One ``chat.postMessage``; raises ``DeliveryError`` unless Slack answered ``ok``."""
+        fields = {"channel": channel, "text": text}
+        if thread_ts is not None:
+            fields["thread_ts"] = thread_ts
+        body = json.dumps(fields, separators=(",", ":")).encode()
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                await client.chat_postMessage(channel=channel, text=text, thread_ts=thread_ts)
-        except (SlackClientError, aiohttp.ClientError, TimeoutError, AttributeError) as exc:
+                try:
+                    status, headers, raw = await self._request(http, body)
+                except _CONNECTION_ERRORS:
+                    await asyncio.sleep(CONNECTION_RETRY_S)
+                    status, headers, raw = await self._request(http, body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _failure_of(exc) from exc
+        error = _answer_error(status, headers, raw)
+        if error is not None:
+            raise error
+
+    async def _request(self, http: aiohttp.ClientSession, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        async with http.post(self._post_url, data=body, headers=self._post_headers) as response:
+            return response.status, response.headers, await response.read()
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -345,6 +381,21 @@ def _failure_of(exc: BaseException) -> DeliveryError:
     if isinstance(exc, AttributeError):  # a 200 that is not JSON (see the module docstring)
         return DeliveryError("slack: unexpected response", retryable=False)
     return DeliveryError(f"slack: {type(exc).__name__}", retryable=False)
+
+
+def _answer_error(status: int, headers: Mapping[str, str], raw: bytes) -> DeliveryError | None:
+    """None for a 200 whose JSON says ``ok``; else the error, judged as slack-sdk did: a body
+    that is not a JSON object carries no error code, so only its status tells."""
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:  # UnicodeDecodeError is a ValueError
+        data = None
+    if not isinstance(data, dict):
+        data = None
+    if status == 200 and data is not None and data.get("ok"):
+        return None
+    error = data.get("error") if data is not None else None
+    return _status_error(status, error if isinstance(error, str) else None, headers)
 
 
 def _api_error(response: Any) -> DeliveryError:
