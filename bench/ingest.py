@@ -26,9 +26,10 @@ temp dir, run with the same venv), just before ``gateway``, for before/after rat
 
 Printed per server: requests/s, latency p50 / p99 / max as wrk measured it (closed loop, so
 latency and throughput trade), non-2xx answers, replies counted at the fake, and the server
-process's CPU time per request (user + system, all its threads: less sensitive than the rest to
-other work on the machine). Then the issue-9 ratios: gateway/relay and gateway/bolt throughput,
-gateway p99 / relay p99. The machine is shared: compare ratios from one run, and note the load.
+process's CPU time per request (user + system, all its threads; "(loop)" its main thread alone,
+the event loop): less sensitive than the rest to other work on the machine. Then the issue-9
+ratios: gateway/relay and gateway/bolt throughput, gateway p99 / relay p99. The machine is
+shared: compare ratios from one run, and note the load.
 """
 
 from __future__ import annotations
@@ -101,9 +102,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads."""
-    with open(f"/proc/{pid}/stat") as stat:
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process, all its threads (or of its thread ``tid``)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as stat:
         fields = stat.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -273,6 +275,7 @@ class Result:
     wraps: int
     replies: int | None  # None: this server does not reply
     cpu_s: float
+    main_cpu_s: float  # of the main thread (the event loop) alone
 
     @property
     def rate(self) -> float:
@@ -311,9 +314,10 @@ async def measure(
             spy_command += ["--duration", f"{int(args.seconds)}"]
             spy_command += ["--format", "raw", "--threads", "--gil", "--rate", "400", "--nonblocking", "-o", str(out)]
             spy = subprocess.Popen(spy_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        cpu_before = cpu_seconds(process.pid)
+        cpu_before, main_before = cpu_seconds(process.pid), cpu_seconds(process.pid, process.pid)
         run = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, text=True, check=True)
         cpu_s = cpu_seconds(process.pid) - cpu_before
+        main_cpu_s = cpu_seconds(process.pid, process.pid) - main_before
         line = next((x for x in run.stdout.splitlines() if x.startswith("INGEST_RESULT ")), None)
         if line is None:
             raise RuntimeError(f"wrk printed no result:\n{run.stdout}\n{run.stderr}")
@@ -334,6 +338,7 @@ async def measure(
             wraps=int(figures["wraps"]),
             replies=replies,
             cpu_s=cpu_s,
+            main_cpu_s=main_cpu_s,
         )
     finally:
         if spy is not None:
@@ -344,13 +349,14 @@ async def measure(
 def table(results: list[Result]) -> list[str]:
     lines = [
         f"{'server':8s} {'req/s':>7s} {'p50 ms':>7s} {'p99 ms':>7s} {'max ms':>7s} {'non-2xx':>7s} "
-        f"{'replies':>8s} {'missing':>7s} {'CPU us/req':>10s}"
+        f"{'replies':>8s} {'missing':>7s} {'CPU us/req':>10s} {'(loop)':>6s}"
     ]
     for r in results:
         replies = "-" if r.replies is None else str(r.replies)
         lines.append(
             f"{r.server:8s} {r.rate:7.0f} {r.p50_ms:7.1f} {r.p99_ms:7.1f} {r.max_ms:7.1f} {r.non_2xx:7d} "
             f"{replies:>8s} {r.missing:7d} {r.cpu_s / max(r.requests, 1) * 1e6:10.0f}"
+            f" {r.main_cpu_s / max(r.requests, 1) * 1e6:6.0f}"
             + (f"  (socket errors {r.socket_errors})" if r.socket_errors else "")
             + (f"  (events file wrapped {r.wraps}x: raise EVENTS_PER_SECOND_CAP)" if r.wraps and r.replies else "")
         )
