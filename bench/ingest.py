@@ -405,7 +405,12 @@ async def run_all(args: argparse.Namespace) -> int:
     fake = Fake(free_port())
     rounds: list[dict[str, float]] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        with contextlib.ExitStack() as stack:
+            if args.workdir:
+                tmp = args.workdir
+                Path(tmp).mkdir(parents=True, exist_ok=True)
+            else:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ingest-"))
             before = export_tree(args.before, Path(tmp)) if args.before else None
             for number in range(1, args.rounds + 1):
                 print(f"round {number}/{args.rounds}: {load()}", flush=True)
@@ -437,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset, in order")
     parser.add_argument("--py-spy", metavar="DIR", help="record the gateway with py-spy (raw stacks) into DIR")
     parser.add_argument("--before", metavar="GIT-REF", help="also run the gateway as of this commit, for ratios")
+    parser.add_argument("--workdir", metavar="DIR", help="keep configs, logs and databases in DIR (must be empty)")
     args = parser.parse_args(argv)
     unknown = set(args.servers.split(",")) - {*SERVERS, "before"}
     if unknown:
