@@ -305,21 +305,25 @@ class SlackAdapter:
         if thread_ts is not None:
             fields["thread_ts"] = thread_ts
         body = json.dumps(fields, separators=(",", ":")).encode()
+        # aiohttp's own per-request timeout: the session times every request anyway, so a
+        # second timer (asyncio.timeout) would only add to the heap and to the cost.
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
         try:
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                try:
-                    status, headers, raw = await self._request(http, body)
-                except _CONNECTION_ERRORS:
-                    await asyncio.sleep(CONNECTION_RETRY_S)
-                    status, headers, raw = await self._request(http, body)
+            try:
+                status, headers, raw = await self._request(http, body, timeout)
+            except _CONNECTION_ERRORS:
+                await asyncio.sleep(CONNECTION_RETRY_S)
+                status, headers, raw = await self._request(http, body, timeout)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _failure_of(exc) from exc
         error = _answer_error(status, headers, raw)
         if error is not None:
             raise error
 
-    async def _request(self, http: aiohttp.ClientSession, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        async with http.post(self._post_url, data=body, headers=self._post_headers) as response:
+    async def _request(
+        self, http: aiohttp.ClientSession, body: bytes, timeout: aiohttp.ClientTimeout
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        async with http.post(self._post_url, data=body, headers=self._post_headers, timeout=timeout) as response:
             return response.status, response.headers, await response.read()
 
 

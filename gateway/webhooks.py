@@ -75,7 +75,10 @@ def webhook_handler(endpoint: EndpointSettings) -> Handler:
         arrival = app[CLOCK]()
         manager = app[MANAGER]
         # All events of the batch are committed (group-committed together) before the 2xx.
-        await asyncio.gather(*(manager.accept(endpoint.name, event, arrival) for event in parsed.events))
+        if len(parsed.events) == 1:  # the usual case: no task for gather to wrap it in
+            await manager.accept(endpoint.name, parsed.events[0], arrival)
+        else:
+            await asyncio.gather(*(manager.accept(endpoint.name, event, arrival) for event in parsed.events))
         if parsed.ignored:
             metrics.inc("gateway_events_total", parsed.ignored, endpoint=endpoint.name, outcome="ignored")
         metrics.inc("gateway_webhook_requests_total", endpoint=endpoint.name, outcome="accepted")

@@ -190,6 +190,34 @@ async def test_contact_round_trip_and_update(store: SqliteStore) -> None:
     assert await store.get_contact("web:nobody") is None
 
 
+async def test_concurrent_contact_reads_each_get_their_own_answer(store: SqliteStore) -> None:
+    # Reads asked for together go to the database as one query (SqliteStore.get_contact).
+    contacts = [
+        Contact(id=f"web:c{i}", endpoint="web", conversation=f"c{i}", created_at=T0, variables={"n": {"value": i}})
+        for i in range(50)
+    ]
+    await store.commit(Change(contacts=contacts))
+    wanted = [c.id for c in contacts] + ["web:nobody", "web:c7", "web:c7"]
+    found = await asyncio.gather(*(store.get_contact(contact_id) for contact_id in wanted))
+    assert found[:50] == contacts
+    assert found[50] is None
+    first, second, third = found[7], found[51], found[52]
+    assert first == second == third == contacts[7]
+    assert first is not second and second is not third  # callers change their contact: never shared
+    assert second is not None and third is not None
+    second.variables["n"]["value"] = -1
+    assert third.variables["n"]["value"] == 7
+
+
+async def test_a_contact_read_that_fails_fails_every_caller(store: SqliteStore) -> None:
+    reads = [asyncio.ensure_future(store.get_contact(f"web:c{i}")) for i in range(3)]
+    await asyncio.sleep(0)  # asked for; the query starts on the next loop iteration
+    await store.aclose()
+    outcomes = await asyncio.gather(*reads, return_exceptions=True)
+    assert all(isinstance(outcome, StoreError) for outcome in outcomes)
+    assert len({id(outcome) for outcome in outcomes}) == 3
+
+
 async def test_get_contacts_returns_those_that_exist(store: SqliteStore) -> None:
     contacts = [Contact(id=f"web:c{i}", endpoint="web", conversation=f"c{i}", created_at=T0 + i) for i in range(3000)]
     await store.commit(Change(contacts=contacts))
