@@ -56,6 +56,11 @@ class SessionBook:
             return  # lazy (S8): nothing happens at the deadline
         self._timers.arm(slot)  # no-op for a session that never expires (S3)
 
+    def arm_all(self, slots: list[Conversation]) -> None:
+        """``arm`` each slot (restore)."""
+        lazy = {name for name, policy in self._policies.items() if policy.mode is SessionMode.LAZY}
+        self._timers.arm_all(slot for slot in slots if slot.endpoint in self._policies and slot.endpoint not in lazy)
+
     def restored(self, slot: Conversation, session: Session) -> None:
         """A session loaded at start is open again (its timer is armed later, in bulk)."""
         slot.session = session

@@ -123,13 +123,10 @@ class SessionManager:
         await self._closer.close_removed(removed)
         for stored in await self._store.pending_inbound():
             self._enqueue(stored)
-        armed = 0
-        for slot in self._scheduler.slots():
-            if slot.session is not None and slot.handle is None:
-                self._book.arm(slot)
-                armed += 1
-                if armed % _RESTORE_YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
+        slots = [slot for slot in self._scheduler.slots() if slot.session is not None and slot.armed_at is None]
+        for start in range(0, len(slots), _RESTORE_YIELD_EVERY):
+            self._book.arm_all(slots[start : start + _RESTORE_YIELD_EVERY])
+            await asyncio.sleep(0)
         self.ready = True
         log.info("restored %d open sessions, %d pending events re-queued", loaded, self.pending_events)
 

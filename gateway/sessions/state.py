@@ -68,15 +68,20 @@ class Conversation:
     about 1 KiB each together with their sessions.
     """
 
-    __slots__ = ("endpoint", "conversation", "session", "handle", "queue", "state")
+    __slots__ = ("endpoint", "conversation", "session", "armed_at", "queue", "state")
 
     def __init__(self, endpoint: str, conversation: str) -> None:
         self.endpoint = endpoint
         self.conversation = conversation
         self.session: Session | None = None
-        self.handle: asyncio.TimerHandle | None = None
+        # Loop time of the slot's live timer entry (``SessionTimers``), None when not armed.
+        self.armed_at: float | None = None
         self.queue: deque[WorkItem] | None = None
         self.state = SlotState.IDLE
+
+    def __lt__(self, other: Conversation) -> bool:
+        """Timer entries ``(when, slot)`` with equal ``when`` compare their slots: any order will do."""
+        return False
 
 
 @dataclass(slots=True)

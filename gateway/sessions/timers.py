@@ -1,11 +1,20 @@
-"""Inactivity timers: one ``loop.call_at`` handle per open session, re-armed lazily.
+"""Inactivity timers: one entry per open session in our own heap, one loop timer for them all.
 
-DESIGN.md "Known traps": a cancelled ``TimerHandle`` stays in asyncio's heap, and when more than
-half of it is cancelled the loop rebuilds it in one go (a long stall with a million sessions).
-So a message only moves ``session.expires_at``; when the handle fires early it re-arms itself
-for the remainder; a handle is cancelled only on close or when the deadline moves earlier.
+Each open session's deadline is an entry ``(when, slot)`` in a heap ordered by loop time; a
+single ``loop.call_at`` handle waits for the earliest entry and, when it fires, runs every entry
+that is due. Measured against one ``TimerHandle`` per session (bench/sessions.py): an entry is
+a 2-tuple (56 B) where a handle with its args tuple took 160 B, and arming it is a C
+``heappush`` where ``call_at`` built a handle in Python, which is most of what restoring a
+million sessions costs.
 
-A handle that finds its session due hands it to ``on_due`` (the scheduler, which closes it in a
+DESIGN.md "Known traps": a cancelled entry must not cost a rebuild of a big heap. So nothing is
+ever removed from the heap before its time: ``slot.armed_at`` holds the ``when`` of the slot's
+one live entry, and an entry popped with another ``when`` (the slot was disarmed, or re-armed
+earlier) is dropped. A message only moves ``session.expires_at``; when the entry comes due
+early it re-arms itself for the remainder; a new entry is pushed only when the deadline moves
+earlier (a shorter setting) or a session opens.
+
+An entry that finds its session due hands it to ``on_due`` (the scheduler, which closes it in a
 batch or in the conversation's own queue). Timers call nothing else: data flows one way.
 Deadlines are wall-clock (``clock``); loop time exists only here, in memory.
 """
@@ -14,14 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Callable
+import heapq
+import math
+from collections.abc import Callable, Iterable
 
 from gateway.models import Session
 from gateway.sessions.state import Conversation, ManagerStats
 
-# A handle that fires this much before the deadline re-arms instead of closing: loop time and
-# wall time drift apart by a little, and closing early is worse than a millisecond late.
+# An entry that comes due this much before the deadline re-arms instead of closing: loop time
+# and wall time drift apart by a little, and closing early is worse than a millisecond late.
 EARLY_TOLERANCE_S = 0.0005
+# Entries run per loop callback: a burst of due sessions yields to the loop in between.
+RUN_PER_CALLBACK = 2000
 
 
 class SessionTimers:
@@ -38,40 +51,83 @@ class SessionTimers:
         self._stats = stats
         self._on_due = on_due
         self._stopped = False
-        # Shared by every handle: a bound method and a context per handle would cost ~100 bytes
-        # per open session for nothing (timers read no context variables).
-        self._fire = self._on_timer
-        self._context = contextvars.Context()
+        self._heap: list[tuple[float, Conversation]] = []
+        self._wakeup: asyncio.TimerHandle | None = None  # the loop timer, at ``_wakeup_at``
+        self._wakeup_at = math.inf
+        self._context = contextvars.Context()  # timers read no context variables
 
     def stop(self) -> None:
-        """Fire nothing from now on (handles still in the loop become no-ops)."""
+        """Fire nothing from now on."""
         self._stopped = True
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+
+    @property
+    def entries(self) -> int:
+        """Heap entries, live and stale (for tests and benchmarks)."""
+        return len(self._heap)
 
     def is_due(self, session: Session) -> bool:
         return session.expires_at is not None and session.expires_at - self._clock() <= EARLY_TOLERANCE_S
 
     def arm(self, slot: Conversation) -> None:
-        """Make sure the slot's handle fires no later than its session's deadline."""
+        """Make sure the slot's entry comes due no later than its session's deadline."""
         session = slot.session
         if session is None or session.expires_at is None:
             return
         loop = asyncio.get_running_loop()
-        when = loop.time() + (session.expires_at - self._clock())
-        if slot.handle is not None:
-            if slot.handle.when() <= when:
-                return  # fires early and re-arms itself: no cancel, no heap churn
-            slot.handle.cancel()  # the deadline moved earlier (a shorter setting)
-        slot.handle = loop.call_at(when, self._fire, slot, context=self._context)
+        self._push(loop, slot, loop.time() + (session.expires_at - self._clock()))
+
+    def arm_all(self, slots: Iterable[Conversation]) -> None:
+        """``arm`` each slot (restore: the clocks are read once)."""
+        loop = asyncio.get_running_loop()
+        offset = loop.time() - self._clock()
+        for slot in slots:
+            session = slot.session
+            if session is not None and session.expires_at is not None:
+                self._push(loop, slot, session.expires_at + offset)
 
     def disarm(self, slot: Conversation) -> None:
-        if slot.handle is not None:
-            slot.handle.cancel()
-            slot.handle = None
+        slot.armed_at = None  # its entry, if any, is dropped when it comes due
 
-    def _on_timer(self, slot: Conversation) -> None:
-        slot.handle = None
+    def _push(self, loop: asyncio.AbstractEventLoop, slot: Conversation, when: float) -> None:
+        armed = slot.armed_at
+        if armed is not None and armed <= when:
+            return  # comes due early and re-arms itself: no new entry
+        slot.armed_at = when
+        heapq.heappush(self._heap, (when, slot))
+        if when < self._wakeup_at and not self._stopped:
+            self._wake_at(loop, when)
+
+    def _wake_at(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+        self._wakeup = loop.call_at(when, self._run_due, context=self._context)
+        self._wakeup_at = when
+
+    def _run_due(self) -> None:
+        self._wakeup = None
+        self._wakeup_at = math.inf
+        if self._stopped:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        heap = self._heap
+        ran = 0
+        while heap and heap[0][0] <= now and ran < RUN_PER_CALLBACK:
+            when, slot = heapq.heappop(heap)
+            if slot.armed_at is not when:
+                continue  # stale: disarmed, or re-armed earlier since
+            slot.armed_at = None
+            ran += 1
+            self._fire(slot)
+        if heap and not self._stopped and heap[0][0] < self._wakeup_at:
+            self._wake_at(loop, heap[0][0])  # in the past after a full round: runs next iteration
+
+    def _fire(self, slot: Conversation) -> None:
         session = slot.session
-        if session is None or self._stopped:
+        if session is None:
             return
         self._stats.timer_fires += 1
         if not self.is_due(session):

@@ -204,15 +204,24 @@ class SqliteStore:
     async def open_sessions(self) -> AsyncIterator[Session]:
         """Every open session, by (endpoint, conversation), fetched ``READ_CHUNK`` at a time
         through the partial index of open sessions."""
-        tail = "WHERE state = 'open' ORDER BY endpoint, conversation LIMIT ?"
-        params: list[Any] = [READ_CHUNK]
-        while chunk := await self._read(rows.select_sessions, tail, params):
-            for session in chunk:
-                yield session
-            if len(chunk) < READ_CHUNK:
-                return
-            tail = "WHERE state = 'open' AND (endpoint, conversation) > (?, ?) ORDER BY endpoint, conversation LIMIT ?"
-            params = [chunk[-1].endpoint, chunk[-1].conversation, READ_CHUNK]
+        first = "WHERE state = 'open' ORDER BY endpoint, conversation LIMIT ?"
+        after = "WHERE state = 'open' AND (endpoint, conversation) > (?, ?) ORDER BY endpoint, conversation LIMIT ?"
+        chunk = await self._read(rows.select_sessions, first, [READ_CHUNK])
+        while chunk:
+            # The next chunk is read while the caller takes this one (restore overlaps the two).
+            ahead = None
+            if len(chunk) == READ_CHUNK:
+                params = [chunk[-1].endpoint, chunk[-1].conversation, READ_CHUNK]
+                ahead = asyncio.ensure_future(self._read(rows.select_sessions, after, params))
+            try:
+                for session in chunk:
+                    yield session
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                    await asyncio.gather(ahead, return_exceptions=True)
+                raise
+            chunk = await ahead if ahead is not None else []
 
     async def get_session(self, session_id: str) -> Session | None:
         """The session with this id, or None."""

@@ -220,14 +220,15 @@ def close_row(s: Session) -> Row:
 
 def row_to_session(r: Row) -> Session:
     """The inverse of ``session_to_row``. Endpoint and channel names are interned: a million
-    restored sessions share a handful of strings instead of holding two copies each."""
+    restored sessions share a handful of strings instead of holding two copies each; so is
+    the float of a session whose last activity is its start (one message), 24 B each."""
     return Session(
         id=r[0],
         endpoint=sys.intern(r[1]),
         channel=sys.intern(r[2]),
         conversation=r[3],
         started_at=r[5],
-        last_activity_at=r[6],
+        last_activity_at=r[5] if r[6] == r[5] else r[6],
         expires_at=r[7],
         state=SessionState(r[8]),
         interactive=bool(r[9]),

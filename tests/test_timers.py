@@ -1,0 +1,123 @@
+"""The session timers (gateway/sessions/timers.py) on a real event loop: one heap entry per
+armed session, one loop timer for all; stale entries (disarmed, re-armed earlier) never fire."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gateway.models import Session
+from gateway.sessions import timers as timers_module
+from gateway.sessions.state import Conversation, ManagerStats
+from gateway.sessions.timers import SessionTimers
+
+
+def _slot(n: int, expires_in_s: float) -> Conversation:
+    slot = Conversation("web", f"c{n}")
+    now = time.time()
+    slot.session = Session(
+        id=f"s{n}", endpoint="web", channel="webchat", conversation=f"c{n}", started_at=now,
+        last_activity_at=now, expires_at=now + expires_in_s,
+    )  # fmt: skip
+    return slot
+
+
+class Fired:
+    """The ``on_due`` side: which slots came due, and when (wall clock)."""
+
+    def __init__(self, expected: int) -> None:
+        self.slots: list[Conversation] = []
+        self.at: list[float] = []
+        self._expected = expected
+        self.all = asyncio.Event()
+
+    def __call__(self, slot: Conversation, session: Session) -> None:
+        self.slots.append(slot)
+        self.at.append(time.time())
+        if len(self.slots) >= self._expected:
+            self.all.set()
+
+
+async def test_sessions_with_the_same_deadline_each_fire_once() -> None:
+    fired = Fired(300)
+    timers = SessionTimers(time.time, ManagerStats(), on_due=fired)
+    slots = [_slot(n, 0.05) for n in range(300)]
+    shared = time.time() + 0.05
+    for slot in slots:
+        assert slot.session is not None
+        slot.session.expires_at = shared
+    timers.arm_all(slots)
+    await asyncio.wait_for(fired.all.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert sorted(s.conversation for s in fired.slots) == sorted(s.conversation for s in slots)
+    assert all(at >= shared for at in fired.at)
+    assert all(slot.armed_at is None for slot in slots)
+    assert timers.entries == 0
+
+
+async def test_disarmed_and_rearmed_earlier_slots_fire_only_for_their_live_entry() -> None:
+    fired = Fired(2)
+    timers = SessionTimers(time.time, ManagerStats(), on_due=fired)
+    closed, shortened, kept = _slot(1, 0.1), _slot(2, 0.4), _slot(3, 0.15)
+    for slot in (closed, shortened, kept):
+        timers.arm(slot)
+    timers.disarm(closed)  # its session closed: its entry stays in the heap, stale
+    assert shortened.session is not None
+    shortened.session.expires_at = time.time() + 0.05  # a shorter setting: re-armed earlier
+    timers.arm(shortened)
+    assert timers.entries == 4  # nothing is removed before its time
+    await asyncio.wait_for(fired.all.wait(), 5)
+    assert fired.slots == [shortened, kept]
+    await asyncio.sleep(0.4)  # past the stale entries' times: nothing more fires
+    assert fired.slots == [shortened, kept]
+    assert timers.entries == 0
+
+
+async def test_a_deadline_moved_later_rearms_when_its_entry_comes_due() -> None:
+    fired = Fired(1)
+    stats = ManagerStats()
+    timers = SessionTimers(time.time, stats, on_due=fired)
+    slot = _slot(1, 0.05)
+    timers.arm(slot)
+    assert slot.session is not None and slot.session.expires_at is not None
+    slot.session.expires_at += 0.15  # a message moved it: no new entry...
+    timers.arm(slot)
+    assert timers.entries == 1
+    await asyncio.wait_for(fired.all.wait(), 5)
+    assert stats.timer_rearms == 1  # ...the old one came due early and re-armed
+    assert fired.at[0] >= slot.session.expires_at
+
+
+async def test_a_burst_larger_than_one_round_fires_completely_and_yields() -> None:
+    count = 3 * timers_module.RUN_PER_CALLBACK + 7
+    fired = Fired(count)
+    timers = SessionTimers(time.time, ManagerStats(), on_due=fired)
+    slots = [_slot(n, 0.05) for n in range(count)]
+    due = time.time() + 0.05
+    for slot in slots:
+        assert slot.session is not None
+        slot.session.expires_at = due  # all due at once
+    timers.arm_all(slots)
+    rounds_seen: list[int] = []
+
+    async def heartbeat() -> None:  # runs between rounds when the burst yields to the loop
+        while not fired.all.is_set():
+            rounds_seen.append(len(fired.slots))
+            await asyncio.sleep(0)
+
+    beat = asyncio.create_task(heartbeat())
+    await asyncio.wait_for(fired.all.wait(), 10)
+    await beat
+    assert len(fired.slots) == count and len(set(map(id, fired.slots))) == count
+    seen = sorted({n for n in rounds_seen if n > 0} | {count})
+    assert len(seen) >= 4, "the burst never yielded to the loop"
+    assert max(b - a for a, b in zip([0, *seen], seen, strict=False)) <= timers_module.RUN_PER_CALLBACK
+
+
+async def test_stopped_timers_fire_nothing() -> None:
+    fired = Fired(1)
+    timers = SessionTimers(time.time, ManagerStats(), on_due=fired)
+    timers.arm(_slot(1, 0.02))
+    timers.stop()
+    await asyncio.sleep(0.1)
+    assert fired.slots == []
