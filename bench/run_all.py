@@ -40,6 +40,9 @@ FIGURES = (
     "baseline",
     "target",
     "machine:",
+    "B3 ",
+    "webhook",
+    "replies",
 )
 
 
