@@ -4,6 +4,7 @@ race, per-session ordering under concurrent load, kinds (S13, S14), endpoint rem
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
 from pathlib import Path
@@ -247,3 +248,11 @@ async def test_endpoint_removed_sessions_close_at_start(tmp_path: Path, start_ga
     assert kept.state is SessionState.OPEN
     page, _ = await second.store.list_sessions(SessionQuery(state=SessionState.OPEN))
     assert [s.endpoint for s in page] == ["kept"]
+
+
+async def test_restore_gives_the_garbage_collector_back(tmp_path: Path, start_gateway: Any) -> None:
+    """Restore pauses the cyclic collector (SessionManager.start) and must turn it on again."""
+    assert gc.isenabled()
+    gateway = await start_gateway(make_settings(tmp_path, [webchat_endpoint()]))
+    assert gateway.manager.ready
+    assert gc.isenabled()

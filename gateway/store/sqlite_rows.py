@@ -218,6 +218,11 @@ def close_row(s: Session) -> Row:
     )
 
 
+# Enum members by value: a dict lookup, where calling the enum costs ~1 us (restore: a million).
+_SESSION_STATES = {member.value: member for member in SessionState}
+_CLOSE_REASONS = {member.value: member for member in CloseReason}
+
+
 def row_to_session(r: Row) -> Session:
     """The inverse of ``session_to_row``. Endpoint and channel names are interned: a million
     restored sessions share a handful of strings instead of holding two copies each; so is
@@ -230,11 +235,11 @@ def row_to_session(r: Row) -> Session:
         started_at=r[5],
         last_activity_at=r[5] if r[6] == r[5] else r[6],
         expires_at=r[7],
-        state=SessionState(r[8]),
+        state=_SESSION_STATES[r[8]],
         interactive=bool(r[9]),
         developer=bool(r[10]),
         closed_at=r[11],
-        close_reason=None if r[12] is None else CloseReason(r[12]),
+        close_reason=None if r[12] is None else _CLOSE_REASONS[r[12]],
         notice=r[13],
         message_count=r[14],
         intent=r[15],
