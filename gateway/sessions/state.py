@@ -74,7 +74,7 @@ class Conversation:
         self.endpoint = endpoint
         self.conversation = conversation
         self.session: Session | None = None
-        # Loop time of the slot's live timer entry (``SessionTimers``), None when not armed.
+        # Deadline of the slot's live timer entry (``SessionTimers``), None when not armed.
         self.armed_at: float | None = None
         self.queue: deque[WorkItem] | None = None
         self.state = SlotState.IDLE

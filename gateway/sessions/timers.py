@@ -1,14 +1,15 @@
 """Inactivity timers: one entry per open session in our own heap, one loop timer for them all.
 
-Each open session's deadline is an entry ``(when, slot)`` in a heap ordered by loop time; a
-single ``loop.call_at`` handle waits for the earliest entry and, when it fires, runs every entry
-that is due. Measured against one ``TimerHandle`` per session (bench/sessions.py): an entry is
-a 2-tuple (56 B) where a handle with its args tuple took 160 B, and arming it is a C
-``heappush`` where ``call_at`` built a handle in Python, which is most of what restoring a
-million sessions costs.
+Each open session's deadline is an entry ``(deadline, slot)`` in a heap ordered by deadline
+(wall clock, the very float of ``session.expires_at`` when it was armed: no float of its own); a
+single ``loop.call_at`` handle waits for the earliest entry (converted to loop time when it is
+scheduled) and, when it fires, runs every entry that is due. Measured against one
+``TimerHandle`` per session (bench/sessions.py): an entry is a 2-tuple (56 B) where a handle with
+its args tuple and loop-time float took 184 B, and arming it is a C ``heappush`` where
+``call_at`` built a handle in Python, which was most of what restoring a million sessions cost.
 
 DESIGN.md "Known traps": a cancelled entry must not cost a rebuild of a big heap. So nothing is
-ever removed from the heap before its time: ``slot.armed_at`` holds the ``when`` of the slot's
+ever removed from the heap before its time: ``slot.armed_at`` holds the deadline of the slot's
 one live entry, and an entry popped with another ``when`` (the slot was disarmed, or re-armed
 earlier) is dropped. A message only moves ``session.expires_at``; when the entry comes due
 early it re-arms itself for the remainder; a new entry is pushed only when the deadline moves
@@ -16,7 +17,9 @@ earlier (a shorter setting) or a session opens.
 
 An entry that finds its session due hands it to ``on_due`` (the scheduler, which closes it in a
 batch or in the conversation's own queue). Timers call nothing else: data flows one way.
-Deadlines are wall-clock (``clock``); loop time exists only here, in memory.
+Deadlines are wall-clock (``clock``); loop time exists only here, in memory, for the one
+wake-up: a wall clock stepped forward makes the entries it passed due at the next wake-up, one
+stepped back finds them early and re-arms them.
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ class SessionTimers:
         self._stats = stats
         self._on_due = on_due
         self._stopped = False
-        self._heap: list[tuple[float, Conversation]] = []
-        self._wakeup: asyncio.TimerHandle | None = None  # the loop timer, at ``_wakeup_at``
+        self._heap: list[tuple[float, Conversation]] = []  # (wall-clock deadline, slot)
+        self._wakeup: asyncio.TimerHandle | None = None  # the loop timer, for deadline ``_wakeup_at``
         self._wakeup_at = math.inf
         self._context = contextvars.Context()  # timers read no context variables
 
@@ -74,56 +77,53 @@ class SessionTimers:
     def arm(self, slot: Conversation) -> None:
         """Make sure the slot's entry comes due no later than its session's deadline."""
         session = slot.session
-        if session is None or session.expires_at is None:
-            return
-        loop = asyncio.get_running_loop()
-        self._push(loop, slot, loop.time() + (session.expires_at - self._clock()))
+        if session is not None and session.expires_at is not None:
+            self._push(slot, session.expires_at)
 
     def arm_all(self, slots: Iterable[Conversation]) -> None:
-        """``arm`` each slot (restore: the clocks are read once)."""
-        loop = asyncio.get_running_loop()
-        offset = loop.time() - self._clock()
+        """``arm`` each slot (restore)."""
         for slot in slots:
             session = slot.session
             if session is not None and session.expires_at is not None:
-                self._push(loop, slot, session.expires_at + offset)
+                self._push(slot, session.expires_at)
 
     def disarm(self, slot: Conversation) -> None:
         slot.armed_at = None  # its entry, if any, is dropped when it comes due
 
-    def _push(self, loop: asyncio.AbstractEventLoop, slot: Conversation, when: float) -> None:
+    def _push(self, slot: Conversation, deadline: float) -> None:
         armed = slot.armed_at
-        if armed is not None and armed <= when:
+        if armed is not None and armed <= deadline:
             return  # comes due early and re-arms itself: no new entry
-        slot.armed_at = when
-        heapq.heappush(self._heap, (when, slot))
-        if when < self._wakeup_at and not self._stopped:
-            self._wake_at(loop, when)
+        slot.armed_at = deadline
+        heapq.heappush(self._heap, (deadline, slot))
+        if deadline < self._wakeup_at and not self._stopped:
+            self._wake_for(deadline)
 
-    def _wake_at(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+    def _wake_for(self, deadline: float) -> None:
         if self._wakeup is not None:
             self._wakeup.cancel()
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, deadline - self._clock())
         self._wakeup = loop.call_at(when, self._run_due, context=self._context)
-        self._wakeup_at = when
+        self._wakeup_at = deadline
 
     def _run_due(self) -> None:
         self._wakeup = None
         self._wakeup_at = math.inf
         if self._stopped:
             return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        due_by = self._clock() + EARLY_TOLERANCE_S
         heap = self._heap
         ran = 0
-        while heap and heap[0][0] <= now and ran < RUN_PER_CALLBACK:
-            when, slot = heapq.heappop(heap)
-            if slot.armed_at is not when:
+        while heap and heap[0][0] <= due_by and ran < RUN_PER_CALLBACK:
+            deadline, slot = heapq.heappop(heap)
+            if slot.armed_at is not deadline:
                 continue  # stale: disarmed, or re-armed earlier since
             slot.armed_at = None
             ran += 1
             self._fire(slot)
         if heap and not self._stopped and heap[0][0] < self._wakeup_at:
-            self._wake_at(loop, heap[0][0])  # in the past after a full round: runs next iteration
+            self._wake_for(heap[0][0])  # due already after a full round: runs next iteration
 
     def _fire(self, slot: Conversation) -> None:
         session = slot.session
