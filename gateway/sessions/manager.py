@@ -124,15 +124,18 @@ class SessionManager:
         self._scheduler.start()
         removed: list[Session] = []
         loaded = 0
+        # Seconds of inactivity by endpoint (None: never expires), looked up once, not per session.
+        expiration_s = {name: policy.expiration_s for name, policy in self._policies.items()}
         async for session in self._store.open_sessions():
-            policy = self._policies.get(session.endpoint)
-            if policy is None:
+            endpoint = session.endpoint
+            if endpoint not in expiration_s:
                 removed.append(session)
                 continue
-            # Deadlines derive from the current policy: a setting changed while we were down
-            # applies to the restored sessions too.
-            session.expires_at = policy.deadline(session.last_activity_at)
-            self._book.restored(self._scheduler.slot(session.endpoint, session.conversation), session)
+            # Deadlines derive from the current policy (EndpointPolicy.deadline): a setting
+            # changed while we were down applies to the restored sessions too.
+            seconds = expiration_s[endpoint]
+            session.expires_at = None if seconds is None else session.last_activity_at + seconds
+            self._book.restored(self._scheduler.slot(endpoint, session.conversation), session)
             loaded += 1
             if loaded % _RESTORE_YIELD_EVERY == 0:
                 await asyncio.sleep(0)

@@ -105,7 +105,9 @@ class ConversationScheduler:
 
     def slot(self, endpoint: str, conversation: str) -> Conversation:
         """The conversation's slot, created when it has none."""
-        by_conversation = self._conversations.setdefault(endpoint, {})
+        by_conversation = self._conversations.get(endpoint)
+        if by_conversation is None:
+            by_conversation = self._conversations[endpoint] = {}
         slot = by_conversation.get(conversation)
         if slot is None:
             slot = by_conversation[conversation] = Conversation(endpoint, conversation)
