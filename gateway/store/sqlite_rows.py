@@ -179,6 +179,11 @@ def _dump(value: JSONDict | None) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
+def _dump_object(value: JSONDict) -> str:
+    """A JSON object column; most contacts have no variables or profiles (no encoder call)."""
+    return json.dumps(value, separators=(",", ":")) if value else "{}"
+
+
 def _load(text: str | None) -> JSONDict | None:
     return None if text is None else dict(json.loads(text))
 
@@ -260,8 +265,8 @@ def contact_to_row(c: Contact) -> Row:
         c.display_name,
         int(c.opted_out),
         c.last_user_message_at,
-        json.dumps(c.variables, separators=(",", ":")),
-        json.dumps(c.auth_profiles, separators=(",", ":")),
+        _dump_object(c.variables),
+        _dump_object(c.auth_profiles),
     )
 
 
