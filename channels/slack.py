@@ -311,7 +311,9 @@ class SlackAdapter:
         try:
             try:
                 status, headers, raw = await self._request(http, body, timeout)
-            except _CONNECTION_ERRORS:
+            except _CONNECTION_ERRORS as exc:
+                if isinstance(exc, TimeoutError):
+                    raise  # a timeout is the outbox's to retry, as when the SDK's call timed out
                 await asyncio.sleep(CONNECTION_RETRY_S)
                 status, headers, raw = await self._request(http, body, timeout)
         except (aiohttp.ClientError, TimeoutError) as exc:

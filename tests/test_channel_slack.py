@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -603,7 +604,42 @@ async def test_a_slow_api_times_out_as_retryable(
     api.fail_next(POST_PATH, Answer(json_body={"ok": True}, delay_s=2.0))
     with pytest.raises(DeliveryError) as failed:
         await adapter.send(outbound("C1"))
-    assert failed.value.retryable
+    assert failed.value.retryable  # (a second attempt would have met the default answer: not ok, permanent)
+
+
+async def test_a_connection_dropped_before_the_answer_is_tried_once_more(
+    http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As slack-sdk's connection-error handler did: one more attempt, after a short pause."""
+    monkeypatch.setattr(slack, "CONNECTION_RETRY_S", 0.01)
+    bodies: list[dict[str, Any]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(
+            next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1]
+        )
+        bodies.append(json.loads(await reader.readexactly(length)))
+        if len(bodies) > 1:  # the first connection is dropped without an answer
+            answer = b'{"ok":true}'
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(answer), answer)
+            )
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        adapter = make_adapter(api_base_url=f"http://127.0.0.1:{port}")
+        await adapter.start(http)
+        await adapter.send(outbound("C1", "once more"))
+        assert [body["text"] for body in bodies] == ["once more", "once more"]
+        await adapter.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_proxy_variables_do_not_divert_api_calls(
