@@ -39,11 +39,15 @@ RETENTION_S = 7 * 24 * 3600.0  # dedup ids and kept web chat frames (DESIGN.md)
 PRUNE_EVERY_S = 3600.0
 
 
-def create_store(settings: Settings) -> Store:
+def create_store(settings: Settings, clock: Callable[[], float] = time.time) -> Store:
     """The store the configuration names."""
-    if settings.storage.backend is StorageBackend.REDIS:
-        # The Store interface is ready for it (DESIGN.md); the backend itself is not built yet.
-        raise ConfigError([f"{settings.source}: storage.backend: redis is not available in this version; use sqlite"])
+    storage = settings.storage
+    if storage.backend is StorageBackend.REDIS:
+        from gateway.store.redis import RedisStore
+
+        if storage.url is None:  # the config checks refuse this already
+            raise ConfigError([f"{settings.source}: storage.url: required when backend is redis"])
+        return RedisStore(storage.url, storage.key_prefix, retention_s=int(RETENTION_S), clock=clock)
     from gateway.store.sqlite import SqliteStore
 
     return SqliteStore(settings.storage.path)
@@ -61,7 +65,7 @@ def create_app(
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[METRICS] = Metrics()
-    app[STORE] = store or create_store(settings)
+    app[STORE] = store or create_store(settings, clock)
     app[ADAPTERS] = {endpoint.name: create_adapter(endpoint, clock) for endpoint in settings.endpoints}
     chosen_flow = flow or create_flow(settings.flow)
     scripts = CloseScripts(e.session.on_close.script for e in settings.endpoints if e.session.on_close.script)

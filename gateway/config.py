@@ -74,6 +74,13 @@ def _redis_url(r: Reader, value: object, key: str) -> str:
     return url
 
 
+def _key_prefix(r: Reader, value: object, key: str) -> str:
+    prefix = text(r, value, key)
+    if not prefix or not all(ch.isalnum() or ch in "-_.{}" for ch in prefix):
+        raise Invalid(f"{prefix!r} must be letters, digits, '-', '_', '.', '{{' or '}}'")
+    return prefix
+
+
 def _log_level(r: Reader, value: object, key: str) -> str:
     level = text(r, value, key).upper()
     if level not in _LOG_LEVELS:
@@ -120,6 +127,7 @@ _STORAGE: dict[str, Converter] = {
     "backend": choice(StorageBackend),
     "path": file_path,
     "url": optional(_redis_url),
+    "key_prefix": _key_prefix,
 }
 _ADMIN: dict[str, Converter] = {"token": secret}
 _ORGANISATION_SESSION: dict[str, Converter] = {

@@ -15,7 +15,8 @@
     │   ├── Conflict               409: it exists, but its state forbids the request
     │   │   ├── SessionNotOpen     409: the session is closed already
     │   │   └── MessageNotDead     409: the message is not a dead letter
-    │   └── Overloaded             503: the backlog of accepted events passed its bound
+    │   ├── Overloaded             503: the backlog of accepted events passed its bound
+    │   └── Unavailable            503: the store cannot take the event now (Redis down or slow)
     ├── DeliveryError              a send failed (retryable or not, with an optional delay)
     │   ├── DeliveryDeferred       nobody to deliver to yet (web chat without a socket)
     │   ├── DeliverySkipped        platform policy forbids this send (24 h window, opt-out)
@@ -153,6 +154,13 @@ class Overloaded(RequestRejected):
     status = 503
 
 
+class Unavailable(RequestRejected):
+    """The store cannot take the request now (Redis down or slow): come back later. Never a
+    2xx for an event that is not stored."""
+
+    status = 503
+
+
 class DeliveryError(GatewayError):
     """Sending a message failed.
 
@@ -180,6 +188,15 @@ class StoreError(GatewayError):
 
 class StoreLocked(StoreError):
     """Another gateway process already uses this database."""
+
+
+class LeaseLost(StoreError):
+    """A write was refused because its conversation's lease (fencing token) moved to another
+    instance: this instance must forget the conversation; the new owner carries on."""
+
+    def __init__(self, contact_id: str) -> None:
+        super().__init__(f"conversation {contact_id} is owned by another instance now")
+        self.contact_id = contact_id
 
 
 class FlowError(GatewayError):

@@ -142,12 +142,19 @@ class InboundEvent:
 
 @dataclass(slots=True)
 class StoredEvent:
-    """An inbound event as committed to the durable inbox, before the webhook's 2xx."""
+    """An inbound event as committed to the durable inbox, before the webhook's 2xx.
+
+    With several instances (Redis) ``seq`` numbers the conversation's events in acceptance
+    order (0 where the store does not number them) and ``owner`` names the instance that
+    handles the conversation when that is another one (None: this instance).
+    """
 
     id: int
     endpoint: str
     arrival_at: float
     event: InboundEvent
+    seq: int = 0
+    owner: str | None = None
 
 
 @dataclass(slots=True)
@@ -197,3 +204,8 @@ class Change:
     handled_events: list[int] = field(default_factory=list)  # inbox ids now done
     outbox_updates: list[OutboundMessage] = field(default_factory=list)  # state/attempts changed
     notices: list[tuple[str, str]] = field(default_factory=list)  # (session_id, notice)
+    # Filled by a store shared by several instances (Redis): closes in ``closes`` it refused
+    # (the close claim failed), session id -> the stored deadline that moved past now, or None
+    # when the session is closed already or no longer this instance's. Their closure notices
+    # were not queued. A single-process store never refuses (memory is the truth there).
+    refused_closes: dict[str, float | None] = field(default_factory=dict)

@@ -57,6 +57,7 @@ class StorageSettings:
     backend: StorageBackend = StorageBackend.SQLITE
     path: Path = Path("data/gateway.db")  # absolute after loading (relative to the config file)
     url: str | None = None  # redis
+    key_prefix: str = "gw"  # redis: every key starts with "<key_prefix>:", so gateways can share a Redis
 
 
 @dataclass(slots=True, frozen=True)

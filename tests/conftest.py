@@ -28,7 +28,7 @@ from gateway.store.base import Store
 ADMIN_TOKEN = "test-admin-token"
 
 
-pytest_plugins = ["tests.browser"]  # the `browser` fixture (headless Chromium)
+pytest_plugins = ["tests.browser", "tests.redis_kit"]  # `browser` (headless Chromium), `redis_prefix`
 
 
 def webchat_endpoint(name: str = "web", minutes: float = 0.01, **session: Any) -> dict[str, Any]:

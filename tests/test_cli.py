@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -186,16 +187,19 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert "check-config" in capsys.readouterr().out
 
 
-def test_serve_with_the_redis_backend_says_it_is_not_available(tmp_path: Path) -> None:
-    """Not built yet: a clear configuration error (exit 2), not a traceback."""
+def test_serve_with_an_unreachable_redis_fails_in_one_line(tmp_path: Path) -> None:
+    """storage.backend: redis needs a reachable url: exit 1 with one clear line, not a traceback."""
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     config = tmp_path / "config.yaml"
-    config.write_text("storage: {backend: redis, url: 'redis://127.0.0.1:6379/0'}\n")
+    config.write_text(f"storage: {{backend: redis, url: 'redis://127.0.0.1:{port}/0'}}\n")
     result = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 2
-    assert "storage.backend: redis is not available in this version; use sqlite" in result.stderr
+    assert result.returncode == 1
+    assert "error: redis unavailable" in result.stderr
     assert "Traceback" not in result.stderr

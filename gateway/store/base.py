@@ -1,7 +1,8 @@
 """The storage interface the core depends on. Backends: ``sqlite.py`` (default), ``redis.py``.
 
-Writes go through ``commit(Change)``: one atomic unit, group-committed with concurrent ones, so
-a session's close and its closure notice exist together or not at all. ``add_inbound`` commits
+Writes go through ``commit(Change)``: one atomic unit (group-committed with concurrent ones on
+SQLite, one Lua script on Redis), so a session's close and its closure notice exist together or
+not at all. ``add_inbound`` commits
 an inbound event (with its dedup key) durably before the webhook is answered.
 """
 
@@ -37,9 +38,20 @@ class Store(Protocol):
     async def aclose(self) -> None:
         """Flush pending writes and close. Safe to call twice."""
 
+    async def healthy(self) -> bool:
+        """Whether the store can take writes now; cheap (a cached check), for ``/healthz``."""
+
     # -- inbox -------------------------------------------------------------------------------
-    async def add_inbound(self, endpoint: str, event: InboundEvent, arrival_at: float) -> StoredEvent | None:
-        """Commit an inbound event as pending; None when (endpoint, dedup_key) was seen before."""
+    async def add_inbound(
+        self, endpoint: str, event: InboundEvent, arrival_at: float, *, extends_to: float | None = None
+    ) -> StoredEvent | None:
+        """Commit an inbound event as pending; None when (endpoint, dedup_key) was seen before.
+
+        ``extends_to``: the deadline the conversation's open session moves to when the event is a
+        user interaction arriving before its deadline. A store shared by several instances moves
+        it in the same step (the owner may be another instance); a single-process store may
+        ignore it (the session manager moves it in memory).
+        """
 
     async def pending_inbound(self) -> list[StoredEvent]:
         """Events committed but not yet handled, in arrival order (id order)."""

@@ -133,8 +133,18 @@ class SqliteStore:
             raise StoreError(f"store {self._path} is not open")
         return self._writer.submit(work, change)
 
-    async def add_inbound(self, endpoint: str, event: InboundEvent, arrival_at: float) -> StoredEvent | None:
-        """Commit ``event`` as pending; None when (endpoint, dedup_key) was seen before (a redelivery)."""
+    async def healthy(self) -> bool:
+        """Open and not closing (one process owns the file; its writes fail alone)."""
+        return self._state is _State.OPEN
+
+    async def add_inbound(
+        self, endpoint: str, event: InboundEvent, arrival_at: float, *, extends_to: float | None = None
+    ) -> StoredEvent | None:
+        """Commit ``event`` as pending; None when (endpoint, dedup_key) was seen before (a redelivery).
+
+        ``extends_to`` is not stored: one process, so the session manager moves the deadline in
+        memory at acceptance and commits it with the turn.
+        """
         work = InboundRow(endpoint, event.dedup_key, rows.event_to_json(event), arrival_at)
         event_id: int | None = await self._submit(work)
         return None if event_id is None else StoredEvent(event_id, endpoint, arrival_at, event)

@@ -1,4 +1,7 @@
-"""SqliteStore against real database files: round trips, dedup, group commit, locking, retention."""
+"""The store contract, against both backends: a real SQLite file and the machine's Redis (a key
+prefix of the test's own). The ``store`` fixture is parametrised, so every test taking it shows
+that SQLite and Redis behave alike; tests of one backend's own machinery (the SQLite file, its
+lock and group commit) take ``sqlite_store``."""
 
 from __future__ import annotations
 
@@ -27,11 +30,14 @@ from gateway.models import (
     Session,
     SessionState,
 )
+from gateway.store import redis as redis_module
 from gateway.store import sqlite as sqlite_module
 from gateway.store import sqlite_rows, sqlite_writer
 from gateway.store.base import SessionQuery, Store
+from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
 from gateway.store.sqlite_schema import MIGRATIONS
+from tests.redis_kit import REDIS_URL
 
 T0 = 1_700_000_000.123456789  # full float precision must survive the round trip
 
@@ -86,16 +92,30 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
+async def sqlite_store(db_path: Path) -> AsyncIterator[SqliteStore]:
     opened = SqliteStore(db_path)
     await opened.open()
     yield opened
     await opened.aclose()
 
 
-async def reopen(store: SqliteStore, path: Path) -> SqliteStore:
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, db_path: Path) -> AsyncIterator[Store]:
+    """The store under test: a SQLite file, or Redis under a prefix of this test's own."""
+    opened: Store
+    if request.param == "sqlite":
+        opened = SqliteStore(db_path)
+    else:
+        opened = RedisStore(REDIS_URL, request.getfixturevalue("redis_prefix"))
+    await opened.open()
+    yield opened
+    await opened.aclose()
+
+
+async def reopen(store: Store, path: Path) -> Store:
+    """Close ``store`` and open the same data again (file or key prefix)."""
     await store.aclose()
-    fresh = SqliteStore(path)
+    fresh: Store = RedisStore(store.url, store.keys.prefix) if isinstance(store, RedisStore) else SqliteStore(path)
     await fresh.open()
     return fresh
 
@@ -135,7 +155,7 @@ async def test_newer_schema_is_refused(db_path: Path) -> None:
     await again.aclose()
 
 
-async def test_session_round_trip_every_field(store: SqliteStore, db_path: Path) -> None:
+async def test_session_round_trip_every_field(store: Store, db_path: Path) -> None:
     full = Session(
         id="s-full",
         endpoint="fb-main",
@@ -169,7 +189,7 @@ async def test_session_round_trip_every_field(store: SqliteStore, db_path: Path)
         await store.aclose()
 
 
-async def test_contact_round_trip_and_update(store: SqliteStore) -> None:
+async def test_contact_round_trip_and_update(store: Store) -> None:
     contact = Contact(
         id="web:c1",
         endpoint="web",
@@ -190,7 +210,7 @@ async def test_contact_round_trip_and_update(store: SqliteStore) -> None:
     assert await store.get_contact("web:nobody") is None
 
 
-async def test_get_contacts_returns_those_that_exist(store: SqliteStore) -> None:
+async def test_get_contacts_returns_those_that_exist(store: Store) -> None:
     contacts = [Contact(id=f"web:c{i}", endpoint="web", conversation=f"c{i}", created_at=T0 + i) for i in range(3000)]
     await store.commit(Change(contacts=contacts))
     wanted = [f"web:c{i}" for i in range(0, 3000, 3)] + ["web:nobody", "web:c0"]
@@ -199,7 +219,7 @@ async def test_get_contacts_returns_those_that_exist(store: SqliteStore) -> None
     assert await store.get_contacts([]) == {}
 
 
-async def test_outbound_round_trip_and_updates(store: SqliteStore) -> None:
+async def test_outbound_round_trip_and_updates(store: Store) -> None:
     message = OutboundMessage(
         endpoint="line-jp",
         channel="line",
@@ -233,7 +253,7 @@ async def test_outbound_round_trip_and_updates(store: SqliteStore) -> None:
     assert await store.get_outbound(message.id + 1000) is None
 
 
-async def test_dead_letters_newest_first_and_limited(store: SqliteStore) -> None:
+async def test_dead_letters_newest_first_and_limited(store: Store) -> None:
     messages = [make_message(f"k{i}") for i in range(3)]
     await store.commit(Change(outbox=messages))
     for m in messages:
@@ -243,7 +263,7 @@ async def test_dead_letters_newest_first_and_limited(store: SqliteStore) -> None
     assert [m.key for m in await store.dead_letters(limit=1)] == ["k2"]
 
 
-async def test_outbox_key_is_idempotent(store: SqliteStore) -> None:
+async def test_outbox_key_is_idempotent(store: Store) -> None:
     first = make_message("reply:1:0", text="first")
     await store.commit(Change(outbox=[first]))
     again = make_message("reply:1:0", text="second")
@@ -258,7 +278,7 @@ async def test_outbox_key_is_idempotent(store: SqliteStore) -> None:
     assert [m.key for m in await store.pending_outbox()] == ["reply:1:0", "close:x"]
 
 
-async def test_inbound_dedup_survives_reopen(store: SqliteStore, db_path: Path) -> None:
+async def test_inbound_dedup_survives_reopen(store: Store, db_path: Path) -> None:
     event = InboundEvent(
         conversation="U1",
         kind=EventKind.MESSAGE,
@@ -286,7 +306,7 @@ async def test_inbound_dedup_survives_reopen(store: SqliteStore, db_path: Path) 
         await store.aclose()
 
 
-async def test_pending_inbound_order_and_done_marking(store: SqliteStore) -> None:
+async def test_pending_inbound_order_and_done_marking(store: Store) -> None:
     added = [await store.add_inbound("web", make_event(f"e{i}"), T0 + i) for i in range(5)]
     ids = [e.id for e in added if e is not None]
     assert ids == sorted(ids) and len(ids) == 5
@@ -295,18 +315,18 @@ async def test_pending_inbound_order_and_done_marking(store: SqliteStore) -> Non
     assert await store.add_inbound("web", make_event("e0"), T0 + 9) is None  # done is still deduplicated
 
 
-async def test_duplicate_events_in_one_batch(store: SqliteStore) -> None:
+async def test_duplicate_events_in_one_batch(store: Store) -> None:
     results = await asyncio.gather(*(store.add_inbound("web", make_event("same"), T0) for _ in range(3)))
     assert sum(r is not None for r in results) == 1
     assert results[0] is not None  # the first in queue order wins
     assert len(await store.pending_inbound()) == 1
 
 
-async def test_one_open_session_per_conversation(store: SqliteStore) -> None:
+async def test_one_open_session_per_conversation(store: Store) -> None:
     first = make_session(1, conversation="shared")
     second = make_session(2, conversation="shared")
     other = make_session(3)
-    before = store.batches_committed
+    before = store.batches_committed if isinstance(store, SqliteStore) else 0
     outcomes = await asyncio.gather(
         store.commit(Change(sessions=[first])),
         store.commit(
@@ -319,7 +339,8 @@ async def test_one_open_session_per_conversation(store: SqliteStore) -> None:
         store.commit(Change(sessions=[other])),
         return_exceptions=True,
     )
-    assert store.batches_committed == before + 1  # one batch; only the bad change failed
+    if isinstance(store, SqliteStore):
+        assert store.batches_committed == before + 1  # one batch; only the bad change failed
     assert outcomes[0] is None and outcomes[2] is None
     assert isinstance(outcomes[1], StoreError)
     assert fields(await store.get_session(first.id)) == fields(first)
@@ -340,7 +361,7 @@ async def test_one_open_session_per_conversation(store: SqliteStore) -> None:
     assert [s.id for s in await store.contact_sessions("web:shared")] == [third.id, second.id, first.id]
 
 
-async def test_closed_session_stays_closed(store: SqliteStore) -> None:
+async def test_closed_session_stays_closed(store: Store) -> None:
     session = make_session(1)
     stale = dataclasses.replace(session)
     session.state, session.closed_at, session.close_reason = SessionState.CLOSED, T0 + 5, CloseReason.ADMIN
@@ -350,7 +371,7 @@ async def test_closed_session_stays_closed(store: SqliteStore) -> None:
     assert fields(await store.get_session(session.id)) == fields(session)
 
 
-async def test_a_batch_applies_changes_in_order(store: SqliteStore) -> None:
+async def test_a_batch_applies_changes_in_order(store: Store) -> None:
     a, b = make_session(1), make_session(2)
     a.notice = b.notice = "queued"
     await store.commit(Change(sessions=[a, b]))
@@ -372,14 +393,15 @@ async def test_a_batch_applies_changes_in_order(store: SqliteStore) -> None:
     assert (got_b.notice, got_b.message_count) == ("failed: HTTP 500", 2)
 
 
-async def test_concurrent_commits_are_group_committed_and_durable(store: SqliteStore, db_path: Path) -> None:
+async def test_concurrent_commits_are_group_committed_and_durable(store: Store, db_path: Path) -> None:
     sessions = [make_session(i) for i in range(500)]
-    before = store.batches_committed
+    before = store.batches_committed if isinstance(store, SqliteStore) else 0
     await asyncio.gather(
         *(store.commit(Change(sessions=[s], outbox=[make_message(f"reply:{s.id}")])) for s in sessions)
     )
-    batches = store.batches_committed - before
-    assert 1 <= batches < 500
+    if isinstance(store, SqliteStore):
+        batches = store.batches_committed - before
+        assert 1 <= batches < 500
     store = await reopen(store, db_path)
     try:
         for s in sessions:
@@ -390,7 +412,7 @@ async def test_concurrent_commits_are_group_committed_and_durable(store: SqliteS
         await store.aclose()
 
 
-async def test_bad_changes_fail_alone(store: SqliteStore) -> None:
+async def test_bad_changes_fail_alone(store: Store) -> None:
     unserialisable = make_session(1)
     unserialisable.variables = {"x": object()}
     with pytest.raises(StoreError):
@@ -406,10 +428,10 @@ async def test_bad_changes_fail_alone(store: SqliteStore) -> None:
         return_exceptions=True,
     )
     assert [type(o) for o in outcomes] == [type(None)] * 3 + [StoreError] + [type(None)] * 3
-    assert [s.id async for s in store.open_sessions()] == [s.id for s in good]
+    assert sorted([s.id async for s in store.open_sessions()]) == [s.id for s in good]
 
 
-async def test_list_sessions_filters_and_pages(store: SqliteStore) -> None:
+async def test_list_sessions_filters_and_pages(store: Store) -> None:
     sessions = [
         make_session(
             i, endpoint="web" if i % 2 else "slack", state=SessionState.CLOSED if i % 3 == 0 else SessionState.OPEN
@@ -445,7 +467,7 @@ async def test_list_sessions_filters_and_pages(store: SqliteStore) -> None:
         await store.list_sessions(SessionQuery(cursor="not a cursor"))
 
 
-async def test_contact_sessions_newest_first(store: SqliteStore) -> None:
+async def test_contact_sessions_newest_first(store: Store) -> None:
     history = [make_session(i, conversation="u1", state=SessionState.CLOSED) for i in (3, 1, 2)]
     current = make_session(9, conversation="u1")
     stranger = make_session(5, conversation="u2")
@@ -454,17 +476,20 @@ async def test_contact_sessions_newest_first(store: SqliteStore) -> None:
     assert await store.contact_sessions("web:nobody") == []
 
 
-async def test_open_sessions_streams_every_open_session(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_open_sessions_streams_every_open_session(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sqlite_module, "READ_CHUNK", 3)
+    monkeypatch.setattr(redis_module, "CHUNK", 3)
     sessions = [make_session(i, state=SessionState.CLOSED if i in (4, 7) else SessionState.OPEN) for i in range(11)]
     sessions.append(make_session(11, started_at=T0 + 2))
     await store.commit(Change(sessions=sessions))
     streamed = [s async for s in store.open_sessions()]
     expected = sorted((s for s in sessions if s.is_open), key=lambda s: (s.endpoint, s.conversation))
+    if isinstance(store, RedisStore):  # Redis streams them in no particular order
+        streamed.sort(key=lambda s: (s.endpoint, s.conversation))
     assert [fields(s) for s in streamed] == [fields(s) for s in expected]
 
 
-async def test_overrides(store: SqliteStore, db_path: Path) -> None:
+async def test_overrides(store: Store, db_path: Path) -> None:
     assert await store.get_overrides() == {}
     await store.put_override("endpoint:web", {"expiration_minutes": 5})
     await store.put_override("organisation", {"expiration_minutes": 60, "mode": "lazy"})
@@ -482,8 +507,12 @@ async def test_overrides(store: SqliteStore, db_path: Path) -> None:
         await store.aclose()
 
 
-async def test_prune(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_prune(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old kept web chat messages go; sent ones and other channels' stay. SQLite deletes handled
+    inbound rows (their dedup ids) by arrival time; Redis lets them expire by TTL (7 days from
+    when they were stored), so there an old dedup id is still known."""
     monkeypatch.setattr(sqlite_writer, "PRUNE_CHUNK", 2)  # several rounds
+    monkeypatch.setattr(redis_module, "CHUNK", 1)
     cutoff = T0 + 100
     old_done = [await store.add_inbound("web", make_event(f"old{i}"), T0 + i) for i in range(5)]
     old_pending = await store.add_inbound("web", make_event("old-pending"), T0)
@@ -497,40 +526,42 @@ async def test_prune(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> Non
     sent_web_old.state, sent_web_old.sent_at = OutboxState.SENT, T0 + 1
     await store.commit(Change(outbox_updates=[sent_web_old]))
 
-    assert await store.prune(cutoff, holding_channels={"webchat"}) == 6
+    sqlite = isinstance(store, SqliteStore)
+    assert await store.prune(cutoff, holding_channels={"webchat"}) == (6 if sqlite else 1)
     assert await store.prune(cutoff, holding_channels={"webchat"}) == 0
     assert [e.event.dedup_key for e in await store.pending_inbound()] == ["old-pending"]
     assert old_pending is not None
-    assert await store.add_inbound("web", make_event("old0"), cutoff) is not None  # its dedup id is gone
+    old_again = await store.add_inbound("web", make_event("old0"), cutoff)
+    assert (old_again is not None) == sqlite  # SQLite: its dedup id is gone
     assert await store.add_inbound("web", make_event("new"), cutoff) is None  # this one is kept
     assert [m.key for m in await store.pending_outbox()] == ["w-new", "m-old"]
     assert await store.get_outbound(sent_web_old.id) == sent_web_old
 
 
-async def test_aclose_flushes_queued_writes_and_is_idempotent(store: SqliteStore, db_path: Path) -> None:
+async def test_aclose_flushes_queued_writes_and_is_idempotent(sqlite_store: SqliteStore, db_path: Path) -> None:
     sessions = [make_session(i) for i in range(50)]
-    writes = [asyncio.ensure_future(store.commit(Change(sessions=[s]))) for s in sessions]
+    writes = [asyncio.ensure_future(sqlite_store.commit(Change(sessions=[s]))) for s in sessions]
     await asyncio.sleep(0)  # the writes are queued, not yet committed
-    await asyncio.gather(store.aclose(), store.aclose())
-    await store.aclose()
+    await asyncio.gather(sqlite_store.aclose(), sqlite_store.aclose())
+    await sqlite_store.aclose()
     await asyncio.gather(*writes)  # every queued write succeeded
     with pytest.raises(StoreError):
-        await store.commit(Change(sessions=[make_session(99)]))
+        await sqlite_store.commit(Change(sessions=[make_session(99)]))
     with pytest.raises(StoreError):
-        await store.get_session("s0001")
-    store = await reopen(store, db_path)
+        await sqlite_store.get_session("s0001")
+    store = await reopen(sqlite_store, db_path)
     try:
         assert len([s async for s in store.open_sessions()]) == 50
     finally:
         await store.aclose()
 
 
-async def test_second_store_in_same_process_is_refused(store: SqliteStore, db_path: Path) -> None:
+async def test_second_store_in_same_process_is_refused(sqlite_store: SqliteStore, db_path: Path) -> None:
     with pytest.raises(StoreLocked) as refused:
         await SqliteStore(db_path).open()
     assert str(db_path) in str(refused.value)
     assert f"pid {os.getpid()}" in str(refused.value)
-    await store.aclose()
+    await sqlite_store.aclose()
     after = SqliteStore(db_path)
     await after.open()
     await after.aclose()
@@ -570,10 +601,10 @@ async def probe(path: Path) -> str:
     return out.decode().strip()
 
 
-async def test_other_process_is_refused_while_open(store: SqliteStore, db_path: Path) -> None:
+async def test_other_process_is_refused_while_open(sqlite_store: SqliteStore, db_path: Path) -> None:
     outcome = await probe(db_path)
     assert outcome == f"locked: database {db_path} is in use by another gateway process (pid {os.getpid()})"
-    await store.aclose()
+    await sqlite_store.aclose()
     assert await probe(db_path) == "opened"
 
 

@@ -1,0 +1,501 @@
+"""The Redis store (``storage.backend: redis``): state shared by several gateway instances.
+
+Key schema: ``gateway/store/redis_keys.py``. Every state change is one Lua script
+(``redis_scripts.py``), so it is atomic and never a read-modify-write race between instances:
+
+- ``add_inbound``: the dedup id (``SET NX`` with the retention TTL), the event in the durable
+  inbox and its conversation's pending list, the deadline moved at acceptance, and the route to
+  the conversation's owner, in one step that completes before the webhook's 2xx.
+- ``commit``: a whole ``Change`` (sessions, contacts, outbox, handled events, notices). Closes in
+  ``Change.closes`` are claims: a session closes only if it is still open (and for inactivity,
+  only if its stored deadline has passed), so two instances firing for one session make one
+  close; its closure notice is keyed ``close:<session id>`` and queued in the same step.
+  Writes of conversations this instance holds a lease for carry the lease's fencing token
+  (``leases``): a conversation taken over by another instance refuses them (``LeaseLost``).
+
+Reads are plain commands (pipelined). Errors of redis-py become ``StoreError``; a connection
+lost is retried by redis-py's pool on the next command, so the store reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from gateway.errors import LeaseLost, StoreError
+from gateway.models import Change, Contact, InboundEvent, OutboundMessage, Session, StoredEvent, contact_id_of
+from gateway.store import redis_codec as codec
+from gateway.store import redis_scripts as lua
+from gateway.store.base import SessionQuery
+from gateway.store.redis_keys import Keys
+from gateway.store.sqlite_rows import decode_cursor, encode_cursor, event_from_json, event_to_json
+
+RETENTION_S = 7 * 24 * 3600  # dedup ids and handled events (DESIGN.md retention)
+CLOSE_TOLERANCE_S = 0.0005  # a close claim accepts a deadline this far ahead (timers.EARLY_TOLERANCE_S)
+SOCKET_TIMEOUT_S = 2.0  # a slower Redis is "down": webhooks get 503 rather than hang
+CONNECT_TIMEOUT_S = 1.0
+HEALTH_EVERY_S = 1.0
+CHUNK = 1000  # ids per pipelined read
+MAX_CONNECTIONS = 32
+
+
+class _State(Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class ConversationState:
+    """What an instance taking over a conversation must load (``load_conversations``)."""
+
+    contact_id: str
+    session: Session | None
+    events: list[StoredEvent] = field(default_factory=list)  # pending, in acceptance order
+    outbox: list[OutboundMessage] = field(default_factory=list)  # pending, in id order
+
+
+def redis_client(
+    url: str, *, socket_timeout_s: float | None = SOCKET_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS
+) -> aioredis.Redis:
+    """A redis-py asyncio client with the gateway's timeouts (text responses). Its pool is
+    bounded and blocking: a burst of webhooks waits for a connection (up to the socket timeout)
+    instead of opening hundreds."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=socket_timeout_s,
+        decode_responses=True,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        health_check_interval=10,
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+
+
+class RedisStore:
+    """The ``Store`` on the Redis at ``url``, under ``key_prefix``.
+
+    ``instance_id`` (set by the ownership layer when several instances run) makes
+    ``add_inbound`` route events: take a free conversation lease or wake the owner. ``leases``
+    maps the conversations this instance holds to their fencing tokens.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key_prefix: str = "gw",
+        *,
+        retention_s: int = RETENTION_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url
+        self.keys = Keys(key_prefix)
+        self.instance_id = ""
+        self.leases: dict[str, str] = {}
+        self._retention_s = retention_s
+        self._clock = clock
+        self._state = _State.NEW
+        self._redis: aioredis.Redis | None = None
+        self._health_checked_at = -math.inf
+        self._health = False
+        self._health_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:  # the URL may hold a password: never shown
+        return f"<RedisStore prefix={self.keys.prefix!r} {self._state.value}>"
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._state is not _State.OPEN or self._redis is None:
+            raise StoreError("redis store is not open")
+        return self._redis
+
+    async def open(self) -> None:
+        """Connect and check that Redis answers; ``StoreError`` when it does not."""
+        if self._state is not _State.NEW:
+            raise StoreError("store was opened already")
+        self._redis = redis_client(self.url)
+        self._state = _State.OPEN
+        self._add_inbound = self._redis.register_script(lua.ADD_INBOUND)
+        self._commit = self._redis.register_script(lua.COMMIT)
+        self._parts_sent = self._redis.register_script(lua.PARTS_SENT)
+        self._set_deadlines = self._redis.register_script(lua.SET_DEADLINES)
+        self._prune_held = self._redis.register_script(lua.PRUNE_HELD)
+        try:
+            await self._call(self._redis.ping())
+        except StoreError:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Close the connections. Safe to call twice."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def healthy(self) -> bool:
+        """Whether Redis answered a PING within the socket timeout, checked at most once a second."""
+        if self._state is not _State.OPEN or self._redis is None:
+            return False
+        async with self._health_lock:
+            if time.monotonic() - self._health_checked_at >= HEALTH_EVERY_S:
+                try:
+                    self._health = bool(await self._redis.ping())
+                except (RedisError, OSError):
+                    self._health = False
+                self._health_checked_at = time.monotonic()
+        return self._health
+
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        """Await a redis-py call; its errors become ``StoreError`` (``LeaseLost`` for a fence).
+
+        Answers are text (``decode_responses``); redis-py types them loosely, hence ``Any``.
+        """
+        try:
+            return await awaitable
+        except ResponseError as exc:
+            message = str(exc)
+            if message.startswith("LEASE "):
+                raise LeaseLost(message.removeprefix("LEASE ")) from exc
+            raise StoreError(f"redis: {message}") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
+
+    # -- inbox -----------------------------------------------------------------------------------
+
+    async def add_inbound(
+        self, endpoint: str, event: InboundEvent, arrival_at: float, *, extends_to: float | None = None
+    ) -> StoredEvent | None:
+        """Commit ``event`` as pending (see ``redis_scripts.ADD_INBOUND``); None for a redelivery."""
+        contact = contact_id_of(endpoint, event.conversation)
+        args = [
+            self.keys.prefix,
+            endpoint,
+            event.dedup_key,
+            contact,
+            event_to_json(event),
+            codec.number(arrival_at),
+            "1" if event.is_interaction else "",
+            "" if extends_to is None else codec.number(extends_to),
+            self.instance_id,
+            str(self._retention_s),
+        ]
+        result = await self._call(self._add_inbound(keys=[], args=args))
+        if int(result[0]) == 0:
+            return None
+        event_id, seq, route, detail = int(result[0]), int(result[1]), str(result[2]), str(result[3])
+        owner = None
+        if route == "acquired":
+            self.leases[contact] = detail
+        elif route == "forwarded":
+            owner = detail
+        return StoredEvent(event_id, endpoint, arrival_at, event, seq=seq, owner=owner)
+
+    async def pending_inbound(self) -> list[StoredEvent]:
+        """Every pending event, in id order."""
+        ids = await self._call(self.client.zrange(self.keys.all_pending, 0, -1))
+        return await self._events(ids)
+
+    async def _events(self, ids: Sequence[str | int]) -> list[StoredEvent]:
+        found: list[StoredEvent] = []
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start : start + CHUNK]
+            pipe = self.client.pipeline(transaction=False)
+            for event_id in chunk:
+                pipe.hgetall(self.keys.inbound(event_id))
+            for event_id, raw in zip(chunk, await self._call(pipe.execute()), strict=True):
+                if raw:
+                    found.append(_stored_event(int(event_id), raw))
+        return found
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    async def commit(self, change: Change) -> None:
+        """Apply ``change`` atomically (one script). New outbox messages get their ``id``; closes
+        in ``change.closes`` that the store refused are listed in ``change.refused_closes``.
+        Raises ``LeaseLost`` when a conversation of the change moved to another instance and
+        ``StoreError`` when the change breaks a rule (a second open session) or Redis fails."""
+        try:
+            document = json.dumps(self._change_document(change), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"cannot store change: {exc}") from exc
+        ids, refused = await self._call(self._commit(keys=[], args=[self.keys.prefix, document]))
+        for message, message_id in zip(change.outbox, ids, strict=True):
+            message.id = int(message_id)
+        for i in range(0, len(refused), 3):
+            session_id, verdict, deadline = refused[i : i + 3]
+            if verdict == "gone":
+                change.refused_closes[session_id] = None
+            else:
+                change.refused_closes[session_id] = float(deadline) if deadline else math.inf
+
+    def _change_document(self, change: Change) -> dict[str, Any]:
+        fence: dict[str, str] = {}
+
+        def hold(contact: str) -> None:
+            token = self.leases.get(contact)
+            if token is not None:
+                fence[contact] = token
+
+        sessions = []
+        for s in change.sessions:
+            hold(s.contact_id)
+            setting, deleting = codec.fields_of(s, codec.SESSION_FIELDS)
+            sessions.append(
+                {
+                    "id": s.id,
+                    "contact": s.contact_id,
+                    "endpoint": s.endpoint,
+                    "started_at": codec.number(s.started_at),
+                    "expires_at": "" if s.expires_at is None else codec.number(s.expires_at),
+                    "state": s.state.value,
+                    "set": setting,
+                    "del": deleting,
+                }
+            )
+        closes = []
+        for s in change.closes:
+            setting, deleting = codec.fields_of(s, codec.CLOSE_FIELDS)
+            closes.append(
+                {
+                    "id": s.id,
+                    "contact": s.contact_id,
+                    "token": self.leases.get(s.contact_id, ""),
+                    "reason": "" if s.close_reason is None else s.close_reason.value,
+                    "set": setting,
+                    "del": [*deleting, "variables", "context", "accepted_deadline"],
+                }
+            )
+        contacts = []
+        for c in change.contacts:
+            hold(c.id)
+            contacts.append([c.id, codec.contact_to_json(c)])
+        outbox = []
+        for m in change.outbox:
+            contact = contact_id_of(m.endpoint, m.conversation)
+            hold(contact)
+            setting, _ = codec.fields_of(m, codec.OUTBOX_FIELDS)
+            outbox.append({"key": m.key, "contact": contact, "state": m.state.value, "set": setting})
+        updates = []
+        for m in change.outbox_updates:
+            setting, deleting = codec.fields_of(m, codec.OUTBOX_UPDATE_FIELDS)
+            updates.append({"id": str(m.id), "state": m.state.value, "set": setting, "del": deleting})
+        return {
+            "now": codec.number(self._clock()),
+            "tol": codec.number(CLOSE_TOLERANCE_S),
+            "retention": str(self._retention_s),
+            "fence": [[contact, token] for contact, token in fence.items()],
+            "closes": closes,
+            "sessions": sessions,
+            "contacts": contacts,
+            "outbox": outbox,
+            "handled": [str(event_id) for event_id in change.handled_events],
+            "updates": updates,
+            "notices": [[session_id, notice] for session_id, notice in change.notices],
+        }
+
+    async def record_parts_sent(self, message_id: int, parts_sent: int) -> None:
+        """Set ``parts_sent`` of an outbox message and nothing else."""
+        await self._call(self._parts_sent(keys=[], args=[self.keys.prefix, str(message_id), str(parts_sent)]))
+
+    async def set_deadlines(self, deadlines: Sequence[tuple[str, float | None]]) -> list[float | None]:
+        """Store re-derived deadlines of open sessions (a changed setting, an adoption); returns
+        what is stored, which an accepted but unhandled message may have moved later."""
+        stored: list[float | None] = []
+        for start in range(0, len(deadlines), CHUNK):
+            args = [self.keys.prefix]
+            for session_id, deadline in deadlines[start : start + CHUNK]:
+                args += [session_id, "" if deadline is None else codec.number(deadline)]
+            result = await self._call(self._set_deadlines(keys=[], args=args))
+            stored += [float(d) if d else None for d in result]
+        return stored
+
+    async def put_override(self, scope: str, value: dict[str, Any]) -> None:
+        """Store the runtime settings of ``scope``, replacing earlier ones."""
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"cannot store override {scope!r}: {exc}") from exc
+        await self._call(self.client.hset(self.keys.overrides, scope, text))
+
+    async def delete_override(self, scope: str) -> None:
+        """Drop the runtime settings of ``scope`` (no error when there are none)."""
+        await self._call(self.client.hdel(self.keys.overrides, scope))
+
+    async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
+        """Drop messages still pending for ``holding_channels`` created before ``before``; dedup
+        ids and handled events expire by themselves (TTL). Returns the messages dropped."""
+        total = 0
+        while True:
+            args = [self.keys.prefix, codec.number(before), str(CHUNK), *sorted(holding_channels)]
+            removed = int(await self._call(self._prune_held(keys=[], args=args)))
+            total += removed
+            if removed < CHUNK:
+                return total
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def _sessions(self, ids: Sequence[str]) -> list[Session]:
+        found: list[Session] = []
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start : start + CHUNK]
+            pipe = self.client.pipeline(transaction=False)
+            for session_id in chunk:
+                pipe.hgetall(self.keys.session(session_id))
+            found += [codec.session_from(raw) for raw in await self._call(pipe.execute()) if raw]
+        return found
+
+    async def open_sessions(self) -> AsyncIterator[Session]:
+        """Every open session, ``CHUNK`` at a time (in no particular order)."""
+        cursor = 0
+        while True:
+            cursor, keys = await self._call(self.client.scan(cursor, match=self.keys.open("*"), count=CHUNK))
+            if keys:
+                ids = [i for i in await self._call(self.client.mget(keys)) if i]
+                for session in await self._sessions(ids):
+                    if session.is_open:
+                        yield session
+            if cursor == 0:
+                return
+
+    async def get_session(self, session_id: str) -> Session | None:
+        found = await self._sessions([session_id])
+        return found[0] if found else None
+
+    async def list_sessions(self, query: SessionQuery) -> tuple[list[Session], str | None]:
+        """A page of sessions, newest first (started_at, then id), and the next page's cursor.
+
+        Raises ValueError for a cursor this store did not produce.
+        """
+        after = decode_cursor(query.cursor) if query.cursor is not None else None
+        key = self.keys.sessions if query.endpoint is None else self.keys.endpoint_sessions(query.endpoint)
+        limit = max(1, query.limit)
+        page: list[Session] = []
+        offset = 0
+        top = "+inf" if after is None else codec.number(after[0])
+        while len(page) <= limit:
+            read = self.client.zrevrangebyscore(key, top, "-inf", start=offset, num=CHUNK, withscores=True)
+            chunk = await self._call(read)
+            if not chunk:
+                break
+            offset += len(chunk)
+            ids = [member for member, score in chunk if after is None or (score, member) < after]
+            for session in await self._sessions(ids):
+                if query.state is None or session.state is query.state:
+                    page.append(session)
+        if len(page) <= limit:
+            return page, None
+        return page[:limit], encode_cursor(page[limit - 1])
+
+    async def get_contact(self, contact_id: str) -> Contact | None:
+        return (await self.get_contacts([contact_id])).get(contact_id)
+
+    async def get_contacts(self, contact_ids: list[str]) -> dict[str, Contact]:
+        """The contacts that exist among ``contact_ids``, by id."""
+        found: dict[str, Contact] = {}
+        for start in range(0, len(contact_ids), CHUNK):
+            chunk = contact_ids[start : start + CHUNK]
+            texts = await self._call(self.client.mget([self.keys.contact(c) for c in chunk]))
+            found.update({c: codec.contact_from_json(t) for c, t in zip(chunk, texts, strict=True) if t})
+        return found
+
+    async def contact_sessions(self, contact_id: str) -> list[Session]:
+        """The contact's sessions (S6), newest first."""
+        ids = await self._call(self.client.zrevrange(self.keys.contact_sessions(contact_id), 0, -1))
+        return await self._sessions(ids)
+
+    async def session_analytics(
+        self, since: float | None, until: float | None
+    ) -> list[tuple[str, bool, bool, str | None, int]]:
+        """Sessions started in ``[since, until)`` counted by (endpoint, interactive, developer,
+        close_reason), reading the started_at index a chunk at a time."""
+        low = "-inf" if since is None else codec.number(since)
+        high = "+inf" if until is None else f"({codec.number(until)}"
+        counts: dict[tuple[str, bool, bool, str | None], int] = {}
+        offset = 0
+        index = self.keys.sessions
+        while chunk := await self._call(self.client.zrangebyscore(index, low, high, start=offset, num=CHUNK)):
+            offset += len(chunk)
+            pipe = self.client.pipeline(transaction=False)
+            for session_id in chunk:
+                pipe.hmget(self.keys.session(session_id), ["endpoint", "interactive", "developer", "close_reason"])
+            for endpoint, interactive, developer, reason in await self._call(pipe.execute()):
+                if endpoint is not None:
+                    group = (endpoint, interactive == "1", developer == "1", reason)
+                    counts[group] = counts.get(group, 0) + 1
+        return [(*group, n) for group, n in counts.items()]
+
+    async def _outbound(self, ids: Sequence[str | int]) -> list[OutboundMessage]:
+        found: list[OutboundMessage] = []
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start : start + CHUNK]
+            pipe = self.client.pipeline(transaction=False)
+            for message_id in chunk:
+                pipe.hgetall(self.keys.outbound(message_id))
+            found += [codec.outbound_from(raw) for raw in await self._call(pipe.execute()) if raw]
+        return found
+
+    async def pending_outbox(self) -> list[OutboundMessage]:
+        """Messages still to send, in id order."""
+        return await self._outbound(await self._call(self.client.zrange(self.keys.outbox_pending, 0, -1)))
+
+    async def dead_letters(self, limit: int = 100) -> list[OutboundMessage]:
+        """Messages given up on, newest first."""
+        ids = await self._call(self.client.zrevrange(self.keys.outbox_dead, 0, max(1, limit) - 1))
+        return await self._outbound(ids)
+
+    async def get_outbound(self, message_id: int) -> OutboundMessage | None:
+        found = await self._outbound([message_id])
+        return found[0] if found else None
+
+    async def get_overrides(self) -> dict[str, dict[str, Any]]:
+        """scope -> runtime settings."""
+        stored = await self._call(self.client.hgetall(self.keys.overrides))
+        return {scope: json.loads(value) for scope, value in stored.items()}
+
+    # -- several instances -----------------------------------------------------------------------
+
+    async def load_conversations(self, contact_ids: Sequence[str]) -> list[ConversationState]:
+        """The open session, pending events and pending outbox of each conversation (what an
+        instance taking it over loads)."""
+        pipe = self.client.pipeline(transaction=False)
+        for contact in contact_ids:
+            pipe.get(self.keys.open(contact))
+            pipe.lrange(self.keys.pending(contact), 0, -1)
+            pipe.smembers(self.keys.conversation_outbox(contact))
+        raw = await self._call(pipe.execute())
+        session_ids = [r for r in raw[0::3] if r]
+        sessions = {s.id: s for s in await self._sessions(session_ids) if s.is_open}
+        events: dict[str, list[StoredEvent]] = {}
+        for stored in await self._events([i for ids in raw[1::3] for i in ids]):
+            events.setdefault(contact_id_of(stored.endpoint, stored.event.conversation), []).append(stored)
+        outbox: dict[str, list[OutboundMessage]] = {}
+        for message in await self._outbound(sorted((i for ids in raw[2::3] for i in ids), key=int)):
+            outbox.setdefault(contact_id_of(message.endpoint, message.conversation), []).append(message)
+        states: list[ConversationState] = []
+        for i, contact in enumerate(contact_ids):
+            session = sessions.get(raw[3 * i]) if raw[3 * i] else None
+            pending = sorted(events.get(contact, []), key=lambda e: e.seq)
+            states.append(ConversationState(contact, session, pending, outbox.get(contact, [])))
+        return states
+
+
+def _stored_event(event_id: int, raw: dict[str, str]) -> StoredEvent:
+    return StoredEvent(
+        event_id,
+        raw["endpoint"],
+        float(raw["arrival_at"]),
+        event_from_json(raw["payload"]),
+        seq=int(raw.get("seq", "0")),
+    )

@@ -1,0 +1,117 @@
+"""The Redis store's key schema, in one place. Every key starts with ``<key_prefix>:`` (default
+``gw``), so several gateways can share one Redis; ``Keys`` renders the templates for a prefix.
+
+    {P}:s:{session_id}          hash    a session's fields (models.Session; None = field absent),
+                                        plus ``accepted_deadline`` (see add_inbound.lua)
+    {P}:open:{contact_id}       string  the id of the conversation's open session (one at most)
+    {P}:sessions                zset    every session id, scored by started_at (newest-first pages)
+    {P}:sessions:{endpoint}     zset    the same, per endpoint
+    {P}:cs:{contact_id}         zset    the contact's sessions by started_at (its history, S6)
+    {P}:deadlines               zset    open sessions that expire, scored by their deadline
+    {P}:c:{contact_id}          string  a contact as JSON
+    {P}:seq:in / {P}:seq:out    counter ids of inbound events / outbox messages
+    {P}:in:{id}                 hash    an inbound event: endpoint, contact, payload, arrival_at,
+                                        state (pending|done), seq; a done one expires with retention
+    {P}:dedup:{endpoint}:{key}  string  a dedup id, SET NX with the retention TTL (7 days)
+    {P}:cseq:{contact_id}       counter the conversation's acceptance sequence (StoredEvent.seq)
+    {P}:pending:{contact_id}    list    the conversation's pending inbound ids, in acceptance order
+    {P}:pending                 zset    every pending inbound id (restore, pending_inbound)
+    {P}:o:{id}                  hash    an outbox message (models.OutboundMessage) + contact
+    {P}:okey:{key}              string  idempotency key -> outbox id
+    {P}:opending                zset    pending outbox ids;  {P}:odead  zset  dead letters
+    {P}:opend:{contact_id}      set     the conversation's pending outbox ids
+    {P}:overrides               hash    runtime settings: scope -> JSON
+    -- several instances (gateway/store/redis_ownership.py) --
+    {P}:instances               zset    live instances, scored by their last heartbeat (Redis ms)
+    {P}:lease:{contact_id}      hash    the conversation's owner: owner (instance id), token
+    {P}:fence                   counter fencing tokens
+    {P}:owned:{instance}        set     the conversations an instance owns
+    {P}:wake:{instance}         stream  events (and admin calls) for an instance's conversations
+    {P}:reply:{uuid}            list    the answer to a forwarded admin call (expires)
+    {P}:settings                channel "runtime settings changed" (pub/sub)
+
+Scripts touch keys they build from the prefix, so the store needs one Redis (or a primary with
+replicas), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class Keys:
+    """The key names under one prefix."""
+
+    prefix: str
+
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}:s:{session_id}"
+
+    def open(self, contact_id: str) -> str:
+        return f"{self.prefix}:open:{contact_id}"
+
+    @property
+    def sessions(self) -> str:
+        return f"{self.prefix}:sessions"
+
+    def endpoint_sessions(self, endpoint: str) -> str:
+        return f"{self.prefix}:sessions:{endpoint}"
+
+    def contact_sessions(self, contact_id: str) -> str:
+        return f"{self.prefix}:cs:{contact_id}"
+
+    @property
+    def deadlines(self) -> str:
+        return f"{self.prefix}:deadlines"
+
+    def contact(self, contact_id: str) -> str:
+        return f"{self.prefix}:c:{contact_id}"
+
+    def inbound(self, event_id: int | str) -> str:
+        return f"{self.prefix}:in:{event_id}"
+
+    def pending(self, contact_id: str) -> str:
+        return f"{self.prefix}:pending:{contact_id}"
+
+    @property
+    def all_pending(self) -> str:
+        return f"{self.prefix}:pending"
+
+    def outbound(self, message_id: int | str) -> str:
+        return f"{self.prefix}:o:{message_id}"
+
+    @property
+    def outbox_pending(self) -> str:
+        return f"{self.prefix}:opending"
+
+    @property
+    def outbox_dead(self) -> str:
+        return f"{self.prefix}:odead"
+
+    def conversation_outbox(self, contact_id: str) -> str:
+        return f"{self.prefix}:opend:{contact_id}"
+
+    @property
+    def overrides(self) -> str:
+        return f"{self.prefix}:overrides"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.prefix}:instances"
+
+    def lease(self, contact_id: str) -> str:
+        return f"{self.prefix}:lease:{contact_id}"
+
+    def owned(self, instance: str) -> str:
+        return f"{self.prefix}:owned:{instance}"
+
+    def wake(self, instance: str) -> str:
+        return f"{self.prefix}:wake:{instance}"
+
+    def reply(self, token: str) -> str:
+        return f"{self.prefix}:reply:{token}"
+
+    @property
+    def settings_channel(self) -> str:
+        return f"{self.prefix}:settings"
