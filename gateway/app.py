@@ -1,11 +1,14 @@
 """The aiohttp application: routes, and one cleanup context per resource, in this order:
-store -> HTTP client session -> channel adapters and flow -> outbox -> session manager (restore,
-re-arm, re-queue; then ``/healthz`` says ready). Shutdown unwinds in reverse.
+store -> ownership (several instances: this instance's heartbeat) -> HTTP client session ->
+channel adapters and flow -> outbox -> session manager (restore, re-arm, re-queue; then
+``/healthz`` says ready). Shutdown unwinds in reverse: with several instances the others take
+this one's conversations over once its outbox has stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import time
@@ -22,13 +25,14 @@ from gateway.errors import ConfigError
 from gateway.flows import Flow, create_flow
 from gateway.http_errors import answer_errors
 from gateway.inbox import EndpointInbox
-from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, SETTINGS, STORE
+from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, OWNERSHIP, SETTINGS, STORE
 from gateway.metrics import Metrics
 from gateway.models import Session
 from gateway.outbox import Outbox, RetryPolicy
 from gateway.ratelimit import RateLimiter
-from gateway.runtime_settings import load_policies
+from gateway.runtime_settings import apply_stored_settings, load_policies
 from gateway.sessions import SessionManager
+from gateway.sessions.ownership import Ownership, SoleOwner
 from gateway.settings import Settings, StorageBackend
 from gateway.store.base import Store
 from gateway.webhooks import webhook_handler
@@ -53,6 +57,17 @@ def create_store(settings: Settings, clock: Callable[[], float] = time.time) -> 
     return SqliteStore(settings.storage.path)
 
 
+def create_ownership(settings: Settings, store: Store) -> Ownership:
+    """One process owns everything (SQLite); several instances share Redis (leases)."""
+    if settings.storage.backend is StorageBackend.REDIS:
+        from gateway.store.redis import RedisStore
+        from gateway.store.redis_ownership import RedisOwnership
+
+        if isinstance(store, RedisStore):
+            return RedisOwnership(store)
+    return SoleOwner()
+
+
 def create_app(
     settings: Settings,
     *,
@@ -66,11 +81,13 @@ def create_app(
     app[CLOCK] = clock
     app[METRICS] = Metrics()
     app[STORE] = store or create_store(settings, clock)
+    app[OWNERSHIP] = create_ownership(settings, app[STORE])
     app[ADAPTERS] = {endpoint.name: create_adapter(endpoint, clock) for endpoint in settings.endpoints}
     chosen_flow = flow or create_flow(settings.flow)
     scripts = CloseScripts(e.session.on_close.script for e in settings.endpoints if e.session.on_close.script)
 
     app.cleanup_ctx.append(_store_context)
+    app.cleanup_ctx.append(_ownership_context)
     app.cleanup_ctx.append(_http_context(chosen_flow, scripts))
     app.cleanup_ctx.append(_outbox_context)
     app.cleanup_ctx.append(_manager_context(chosen_flow, scripts))
@@ -100,6 +117,15 @@ async def _store_context(app: web.Application) -> AsyncIterator[None]:
     await store.aclose()
 
 
+async def _ownership_context(app: web.Application) -> AsyncIterator[None]:
+    ownership = app[OWNERSHIP]
+    await ownership.start()
+    try:
+        yield
+    finally:
+        await ownership.aclose()
+
+
 def _http_context(flow: Flow, scripts: CloseScripts) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         # trust_env stays off: platform and flow calls go exactly where configured.
@@ -124,6 +150,7 @@ def _http_context(flow: Flow, scripts: CloseScripts) -> Callable[[web.Applicatio
 async def _outbox_context(app: web.Application) -> AsyncIterator[None]:
     adapters: dict[str, ChannelAdapter] = app[ADAPTERS]
     settings = app[SETTINGS]
+    ownership = app[OWNERSHIP]
     outbox = Outbox(
         app[STORE],
         adapters,
@@ -131,6 +158,8 @@ async def _outbox_context(app: web.Application) -> AsyncIterator[None]:
         clock=app[CLOCK],
         retry=RetryPolicy.from_settings(settings.delivery),
         limiter=RateLimiter.for_endpoints(settings.endpoints),
+        forward=None if ownership.owns_everything else ownership.forward_message,
+        resume_all=ownership.owns_everything,
     )
     app[OUTBOX] = outbox
     await outbox.start()
@@ -152,10 +181,14 @@ def _manager_context(flow: Flow, scripts: CloseScripts) -> Callable[[web.Applica
             error_reply=settings.flow.error_reply,
             max_pending_events=settings.server.max_pending_events,
             scripts=scripts,
+            ownership=app[OWNERSHIP],
         )
         manager.listeners.append(_session_frames(app[ADAPTERS]))
         app[MANAGER] = manager
         await manager.start()
+        app[OWNERSHIP].bind(
+            manager, app[OUTBOX], functools.partial(apply_stored_settings, settings, app[STORE], manager)
+        )
         yield
         await manager.aclose()
 
@@ -204,6 +237,8 @@ async def healthz(request: web.Request) -> web.StreamResponse:
     manager = request.app.get(MANAGER)
     if manager is None or not manager.ready:
         return web.json_response({"status": "starting"}, status=503)
+    if not (await request.app[STORE].healthy() and await request.app[OWNERSHIP].healthy()):
+        return web.json_response({"status": "store unavailable"}, status=503)
     return web.json_response({"status": "ok", "open_sessions": manager.open_count})
 
 

@@ -115,8 +115,14 @@ class Outbox(OutboxSink):
         clock: Callable[[], float] = time.time,
         retry: RetryPolicy | None = None,
         limiter: RateLimiter | None = None,
+        forward: Callable[[OutboundMessage], Awaitable[bool]] | None = None,
+        resume_all: bool = True,
     ) -> None:
         self._store = store
+        # Several instances: a retried dead letter goes to its conversation's owner (forward
+        # says True), and at start only the conversations taken over are resumed (resume_all).
+        self._forward = forward
+        self._resume_all = resume_all
         self._adapters = adapters
         self._metrics = metrics or Metrics()
         self._clock = clock
@@ -132,7 +138,10 @@ class Outbox(OutboxSink):
         self._metrics.gauge("gateway_outbox_pending", lambda: float(len(self._known)))
 
     async def start(self) -> None:
-        """Resume what was pending when the gateway last stopped."""
+        """Resume what was pending when the gateway last stopped (with several instances, the
+        owners of the conversations resume theirs when they take them over)."""
+        if not self._resume_all:
+            return
         pending = await self._store.pending_outbox()
         self.submit(pending)
         if pending:
@@ -198,7 +207,8 @@ class Outbox(OutboxSink):
             await asyncio.shield(self._store.commit(change))
             self._metrics.inc("gateway_dead_letters_retried_total", endpoint=message.endpoint)
             log.info("dead letter %d queued again: endpoint=%s", message.id, message.endpoint)
-            self.submit([message])
+            if self._forward is None or not await self._forward(message):
+                self.submit([message])
         return message
 
     async def drain(self, timeout_s: float = 10.0) -> None:

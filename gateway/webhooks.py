@@ -12,7 +12,7 @@ from aiohttp.typedefs import Handler
 from multidict import MultiDict
 
 from channels.base import WebhookChannel, WebhookRequest, WebhookResponse
-from gateway.errors import RequestRejected
+from gateway.errors import RequestRejected, StoreError, Unavailable
 from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, SETTINGS
 from gateway.settings import EndpointSettings
 
@@ -73,7 +73,12 @@ def webhook_handler(endpoint: EndpointSettings) -> Handler:
         arrival = app[CLOCK]()
         manager = app[MANAGER]
         # All events of the batch are committed (group-committed together) before the 2xx.
-        await asyncio.gather(*(manager.accept(endpoint.name, event, arrival) for event in parsed.events))
+        try:
+            await asyncio.gather(*(manager.accept(endpoint.name, event, arrival) for event in parsed.events))
+        except StoreError as exc:  # Redis down or slow: never a 2xx for an event not stored
+            metrics.inc("gateway_webhook_requests_total", endpoint=endpoint.name, outcome="unavailable")
+            log.warning("webhook refused: endpoint=%s: the store is unavailable: %s", endpoint.name, exc)
+            raise Unavailable("the store is unavailable; try again later") from exc
         if parsed.ignored:
             metrics.inc("gateway_events_total", parsed.ignored, endpoint=endpoint.name, outcome="ignored")
         metrics.inc("gateway_webhook_requests_total", endpoint=endpoint.name, outcome="accepted")

@@ -61,6 +61,14 @@ class SessionBook:
         slot.session = session
         self.open_count += 1
 
+    def forget(self, slot: Conversation) -> None:
+        """The slot's session leaves memory without a close here: another instance has it now,
+        or closed it (several instances on a shared store)."""
+        if slot.session is not None:
+            slot.session = None
+            self._timers.disarm(slot)
+            self.open_count -= 1
+
     async def commit(
         self,
         slot: Conversation,

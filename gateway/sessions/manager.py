@@ -20,13 +20,14 @@ import time
 from collections.abc import Callable
 
 from gateway.close_scripts import CloseScripts
-from gateway.errors import Overloaded, SessionNotFound, SessionNotOpen
+from gateway.errors import LeaseLost, Overloaded, SessionNotFound, SessionNotOpen
 from gateway.flows import Flow
 from gateway.metrics import Metrics
 from gateway.models import CloseReason, InboundEvent, Session, StoredEvent
 from gateway.policy import EndpointPolicy
 from gateway.sessions.book import SessionBook, SessionListener
 from gateway.sessions.closing import SessionCloser
+from gateway.sessions.ownership import Ownership, SoleOwner
 from gateway.sessions.scheduler import ConversationScheduler
 from gateway.sessions.state import (
     BotMessageItem,
@@ -62,8 +63,10 @@ class SessionManager:
         error_reply: str | None = None,
         max_pending_events: int = 10_000,
         scripts: CloseScripts | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
         self._store = store
+        self._ownership: Ownership = ownership or SoleOwner()
         self._policies = dict(policies)  # shared with the parts below; set_policy updates it
         self._metrics = metrics or Metrics()
         self._clock = clock
@@ -72,7 +75,11 @@ class SessionManager:
         self.ready = False
         self.stats = ManagerStats()
         self._scheduler = ConversationScheduler(
-            self._policies, handle=self._handle, on_failure=self._on_failure, close_batch=self._close_due
+            self._policies,
+            handle=self._handle,
+            on_failure=self._on_failure,
+            close_batch=self._close_due,
+            on_forget=None if self._ownership.owns_everything else self._forgotten,
         )
         self._timers = SessionTimers(clock, self.stats, on_due=self._scheduler.expire)
         self._book = SessionBook(
@@ -104,8 +111,14 @@ class SessionManager:
 
     async def start(self) -> None:
         """Restore: load open sessions, re-queue pending inbound events (they move deadlines),
-        then arm every timer; sessions overdue since before the restart close at once."""
+        then arm every timer; sessions overdue since before the restart close at once.
+
+        With several instances (``ownership.owns_everything`` false) nothing is loaded here: the
+        ownership layer hands conversations over as this instance takes them (``adopt``)."""
         self._scheduler.start()
+        if not self._ownership.owns_everything:
+            self.ready = True
+            return
         removed: list[Session] = []
         loaded = 0
         async for session in self._store.open_sessions():
@@ -184,18 +197,40 @@ class SessionManager:
             self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="overloaded")
             raise Overloaded(f"{self._scheduler.pending_events} events wait to be handled; try again later")
         arrival = self._clock() if arrival_at is None else arrival_at
+        policy = self._policies.get(endpoint)
+        extends_to = policy.deadline(arrival) if policy is not None and event.is_interaction else None
+        admitted: list[StoredEvent] = []
         with self._scheduler.admitting():
-            stored = await self._store.add_inbound(endpoint, event, arrival)
+            stored = await self._store.add_inbound(endpoint, event, arrival, extends_to=extends_to)
+            if stored is not None and stored.owner is None and not self._ownership.owns_everything:
+                admitted = await self._ownership.admit(stored)
         # Nothing awaits from here to _enqueue: the pending count takes over from admitting.
         if stored is None:
             self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="duplicate")
             return False
         self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="accepted")
         log.info(
-            "event in: endpoint=%s conversation=%s kind=%s id=%s", endpoint, event.conversation, event.kind, stored.id
+            "event in: endpoint=%s conversation=%s kind=%s id=%s%s",
+            endpoint,
+            event.conversation,
+            event.kind,
+            stored.id,
+            "" if stored.owner is None else f" (to instance {stored.owner})",
         )
-        self._enqueue(stored)
+        if stored.owner is not None:
+            return True  # another instance owns the conversation: the store woke it
+        if self._ownership.owns_everything:
+            self._enqueue(stored)
+        else:
+            self.enqueue(admitted)
         return True
+
+    def enqueue(self, events: list[StoredEvent]) -> None:
+        """Queue events of owned conversations, in order (the ownership layer's hand-over)."""
+        if self._closing:
+            return  # they stay pending in the store for the next owner
+        for stored in events:
+            self._enqueue(stored)
 
     def _enqueue(self, stored: StoredEvent) -> None:
         slot = self._scheduler.slot(stored.endpoint, stored.event.conversation)
@@ -226,10 +261,56 @@ class SessionManager:
             await self._closer.handle_clear_profiles(slot, item)
 
     async def _on_failure(self, slot: Conversation, item: WorkItem, exc: Exception) -> None:
+        if isinstance(exc, LeaseLost):
+            # Another instance took the conversation over: its events stay pending for it.
+            for lost in [item, *self._scheduler.discard_work(slot)]:
+                if isinstance(lost, CloseItem | BotMessageItem) and not lost.done.done():
+                    lost.done.set_exception(exc)
+            self._book.forget(slot)
+            log.warning("conversation %s/%s moved to another instance", slot.endpoint, slot.conversation)
+            return
         if isinstance(item, CloseItem | BotMessageItem) and not item.done.done():
             item.done.set_exception(exc)
         if isinstance(item, StoredEvent):
             await self._turn.give_up_on(item)
+
+    def _forgotten(self, slot: Conversation) -> None:
+        self._ownership.forgotten(slot.endpoint, slot.conversation)
+
+    # -- several instances: conversations taken over --------------------------------------------
+
+    async def adopt(self, sessions: list[Session], events: list[StoredEvent]) -> None:
+        """Take over conversations (several instances): their open sessions join memory with
+        their timers armed (overdue ones close at once), their pending events queue in order.
+        A session's stored deadline stands (its pending events move it further when queued)."""
+        if self._closing:
+            return
+        removed: list[Session] = []
+        adopted: list[Conversation] = []
+        for n, session in enumerate(sessions, start=1):
+            if session.endpoint not in self._policies:
+                removed.append(session)
+                continue
+            slot = self._scheduler.slot(session.endpoint, session.conversation)
+            if slot.session is not None:
+                continue  # already here (a takeover raced a message)
+            self._book.restored(slot, session)
+            adopted.append(slot)
+            if n % _RESTORE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        await self._closer.close_removed(removed)
+        self.enqueue(events)
+        for n, slot in enumerate(adopted, start=1):
+            if slot.session is not None and not self._scheduler.is_held(slot):
+                self._book.arm(slot)
+            if n % _RESTORE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        for slot in adopted:
+            self._scheduler.forget_if_empty(slot)
+
+    def has_conversation(self, endpoint: str, conversation: str) -> bool:
+        """Whether this process has the conversation in memory (a session or work)."""
+        return self._scheduler.find(endpoint, conversation) is not None
 
     async def _close_due(self, batch: list[Conversation]) -> None:
         await self._closer.close_due(batch)
@@ -248,10 +329,13 @@ class SessionManager:
         return live if live is not None and live.id == session.id else session
 
     async def close(self, session_id: str, *, reason: CloseReason = CloseReason.ADMIN, notify: bool = True) -> Session:
-        """Close an open session now (admin API); raises SessionNotFound / SessionNotOpen."""
+        """Close an open session now (admin API); raises SessionNotFound / SessionNotOpen.
+        With several instances, the one that holds the conversation closes it."""
         session = await self._store.get_session(session_id)
         if session is None:
             raise SessionNotFound(session_id)
+        if not self._ownership.holds(session.endpoint, session.conversation):
+            return await self._ownership.close_elsewhere(session, notify)
         live = self.open_session(session.endpoint, session.conversation)
         if live is None or live.id != session_id:
             raise SessionNotOpen(session_id)
@@ -261,9 +345,12 @@ class SessionManager:
         return await done
 
     async def send_bot_message(self, endpoint: str, conversation: str, text: str) -> Session:
-        """A bot-initiated message; opens a non-interactive session when none is open (S13)."""
+        """A bot-initiated message; opens a non-interactive session when none is open (S13).
+        With several instances, the one that holds the conversation sends it."""
         if endpoint not in self._policies:
             raise SessionNotFound(f"unknown endpoint {endpoint}")
+        if not self._ownership.holds(endpoint, conversation):
+            return await self._ownership.bot_message_elsewhere(endpoint, conversation, text)
         done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         self._scheduler.push(self._scheduler.slot(endpoint, conversation), BotMessageItem(text, done))
         return await done
@@ -272,6 +359,7 @@ class SessionManager:
         """Apply a changed endpoint policy to its open sessions at once (re-arming timers),
         yielding to the loop every few thousand sessions so a big endpoint never stalls it."""
         self._policies[policy.endpoint] = policy
+        moved: list[Session] = []
         for done, slot in enumerate(self._scheduler.slots(policy.endpoint), start=1):
             if done % _RESTORE_YIELD_EVERY == 0:
                 await asyncio.sleep(0)
@@ -281,10 +369,13 @@ class SessionManager:
             if session is None:
                 continue
             session.expires_at = policy.deadline(session.last_activity_at)
+            moved.append(session)
             if session.expires_at is None or policy.mode is SessionMode.LAZY:
                 self._timers.disarm(slot)
             elif not self._scheduler.is_held(slot):
                 self._book.arm(slot)
+        if moved:
+            await self._ownership.deadlines_moved(moved)
 
     def policy(self, endpoint: str) -> EndpointPolicy | None:
         return self._policies.get(endpoint)

@@ -35,7 +35,8 @@ class ConversationScheduler:
 
     ``handle`` runs one item; ``on_failure`` is told of an item whose handling raised (the
     conversation goes on with the next one); ``close_batch`` closes held conversations and
-    hands each back with ``release``.
+    hands each back with ``release``; ``on_forget`` hears of every slot dropped (a conversation
+    with no session and no work).
     """
 
     def __init__(
@@ -45,8 +46,10 @@ class ConversationScheduler:
         handle: ItemHandler,
         on_failure: FailureHandler,
         close_batch: BatchHandler,
+        on_forget: Callable[[Conversation], None] | None = None,
     ) -> None:
         self._handle = handle
+        self._on_forget = on_forget
         self._on_failure = on_failure
         self._close_batch = close_batch
         self._conversations: dict[str, dict[str, Conversation]] = {name: {} for name in endpoints}
@@ -161,6 +164,17 @@ class ConversationScheduler:
             by_conversation = self._conversations.get(slot.endpoint)
             if by_conversation is not None and by_conversation.get(slot.conversation) is slot:
                 del by_conversation[slot.conversation]
+                if self._on_forget is not None:
+                    self._on_forget(slot)
+
+    def discard_work(self, slot: Conversation) -> list[WorkItem]:
+        """Take the conversation's queued work away (another instance owns it now); returns it.
+        Events among it stay pending in the store for the new owner."""
+        items = list(slot.queue or ())
+        if slot.queue:
+            slot.queue.clear()
+        self._pending -= sum(1 for item in items if isinstance(item, StoredEvent))
+        return items
 
     def _start_worker(self, slot: Conversation) -> None:
         slot.state = SlotState.WORKING

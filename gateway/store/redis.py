@@ -13,7 +13,8 @@ Key schema: ``gateway/store/redis_keys.py``. Every state change is one Lua scrip
   Writes of conversations this instance holds a lease for carry the lease's fencing token
   (``leases``): a conversation taken over by another instance refuses them (``LeaseLost``).
 
-Reads are plain commands (pipelined). Errors of redis-py become ``StoreError``; a connection
+State-changing scripts leave through one writer (``redis_writer.py``): in submission order, one
+pipeline per round trip. Reads are plain commands (pipelined). Errors of redis-py become ``StoreError``; a connection
 lost is retried by redis-py's pool on the next command, so the store reconnects by itself.
 """
 
@@ -29,6 +30,7 @@ from enum import Enum
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.errors import LeaseLost, StoreError
@@ -37,6 +39,7 @@ from gateway.store import redis_codec as codec
 from gateway.store import redis_scripts as lua
 from gateway.store.base import SessionQuery
 from gateway.store.redis_keys import Keys
+from gateway.store.redis_writer import RedisWriter
 from gateway.store.sqlite_rows import decode_cursor, encode_cursor, event_from_json, event_to_json
 
 RETENTION_S = 7 * 24 * 3600  # dedup ids and handled events (DESIGN.md retention)
@@ -106,6 +109,7 @@ class RedisStore:
         self._clock = clock
         self._state = _State.NEW
         self._redis: aioredis.Redis | None = None
+        self._writer: RedisWriter | None = None
         self._health_checked_at = -math.inf
         self._health = False
         self._health_lock = asyncio.Lock()
@@ -128,6 +132,7 @@ class RedisStore:
         self._add_inbound = self._redis.register_script(lua.ADD_INBOUND)
         self._commit = self._redis.register_script(lua.COMMIT)
         self._parts_sent = self._redis.register_script(lua.PARTS_SENT)
+        self._writer = RedisWriter(self._redis)
         self._set_deadlines = self._redis.register_script(lua.SET_DEADLINES)
         self._prune_held = self._redis.register_script(lua.PRUNE_HELD)
         try:
@@ -141,6 +146,8 @@ class RedisStore:
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        if self._writer is not None:
+            await self._writer.aclose()
         if self._redis is not None:
             await self._redis.aclose()
 
@@ -156,6 +163,12 @@ class RedisStore:
                     self._health = False
                 self._health_checked_at = time.monotonic()
         return self._health
+
+    def _write(self, script: AsyncScript, args: list[str]) -> asyncio.Future[Any]:
+        """A state-changing script, through the writer: applied in submission order."""
+        if self._state is not _State.OPEN or self._writer is None:
+            raise StoreError("redis store is not open")
+        return self._writer.submit(script, args)
 
     async def _call(self, awaitable: Awaitable[Any]) -> Any:
         """Await a redis-py call; its errors become ``StoreError`` (``LeaseLost`` for a fence).
@@ -191,7 +204,7 @@ class RedisStore:
             self.instance_id,
             str(self._retention_s),
         ]
-        result = await self._call(self._add_inbound(keys=[], args=args))
+        result = await self._call(self._write(self._add_inbound, args))
         if int(result[0]) == 0:
             return None
         event_id, seq, route, detail = int(result[0]), int(result[1]), str(result[2]), str(result[3])
@@ -230,7 +243,7 @@ class RedisStore:
             document = json.dumps(self._change_document(change), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"cannot store change: {exc}") from exc
-        ids, refused = await self._call(self._commit(keys=[], args=[self.keys.prefix, document]))
+        ids, refused = await self._call(self._write(self._commit, [self.keys.prefix, document]))
         for message, message_id in zip(change.outbox, ids, strict=True):
             message.id = int(message_id)
         for i in range(0, len(refused), 3):
@@ -307,7 +320,7 @@ class RedisStore:
 
     async def record_parts_sent(self, message_id: int, parts_sent: int) -> None:
         """Set ``parts_sent`` of an outbox message and nothing else."""
-        await self._call(self._parts_sent(keys=[], args=[self.keys.prefix, str(message_id), str(parts_sent)]))
+        await self._call(self._write(self._parts_sent, [self.keys.prefix, str(message_id), str(parts_sent)]))
 
     async def set_deadlines(self, deadlines: Sequence[tuple[str, float | None]]) -> list[float | None]:
         """Store re-derived deadlines of open sessions (a changed setting, an adoption); returns
