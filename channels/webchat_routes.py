@@ -14,7 +14,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 
 from channels.base import Inbox
-from gateway.errors import BadPayload, Overloaded
+from gateway.errors import BadPayload, Overloaded, StoreError
 from gateway.models import EventKind, InboundEvent
 
 if TYPE_CHECKING:
@@ -97,6 +97,8 @@ def socket_handler(adapter: WebChatAdapter, inbox: Inbox) -> Handler:
                     await inbox.accept(event)
                 except Overloaded as exc:  # not accepted: the user sees no echo and may resend
                     log.warning("web chat frame dropped for %s: %s", conversation, exc.reason)
+                except StoreError as exc:  # the store is down (Redis): not accepted either
+                    log.warning("web chat frame dropped for %s: %s", conversation, exc)
         finally:
             adapter.detach(conversation, ws)
         return ws

@@ -264,3 +264,36 @@ async def test_a_settings_change_through_one_instance_applies_on_all(cluster: Ca
                 new_deadline = epoch(session["last_activity_at"]) + 1.2
                 assert epoch(session["closed_at"]) - max(new_deadline, changed_at) < 1.0
             assert json.loads(json.dumps(recipient.refused)) == {}
+
+
+async def test_operator_actions_through_any_instance_reach_the_owner(cluster: Callable[[str], Cluster]) -> None:
+    recipient = Recipient()
+    async with FakePlatform() as api:
+        api.respond(SEND_PATH, recipient.answer)
+        nodes = cluster(api.url)
+        await nodes.start(2, minutes=10)
+        owner, other = nodes.nodes
+        async with aiohttp.ClientSession() as http:
+            await post(http, owner, "A1", "hi")
+            await post(http, owner, "A2", "hi")
+            await recipient.wait(
+                lambda: recipient.delivered.get("A1") == ["hi"] and recipient.delivered.get("A2") == ["hi"]
+            )
+            assert set((await owners(nodes.prefix, ["A1", "A2"])).values()) == {nodes.instance_id(owner)}
+            [session] = await sessions_of(http, other, "A1")
+            close_url = f"{other.url}/admin/sessions/{session['id']}/close"
+            async with http.post(close_url, json={}, headers=ADMIN) as response:
+                assert response.status == 200, await response.text()
+                closed = await response.json()
+            assert (closed["state"], closed["close_reason"]) == ("closed", "admin")
+            async with http.post(close_url, json={}, headers=ADMIN) as response:
+                assert response.status == 409
+            message = {"endpoint": ENDPOINT, "conversation": "A2", "text": "from the bot"}
+            async with http.post(f"{other.url}/admin/messages", json=message, headers=ADMIN) as response:
+                assert response.status == 202, await response.text()
+            await recipient.wait(lambda: recipient.delivered.get("A1") == ["hi", BYE])
+            await recipient.wait(lambda: recipient.delivered.get("A2") == ["hi", "from the bot"])
+            await asyncio.sleep(0.3)
+            assert recipient.delivered == {"A1": ["hi", BYE], "A2": ["hi", "from the bot"]}
+            # The owner did both: the conversations never moved.
+            assert set((await owners(nodes.prefix, ["A1", "A2"])).values()) <= {nodes.instance_id(owner), None}

@@ -160,6 +160,9 @@ class RedisOwnership:
             # those, and the session manager forgets each one as its write is refused.
             self.stats.lapsed_heartbeats += 1
             log.warning("instance %s: heartbeat lapsed %d ms", self.instance_id, int(now_ms) - float(previous))
+        elif not previous and self._beat_at > -math.inf:
+            self.stats.lapsed_heartbeats += 1
+            log.warning("instance %s: Redis had lost this instance (restarted without its data?)", self.instance_id)
         self._beat_at = asyncio.get_running_loop().time()
 
     async def _beat_forever(self) -> None:

@@ -45,10 +45,11 @@ if me == '' then return {id, seq, 'mine', ''} end
 local lease = P..':lease:'..contact
 local owner = redis.call('HGET', lease, 'owner')
 if not owner then
-  local token = redis.call('INCR', P..':fence')
+  local t = redis.call('TIME')
+  local token = t[1]..'.'..redis.call('INCR', P..':fence')
   redis.call('HSET', lease, 'owner', me, 'token', token)
   redis.call('SADD', P..':owned:'..me, contact)
-  return {id, seq, 'acquired', tostring(token)}
+  return {id, seq, 'acquired', token}
 end
 if owner == me then return {id, seq, 'mine', redis.call('HGET', lease, 'token')} end
 redis.call('XADD', P..':wake:'..owner, 'MAXLEN', '~', '100000', '*', 'kind', 'event', 'contact', contact,
@@ -273,7 +274,8 @@ return removed
 # -- several instances (redis_ownership.py): leases with fencing tokens --------------------------
 # Liveness is the instance's heartbeat in {P}:instances, in Redis's own clock (TIME), so the
 # instances' clocks never matter. A conversation's lease is {owner, token}; every new owner gets
-# a new token (INCR {P}:fence), which fences the old owner's writes (COMMIT's 'fence').
+# a new token ("<Redis seconds>.<INCR {P}:fence>": unique even after a Redis that lost its data
+# restarts the counter), which fences the old owner's writes (COMMIT's 'fence').
 _NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -311,11 +313,11 @@ for _, contact in ipairs(redis.call('SRANDMEMBER', owned, tonumber(ARGV[5]))) do
   redis.call('SREM', owned, contact)
   local lease = P..':lease:'..contact
   if redis.call('HGET', lease, 'owner') == dead then
-    local token = redis.call('INCR', P..':fence')
+    local token = t[1]..'.'..redis.call('INCR', P..':fence')
     redis.call('HSET', lease, 'owner', me, 'token', token)
     redis.call('SADD', P..':owned:'..me, contact)
     out[#out + 1] = contact
-    out[#out + 1] = tostring(token)
+    out[#out + 1] = token
   end
 end
 if redis.call('SCARD', owned) == 0 then
@@ -351,11 +353,11 @@ for i = 4, #ARGV do
     end
     if not alive then
       if owner then redis.call('SREM', P..':owned:'..owner, contact) end
-      local token = redis.call('INCR', P..':fence')
+      local token = t[1]..'.'..redis.call('INCR', P..':fence')
       redis.call('HSET', lease, 'owner', me, 'token', token)
       redis.call('SADD', P..':owned:'..me, contact)
       out[#out + 1] = contact
-      out[#out + 1] = tostring(token)
+      out[#out + 1] = token
     end
   end
 end
@@ -372,10 +374,10 @@ local P, me, contact = ARGV[1], ARGV[2], ARGV[4]
 local lease = P..':lease:'..contact
 local owner = redis.call('HGET', lease, 'owner')
 if not owner then
-  local token = redis.call('INCR', P..':fence')
+  local token = t[1]..'.'..redis.call('INCR', P..':fence')
   redis.call('HSET', lease, 'owner', me, 'token', token)
   redis.call('SADD', P..':owned:'..me, contact)
-  return {'acquired', tostring(token)}
+  return {'acquired', token}
 end
 if owner == me then return {'mine', redis.call('HGET', lease, 'token')} end
 local seen = redis.call('ZSCORE', P..':instances', owner)

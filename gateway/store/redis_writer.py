@@ -15,7 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 MAX_BATCH = 1000  # scripts per pipeline
 
@@ -77,7 +77,7 @@ class RedisWriter:
                     for script in {id(op.script): op.script for op in unknown}.values():
                         await self._client.script_load(script.script)
                     self._queue.extendleft(reversed(unknown))
-            except (RedisError, OSError) as exc:  # the round trip failed: so did every script in it
+            except Exception as exc:  # the round trip failed (refused, timed out): so did every script in it
                 for op in batch:
                     if not op.future.done():
                         op.future.set_exception(exc)
