@@ -373,12 +373,10 @@ class RedisStore:
         """Every open session, ``CHUNK`` at a time (in no particular order)."""
         cursor = 0
         while True:
-            cursor, keys = await self._call(self.client.scan(cursor, match=self.keys.open("*"), count=CHUNK))
-            if keys:
-                ids = [i for i in await self._call(self.client.mget(keys)) if i]
-                for session in await self._sessions(ids):
-                    if session.is_open:
-                        yield session
+            cursor, ids = await self._call(self.client.sscan(self.keys.open_ids, cursor, count=CHUNK))
+            for session in await self._sessions(ids):
+                if session.is_open:
+                    yield session
             if cursor == 0:
                 return
 

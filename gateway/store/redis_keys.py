@@ -8,6 +8,7 @@
     {P}:sessions:{endpoint}     zset    the same, per endpoint
     {P}:cs:{contact_id}         zset    the contact's sessions by started_at (its history, S6)
     {P}:deadlines               zset    open sessions that expire, scored by their deadline
+    {P}:open_ids                set     every open session's id (restore)
     {P}:c:{contact_id}          string  a contact as JSON
     {P}:seq:in / {P}:seq:out    counter ids of inbound events / outbox messages
     {P}:in:{id}                 hash    an inbound event: endpoint, contact, payload, arrival_at,
@@ -60,6 +61,10 @@ class Keys:
 
     def contact_sessions(self, contact_id: str) -> str:
         return f"{self.prefix}:cs:{contact_id}"
+
+    @property
+    def open_ids(self) -> str:
+        return f"{self.prefix}:open_ids"
 
     @property
     def deadlines(self) -> str:

@@ -122,6 +122,7 @@ for _, s in ipairs(c.closes) do
     local okey = P..':open:'..s.contact
     if redis.call('GET', okey) == s.id then redis.call('DEL', okey) end
     redis.call('ZREM', P..':deadlines', s.id)
+    redis.call('SREM', P..':open_ids', s.id)
   end
 end
 
@@ -139,6 +140,7 @@ for _, s in ipairs(c.sessions) do
     local okey = P..':open:'..s.contact
     if s.state == 'open' then
       redis.call('SET', okey, s.id)
+      redis.call('SADD', P..':open_ids', s.id)
       if s.expires_at ~= '' then
         local d = s.expires_at
         local acc = redis.call('HGET', key, 'accepted_deadline')
@@ -151,6 +153,7 @@ for _, s in ipairs(c.sessions) do
     else
       if redis.call('GET', okey) == s.id then redis.call('DEL', okey) end
       redis.call('ZREM', P..':deadlines', s.id)
+      redis.call('SREM', P..':open_ids', s.id)
       redis.call('HDEL', key, 'accepted_deadline')
     end
   end
