@@ -265,22 +265,27 @@ async def failover(prefix: str, work: Path) -> None:
         byes = [(p, "bye") for p in [*victims, *others]]
         await fake.wait(byes, 20)
 
-        async def lateness(psids: list[str]) -> list[float]:
-            late = []
+        async def closed(psids: list[str]) -> list[Session]:
+            found = []
             for psid in psids:
-                sessions = await store.contact_sessions(f"{ENDPOINT}:{psid}")
-                for s in sessions:
-                    if s.closed_at is not None and s.expires_at is not None:
-                        late.append(s.closed_at - s.expires_at)
-            return late
+                found += [s for s in await store.contact_sessions(f"{ENDPOINT}:{psid}") if s.closed_at is not None]
+            return found
 
-        dead, alive = await lateness(victims), await lateness(others)
+        dead, alive = await closed(victims), await closed(others)
+        after = [s for s in dead if s.expires_at is not None and s.expires_at > killed_at]
+        soon = [s for s in after if s.expires_at is not None and s.expires_at <= killed_at + 1.2]
         notices = sum(1 for p in victims if (p, "bye") in fake.arrived)
-        print(f"killed instance's sessions: {len(dead)} closed, {notices} notices, deadlines 0-3 s after the kill")
-        print("  " + lag_line("close - deadline", dead) + f"; max {max(dead, default=0):.2f} s after their deadline")
-        ahead = [s - killed_at for s in [fake.arrived[(p, "bye")] for p in victims if (p, "bye") in fake.arrived]]
-        print(f"  first notice {min(ahead, default=0):.2f} s after the kill (takeover: lease 1.2 s + one sweep)")
-        print("survivor's own sessions: " + lag_line("close - deadline", alive))
+        print(f"killed instance: {len(dead)} sessions closed once, {notices} notices sent once;")
+        print(f"  {len(dead) - len(after)} fell due before the kill (closed by it), {len(after)} after:")
+
+        def late(sessions: list[Session]) -> list[float]:
+            return [s.closed_at - s.expires_at for s in sessions if s.closed_at and s.expires_at]
+
+        if after:
+            print("  due after the kill:         " + lag_line("close - deadline", late(after)))
+        if soon:
+            print("  due within 1.2 s of the kill: " + lag_line("close - deadline", late(soon)))
+        print("survivor's own sessions:      " + lag_line("close - deadline", late(alive)))
     finally:
         victim.stop()
         survivor.stop()
@@ -326,8 +331,10 @@ async def mass_expiry(prefix: str, sessions: int, due: int) -> None:
         """Every conversation is this process's (as after the other instances died); a changed
         setting's deadlines are stored, as the Redis ownership layer stores them."""
 
-        async def deadlines_moved(self, moved: list[Session]) -> None:
-            await store.set_deadlines([(s.id, s.expires_at) for s in moved])
+        stores_deadlines = True
+
+        async def deadlines_moved(self, deadlines: list[tuple[str, float | None]]) -> None:
+            await store.set_deadlines(deadlines)
 
     policies = {"bulk": policy("bulk", 60.0), "due": policy("due", 60.0)}
     outbox = Outbox(store, {})
@@ -336,9 +343,14 @@ async def mass_expiry(prefix: str, sessions: int, due: int) -> None:
     await manager.start()
     restore_s = time.perf_counter() - started
     print(f"restore + arm from Redis: {sessions / restore_s:,.0f} sessions/s ({restore_s:.1f} s)")
-    window_start = time.time() + 3.0
+    # Far enough ahead that storing the due sessions' new deadlines (before re-arming) is done.
+    window_start = time.time() + 15.0
     manager.stats.record_lags = True
+    started = time.perf_counter()
     await manager.set_policy(replace(policies["due"], expiration_minutes=(window_start - seeded_at) / 60))
+    print(f"re-arm earlier (setting shortened; deadlines stored first): {due / (time.perf_counter() - started):,.0f}/s")
+    if time.time() > window_start:
+        print("WARNING: the re-arm ended after the window started; the lags below include that")
     stall = StallMeter()
     stall.start()
     while manager.stats.closes_committed < due and time.time() < window_start + 60:

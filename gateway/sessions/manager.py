@@ -357,9 +357,20 @@ class SessionManager:
 
     async def set_policy(self, policy: EndpointPolicy) -> None:
         """Apply a changed endpoint policy to its open sessions at once (re-arming timers),
-        yielding to the loop every few thousand sessions so a big endpoint never stalls it."""
+        yielding to the loop every few thousand sessions so a big endpoint never stalls it.
+
+        With several instances the new deadlines are stored first (a close claim checks the
+        stored deadline), then memory follows."""
         self._policies[policy.endpoint] = policy
-        moved: list[Session] = []
+        if self._ownership.stores_deadlines:
+            slots = self._scheduler.slots(policy.endpoint)
+            for start in range(0, len(slots), _RESTORE_YIELD_EVERY):
+                chunk = slots[start : start + _RESTORE_YIELD_EVERY]
+                await self._ownership.deadlines_moved(
+                    [(s.session.id, policy.deadline(s.session.last_activity_at)) for s in chunk if s.session]
+                )
+                if self._policies.get(policy.endpoint) is not policy:
+                    return  # a newer policy took over meanwhile; it re-applies to every session
         for done, slot in enumerate(self._scheduler.slots(policy.endpoint), start=1):
             if done % _RESTORE_YIELD_EVERY == 0:
                 await asyncio.sleep(0)
@@ -369,13 +380,10 @@ class SessionManager:
             if session is None:
                 continue
             session.expires_at = policy.deadline(session.last_activity_at)
-            moved.append(session)
             if session.expires_at is None or policy.mode is SessionMode.LAZY:
                 self._timers.disarm(slot)
             elif not self._scheduler.is_held(slot):
                 self._book.arm(slot)
-        if moved:
-            await self._ownership.deadlines_moved(moved)
 
     def policy(self, endpoint: str) -> EndpointPolicy | None:
         return self._policies.get(endpoint)

@@ -17,7 +17,7 @@ The session manager asks:
   conversation this process does not hold goes to the instance that does;
 - ``forgotten(endpoint, conversation)``: the conversation has no session and no work here any
   more (its lease may go);
-- ``deadlines_moved(sessions)``: a changed setting moved these open sessions' deadlines.
+- ``deadlines_moved(deadlines)``: a changed setting moves these open sessions' deadlines.
 
 The application starts it before the outbox and the session manager, ``bind``s them once they
 run, asks ``healthy`` for ``/healthz``, says ``settings_changed`` after an admin change, and
@@ -56,6 +56,11 @@ class Ownership(Protocol):
     @property
     def owns_everything(self) -> bool: ...
 
+    @property
+    def stores_deadlines(self) -> bool:
+        """Whether ``deadlines_moved`` must hear of every deadline a changed setting moves."""
+        ...
+
     async def start(self) -> None:
         """Join (several instances: register this instance's heartbeat)."""
 
@@ -93,8 +98,9 @@ class Ownership(Protocol):
     def forgotten(self, endpoint: str, conversation: str) -> None:
         """The conversation has no open session and no work in this process any more."""
 
-    async def deadlines_moved(self, sessions: list[Session]) -> None:
-        """Open sessions whose deadlines a changed setting moved (shared stores persist them)."""
+    async def deadlines_moved(self, deadlines: list[tuple[str, float | None]]) -> None:
+        """(session id, new deadline) of open sessions a changed setting moves; a shared store
+        keeps them (before memory follows)."""
 
     async def settings_changed(self) -> None:
         """Runtime settings changed through this instance: tell the others."""
@@ -104,6 +110,7 @@ class SoleOwner:
     """One process owns every conversation (the SQLite backend): nothing to decide."""
 
     owns_everything = True
+    stores_deadlines = False
 
     def __repr__(self) -> str:
         return "<SoleOwner>"
@@ -138,7 +145,7 @@ class SoleOwner:
     def forgotten(self, endpoint: str, conversation: str) -> None:
         pass
 
-    async def deadlines_moved(self, sessions: list[Session]) -> None:
+    async def deadlines_moved(self, deadlines: list[tuple[str, float | None]]) -> None:
         pass
 
     async def settings_changed(self) -> None:

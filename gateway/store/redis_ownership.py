@@ -83,6 +83,7 @@ class RedisOwnership:
     """Conversation ownership over the ``RedisStore`` it is given (see the module docstring)."""
 
     owns_everything = False
+    stores_deadlines = True
 
     def __init__(self, store: RedisStore, *, instance_id: str | None = None) -> None:
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
@@ -212,8 +213,8 @@ class RedisOwnership:
     def forgotten(self, endpoint: str, conversation: str) -> None:
         self._candidates[contact_id_of(endpoint, conversation)] = (endpoint, conversation)
 
-    async def deadlines_moved(self, sessions: list[Session]) -> None:
-        await self._store.set_deadlines([(s.id, s.expires_at) for s in sessions])
+    async def deadlines_moved(self, deadlines: list[tuple[str, float | None]]) -> None:
+        await self._store.set_deadlines(deadlines)
 
     async def settings_changed(self) -> None:
         await self._store._call(self._store.client.publish(self._keys.settings_channel, self.instance_id))
