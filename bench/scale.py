@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import re
 import shutil
@@ -343,6 +344,8 @@ async def mass_expiry(prefix: str, sessions: int, due: int) -> None:
     await manager.start()
     restore_s = time.perf_counter() - started
     print(f"restore + arm from Redis: {sessions / restore_s:,.0f} sessions/s ({restore_s:.1f} s)")
+    gc.collect()
+    gc.freeze()  # as `chat-gateway serve` does once started, and bench/sessions.py after restore
     # Far enough ahead that storing the due sessions' new deadlines (before re-arming) is done.
     window_start = time.time() + 15.0
     manager.stats.record_lags = True
