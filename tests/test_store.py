@@ -31,8 +31,8 @@ from gateway.models import (
     SessionState,
 )
 from gateway.store import redis as redis_module
+from gateway.store import redis_reads, sqlite_rows, sqlite_writer
 from gateway.store import sqlite as sqlite_module
-from gateway.store import sqlite_rows, sqlite_writer
 from gateway.store.base import SessionQuery, Store
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
@@ -478,7 +478,7 @@ async def test_contact_sessions_newest_first(store: Store) -> None:
 
 async def test_open_sessions_streams_every_open_session(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sqlite_module, "READ_CHUNK", 3)
-    monkeypatch.setattr(redis_module, "CHUNK", 3)
+    monkeypatch.setattr(redis_reads, "CHUNK", 3)
     sessions = [make_session(i, state=SessionState.CLOSED if i in (4, 7) else SessionState.OPEN) for i in range(11)]
     sessions.append(make_session(11, started_at=T0 + 2))
     await store.commit(Change(sessions=sessions))

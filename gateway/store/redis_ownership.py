@@ -42,7 +42,7 @@ from gateway.errors import SessionNotFound, SessionNotOpen, StoreError, Unavaila
 from gateway.models import OutboundMessage, Session, StoredEvent, contact_id_of
 from gateway.sessions.ownership import OwnershipHost, SettingsListener
 from gateway.sessions.state import OutboxSink
-from gateway.store import redis_scripts as lua
+from gateway.store import redis_lease_scripts as lua
 from gateway.store.redis import RedisStore, redis_client
 from gateway.store.sqlite_rows import event_from_json
 
