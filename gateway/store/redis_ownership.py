@@ -16,8 +16,9 @@
   or at their deadline when that is later (within 2 s in tests/test_scale_out.py).
 - **Release**: a conversation with no session, no pending event and no pending message here
   gives its lease back (``RELEASE``, checked by the script), so leases do not pile up.
-- **Operator actions** (close, bot message) for a conversation held elsewhere are forwarded to
-  the owner through its wake stream and answered through a reply list.
+- **Operator actions** (close, bot message, a retried dead letter) for a conversation held
+  elsewhere are forwarded to the owner through its wake stream and answered through a reply
+  list (``redis_calls.py``).
 - **Settings**: a runtime change through any instance is published on ``{P}:settings``; every
   instance reloads the overrides and re-arms its timers.
 
@@ -27,7 +28,6 @@ A graceful stop marks this instance dead, so the others take its conversations o
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -38,25 +38,23 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from gateway.errors import SessionNotFound, SessionNotOpen, StoreError, Unavailable
-from gateway.models import OutboundMessage, Session, StoredEvent, contact_id_of
+from gateway.errors import StoreError
+from gateway.models import StoredEvent, contact_id_of
 from gateway.sessions.ownership import OwnershipHost, SettingsListener
 from gateway.sessions.state import OutboxSink
 from gateway.store import redis_lease_scripts as lua
 from gateway.store.redis import RedisStore, redis_client
+from gateway.store.redis_calls import CALL_TIMEOUT_S, LEASE_TTL_MS, OperatorCalls, run_logged
 from gateway.store.sqlite_rows import event_from_json
 
 log = logging.getLogger("gateway.ownership")
 
 HEARTBEAT_EVERY_S = 0.2
-LEASE_TTL_MS = 1200  # a heartbeat this old: the instance is gone and its conversations move
 SWEEP_EVERY_S = 0.25
 RELEASE_EVERY_S = 0.5
 ADOPT_CHUNK = 500
 OVERDUE_GRACE_S = 1.0  # the deadline sweep's margin: a live owner closes within 100 ms
 WAKE_BLOCK_MS = 500
-CALL_TIMEOUT_S = 10.0  # an operator action forwarded to the owner
-REPLY_TTL_S = 30
 RELEASE_BATCH = 1000
 
 
@@ -75,11 +73,10 @@ class OwnershipStats:
 
     adopted: int = 0  # conversations taken over from dead instances (or orphaned)
     released: int = 0
-    forwarded_calls: int = 0
     lapsed_heartbeats: int = 0
 
 
-class RedisOwnership:
+class RedisOwnership(OperatorCalls):
     """Conversation ownership over the ``RedisStore`` it is given (see the module docstring)."""
 
     owns_everything = False
@@ -101,6 +98,7 @@ class RedisOwnership:
         self._beat_at = -math.inf  # loop time of the last heartbeat Redis took
         self._closed = False
         self.stats = OwnershipStats()
+        self.forwarded_calls = 0  # operator actions sent to other instances
 
     def __repr__(self) -> str:
         return f"<RedisOwnership {self.instance_id} holds={len(self._held)}>"
@@ -169,7 +167,7 @@ class RedisOwnership:
     async def _beat_forever(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_EVERY_S)
-            await _logged(self._beat(), "heartbeat")
+            await run_logged(self._beat(), "heartbeat")
 
     # -- events of owned conversations -----------------------------------------------------------
 
@@ -207,8 +205,11 @@ class RedisOwnership:
 
     def holds(self, endpoint: str, conversation: str) -> bool:
         contact = contact_id_of(endpoint, conversation)
+        return self._holding(contact, self._store.leases.get(contact))
+
+    def _holding(self, contact: str, token: str | None) -> bool:
         held = self._held.get(contact)
-        return held is not None and held.token == self._store.leases.get(contact)
+        return held is not None and held.token == token
 
     def forgotten(self, endpoint: str, conversation: str) -> None:
         self._candidates[contact_id_of(endpoint, conversation)] = (endpoint, conversation)
@@ -256,7 +257,7 @@ class RedisOwnership:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_EVERY_S)
-            await _logged(self._sweep(), "sweep")
+            await run_logged(self._sweep(), "sweep")
 
     async def _sweep(self) -> None:
         """Adopt the conversations of dead instances, then orphaned overdue sessions."""
@@ -288,7 +289,7 @@ class RedisOwnership:
     async def _release_forever(self) -> None:
         while True:
             await asyncio.sleep(RELEASE_EVERY_S)
-            await _logged(self._release_some(), "release")
+            await run_logged(self._release_some(), "release")
 
     async def _release_some(self) -> None:
         """Give back the leases of conversations with nothing left here."""
@@ -361,110 +362,6 @@ class RedisOwnership:
         )
         self._host.enqueue(await self._next(contact, held, stored))
 
-    # -- operator actions ------------------------------------------------------------------------
-
-    async def close_elsewhere(self, session: Session, notify: bool) -> Session:
-        args = {"session": session.id, "notify": notify}
-        return await self._route("close", session.endpoint, session.conversation, args)
-
-    async def bot_message_elsewhere(self, endpoint: str, conversation: str, text: str) -> Session:
-        return await self._route("bot", endpoint, conversation, {"text": text})
-
-    async def forward_message(self, message: OutboundMessage) -> bool:
-        """A retried dead letter goes to its conversation's owner (False: deliver it here)."""
-        contact = contact_id_of(message.endpoint, message.conversation)
-        if self.holds(message.endpoint, message.conversation):
-            return False
-        status, detail = await self._route_of(contact)
-        if status in ("acquired", "mine"):
-            await self._take_over([contact], [detail])  # loads its pending messages, this one too
-        elif status == "other":
-            wake = {"kind": "outbox", "contact": contact}
-            await self._store._call(self._store.client.xadd(self._keys.wake(detail), wake))  # type: ignore[arg-type]
-        return True  # "dead": the instance taking it over loads it
-
-    async def _route_of(self, contact: str) -> tuple[str, str]:
-        args = [self._keys.prefix, self.instance_id, str(LEASE_TTL_MS), contact]
-        status, detail = await self._store._call(self._acquire(keys=[], args=args))
-        return str(status), str(detail)
-
-    async def _route(self, op: str, endpoint: str, conversation: str, args: dict[str, Any]) -> Session:
-        """Run ``op`` where the conversation is held: here (taking a free lease), or at its
-        owner; waits for a takeover while the owner is dead."""
-        contact = contact_id_of(endpoint, conversation)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CALL_TIMEOUT_S
-        while loop.time() < deadline:
-            status, detail = await self._route_of(contact)
-            if status in ("acquired", "mine"):
-                held = self._held.get(contact)
-                if held is None or held.token != detail:
-                    await self._take_over([contact], [detail])
-                return await self._local(op, endpoint, conversation, args)
-            if status == "other":
-                answer = await self._forward(detail, op, endpoint, conversation, args, deadline - loop.time())
-                if answer is not None:
-                    return answer
-            await asyncio.sleep(0.1)  # the owner is gone or moved: its conversations move soon
-        raise Unavailable("the instance holding this conversation does not answer; try again")
-
-    async def _local(self, op: str, endpoint: str, conversation: str, args: dict[str, Any]) -> Session:
-        assert self._host is not None  # bound before any request is served
-        if op == "close":
-            return await self._host.close(args["session"], notify=bool(args["notify"]))
-        return await self._host.send_bot_message(endpoint, conversation, str(args["text"]))
-
-    async def _forward(
-        self, owner: str, op: str, endpoint: str, conversation: str, args: dict[str, Any], timeout_s: float
-    ) -> Session | None:
-        """Ask ``owner`` to run ``op``; its answer, or None when it did not answer in time."""
-        reply = self._keys.reply(uuid.uuid4().hex)
-        entry = {"kind": "call", "op": op, "endpoint": endpoint, "conversation": conversation}
-        entry |= {"args": json.dumps(args), "reply": reply}
-        self.stats.forwarded_calls += 1
-        await self._store._call(self._store.client.xadd(self._keys.wake(owner), entry))  # type: ignore[arg-type]
-        try:
-            popped = await self._blocking.blpop([reply], timeout=max(0.1, min(timeout_s, 3.0)))
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis unavailable: {exc}") from exc
-        if popped is None:
-            return None
-        answer = json.loads(popped[1])
-        if "error" in answer:
-            if answer["error"] == "moved":
-                return None
-            if answer["error"] == "not_open":
-                raise SessionNotOpen(str(args.get("session")))
-            if answer["error"] == "not_found":
-                raise SessionNotFound(str(args.get("session", endpoint)))
-            raise Unavailable(f"the owning instance failed: {answer['error']}")
-        session = await self._store.get_session(answer["session"])
-        if session is None:
-            raise SessionNotFound(answer["session"])
-        return session
-
-    async def _serve_call(self, entry: dict[str, str]) -> None:
-        """An operator action forwarded to this instance: run it, answer on the reply list."""
-        endpoint, conversation = entry["endpoint"], entry["conversation"]
-        answer: dict[str, str]
-        if not self.holds(endpoint, conversation):
-            answer = {"error": "moved"}
-        else:
-            try:
-                session = await self._local(entry["op"], endpoint, conversation, json.loads(entry["args"]))
-                answer = {"session": session.id}
-            except SessionNotOpen:
-                answer = {"error": "not_open"}
-            except SessionNotFound:
-                answer = {"error": "not_found"}
-            except Exception as exc:
-                log.exception("forwarded %s failed", entry["op"])
-                answer = {"error": f"{type(exc).__name__}: {exc}"}
-        pipe = self._store.client.pipeline(transaction=False)
-        pipe.lpush(entry["reply"], json.dumps(answer))
-        pipe.expire(entry["reply"], REPLY_TTL_S)
-        await _logged(self._store._call(pipe.execute()), "answering a forwarded call")
-
     # -- runtime settings ------------------------------------------------------------------------
 
     async def _listen_settings(self) -> None:
@@ -490,15 +387,3 @@ class RedisOwnership:
                 log.exception("listening for settings changes failed; trying again")
                 missed = True
                 await asyncio.sleep(0.5)
-
-
-async def _logged(work: Awaitable[Any], what: str) -> None:
-    """Run background ``work``; a failure is logged (Redis down: the next round tries again)."""
-    try:
-        await work
-    except asyncio.CancelledError:
-        raise
-    except StoreError as exc:
-        log.warning("%s failed: %s", what, exc)
-    except Exception:
-        log.exception("%s failed", what)
