@@ -40,6 +40,7 @@ class OperatorCalls:
     _host: OwnershipHost | None
     _blocking: Any  # a client for blocking reads (BLPOP)
     _acquire: AsyncScript
+    _quiet: QuietLog
 
     def holds(self, endpoint: str, conversation: str) -> bool:
         raise NotImplementedError
@@ -151,16 +152,37 @@ class OperatorCalls:
         pipe = self._store.client.pipeline(transaction=False)
         pipe.lpush(entry["reply"], json.dumps(answer))
         pipe.expire(entry["reply"], REPLY_TTL_S)
-        await run_logged(self._store._call(pipe.execute()), "answering a forwarded call")
+        await self._quiet.run(self._store._call(pipe.execute()), "answering a forwarded call")
 
 
-async def run_logged(work: Awaitable[Any], what: str) -> None:
-    """Run background ``work``; a failure is logged (Redis down: the next round tries again)."""
-    try:
-        await work
-    except asyncio.CancelledError:
-        raise
-    except StoreError as exc:
-        log.warning("%s failed: %s", what, exc)
-    except Exception:
-        log.exception("%s failed", what)
+class QuietLog:
+    """Failures of background rounds (heartbeat, sweep, release) while Redis is down repeat
+    several times a second: one warning per kind per ``every_s``, with the count since."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self._every_s = every_s
+        self._last: dict[str, float] = {}
+        self._missed: dict[str, int] = {}
+
+    async def run(self, work: Awaitable[Any], what: str) -> None:
+        """Run background ``work``; a failure is logged (the next round tries again)."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.note(what, exc)
+
+    def note(self, what: str, exc: Exception) -> None:
+        """Log that ``what`` failed with ``exc``, at most once per ``every_s`` per kind."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last.get(what, -self._every_s) < self._every_s:
+            self._missed[what] = self._missed.get(what, 0) + 1
+            return
+        self._last[what] = now
+        missed = self._missed.pop(what, 0)
+        also = f" (and {missed} more since the last warning)" if missed else ""
+        if isinstance(exc, StoreError | RedisError | OSError):
+            log.warning("%s failed: %s%s", what, exc, also)
+        else:
+            log.error("%s failed%s", what, also, exc_info=exc)

@@ -44,7 +44,7 @@ from gateway.sessions.ownership import OwnershipHost, SettingsListener
 from gateway.sessions.state import OutboxSink
 from gateway.store import redis_lease_scripts as lua
 from gateway.store.redis import RedisStore, redis_client
-from gateway.store.redis_calls import CALL_TIMEOUT_S, LEASE_TTL_MS, OperatorCalls, run_logged
+from gateway.store.redis_calls import CALL_TIMEOUT_S, LEASE_TTL_MS, OperatorCalls, QuietLog
 from gateway.store.sqlite_rows import event_from_json
 
 log = logging.getLogger("gateway.ownership")
@@ -99,6 +99,7 @@ class RedisOwnership(OperatorCalls):
         self._closed = False
         self.stats = OwnershipStats()
         self.forwarded_calls = 0  # operator actions sent to other instances
+        self._quiet = QuietLog()
 
     def __repr__(self) -> str:
         return f"<RedisOwnership {self.instance_id} holds={len(self._held)}>"
@@ -167,7 +168,7 @@ class RedisOwnership(OperatorCalls):
     async def _beat_forever(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_EVERY_S)
-            await run_logged(self._beat(), "heartbeat")
+            await self._quiet.run(self._beat(), "heartbeat")
 
     # -- events of owned conversations -----------------------------------------------------------
 
@@ -257,7 +258,7 @@ class RedisOwnership(OperatorCalls):
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_EVERY_S)
-            await run_logged(self._sweep(), "sweep")
+            await self._quiet.run(self._sweep(), "sweep")
 
     async def _sweep(self) -> None:
         """Adopt the conversations of dead instances, then orphaned overdue sessions."""
@@ -289,7 +290,7 @@ class RedisOwnership(OperatorCalls):
     async def _release_forever(self) -> None:
         while True:
             await asyncio.sleep(RELEASE_EVERY_S)
-            await run_logged(self._release_some(), "release")
+            await self._quiet.run(self._release_some(), "release")
 
     async def _release_some(self) -> None:
         """Give back the leases of conversations with nothing left here."""
@@ -333,8 +334,8 @@ class RedisOwnership(OperatorCalls):
                     await self._blocking.xtrim(key, minid=last)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("reading the wake stream failed; trying again")
+            except Exception as exc:
+                self._quiet.note("reading the wake stream", exc)
                 await asyncio.sleep(0.5)
 
     async def _wake(self, entry: dict[str, str]) -> None:
@@ -383,7 +384,7 @@ class RedisOwnership(OperatorCalls):
                     await pubsub.aclose()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("listening for settings changes failed; trying again")
+            except Exception as exc:
+                self._quiet.note("listening for settings changes", exc)
                 missed = True
                 await asyncio.sleep(0.5)
