@@ -92,12 +92,17 @@ class Recipient:
     def __init__(self) -> None:
         self.delivered: dict[str, list[str]] = {}
         self.failing: set[str] = set()
+        self.refusing: set[str] = set()  # a permanent refusal: the message becomes a dead letter
         self.refused: dict[str, int] = {}
         self.changed = asyncio.Event()
 
     def answer(self, request: RecordedRequest) -> Answer:
         body = request.json()
         psid = body["recipient"]["id"]
+        if psid in self.refusing:
+            self.refused[psid] = self.refused.get(psid, 0) + 1
+            self.changed.set()
+            return Answer(status=400, json_body={"error": {"message": "refused", "code": 100}})
         if psid in self.failing:
             self.refused[psid] = self.refused.get(psid, 0) + 1
             self.changed.set()
@@ -297,3 +302,33 @@ async def test_operator_actions_through_any_instance_reach_the_owner(cluster: Ca
             assert recipient.delivered == {"A1": ["hi", BYE], "A2": ["hi", "from the bot"]}
             # The owner did both: the conversations never moved.
             assert set((await owners(nodes.prefix, ["A1", "A2"])).values()) <= {nodes.instance_id(owner), None}
+
+
+async def test_a_dead_letter_retried_through_another_instance_is_sent_once_by_the_owner(
+    cluster: Callable[[str], Cluster],
+) -> None:
+    recipient = Recipient()
+    async with FakePlatform() as api:
+        api.respond(SEND_PATH, recipient.answer)
+        nodes = cluster(api.url)
+        await nodes.start(2, minutes=10)
+        owner, other = nodes.nodes
+        async with aiohttp.ClientSession() as http:
+            recipient.refusing.add("D1")
+            await post(http, owner, "D1", "hello")
+            await recipient.wait(lambda: recipient.refused.get("D1", 0) == 1)
+            dead: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 10
+            while not dead:
+                assert time.monotonic() < deadline, "no dead letter"
+                async with http.get(f"{other.url}/admin/dead-letters", headers=ADMIN) as response:
+                    dead = (await response.json())["dead_letters"]
+                await asyncio.sleep(0.05)
+            [letter] = dead
+            recipient.refusing.clear()
+            async with http.post(f"{other.url}/admin/dead-letters/{letter['id']}/retry", headers=ADMIN) as response:
+                assert response.status == 202, await response.text()
+            await recipient.wait(lambda: recipient.delivered.get("D1") == ["hello"])
+            await asyncio.sleep(0.5)
+            assert recipient.delivered == {"D1": ["hello"]}  # once, by the conversation's owner
+            assert (await owners(nodes.prefix, ["D1"]))["D1"] == nodes.instance_id(owner)
