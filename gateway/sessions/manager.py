@@ -257,7 +257,7 @@ class SessionManager:
             raise SessionNotOpen(session_id)
         done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         slot = self._scheduler.slot(session.endpoint, session.conversation)
-        self._scheduler.push(slot, CloseItem(session_id, reason, notify, done))
+        self._scheduler.push(slot, CloseItem(session_id, reason=reason, notify=notify, done=done))
         return await done
 
     async def send_bot_message(self, endpoint: str, conversation: str, text: str) -> Session:

@@ -208,7 +208,13 @@ class MessageTurn:
     async def _call_flow(
         self, session: Session, contact: Contact, event: InboundEvent, *, after_expiry: bool, now: float
     ) -> FlowResult:
-        turn = FlowTurn(session, event, live_ttl_variables(contact, now), dict(contact.auth_profiles), after_expiry)
+        turn = FlowTurn(
+            session,
+            event,
+            contact_variables=live_ttl_variables(contact, now),
+            auth_profiles=dict(contact.auth_profiles),
+            after_expiry=after_expiry,
+        )
         try:
             return await self._flow.handle(turn)
         except Exception as exc:  # any flow failure is counted and survived, never a lost event
