@@ -124,10 +124,12 @@ def slack_request(
     return SignedRequest(body, headers)
 
 
-async def post_raw(host: str, port: int, path: str, headers: list[bytes], body: bytes) -> bytes:
+async def post_raw(
+    host: str, port: int, path: str, headers: list[bytes], body: bytes, content_type: str = "application/json"
+) -> bytes:
     """POST with header bytes sent exactly as given (a client library would refuse non-ASCII
     ones) and return the response's status line."""
-    head = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" % path.encode()
+    head = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: %s\r\n" % (path.encode(), content_type.encode())
     head += b"Content-Length: %d\r\n" % len(body) + b"".join(h + b"\r\n" for h in headers)
     reader, writer = await asyncio.open_connection(host, port)
     try:

@@ -1,0 +1,230 @@
+"""What every platform kit offers, so that a test can speak to any webhook platform the same way.
+
+A kit is one platform's side of the wire, as the tests play it:
+
+- ``endpoint(api_url, minutes=..., **on_close)``: the endpoint entry for ``write_config``;
+- ``text(text, conversation=..., user=..., event_id=...)``: an ``Inbound`` webhook carrying one
+  user text message, built as the platform builds it; ``redelivery(inbound)``: the same event
+  as the platform sends it again (a new envelope, a retry header, ...);
+- ``sign(body, url)``: the signature headers, made as the platform makes them (with the
+  official SDK's signer where there is one); ``forge(case, inbound, url)``: a body and headers
+  that must be refused (``forged_cases`` names them);
+- ``post(gateway, inbound)`` / ``say(gateway, inbound)``: the signed POST and its answer;
+- ``fake_api()``: the recording fake platform API (``tests.fakeplatform``) with the platform's
+  success answers installed; ``server_error()``, ``rate_limited(s)``, ``slow(s)``: answers to
+  make it fail on purpose (queue them with ``api.fail_next(kit.reply_path, ...)``);
+- ``sent_texts(api, conversation)``: the texts the fake accepted for a conversation, in order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tests.conftest import Gateway
+from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
+
+# The forged-signature cases every platform has; a kit adds its own in ``own_forged_cases``.
+COMMON_FORGED_CASES = ("missing", "empty", "garbage", "other-secret", "other-body", "tampered")
+# ``forge("tampered", ...)`` signs a body with this text and sends it with the text changed.
+TAMPER_FROM, TAMPER_TO = "pay10", "pay99"
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One webhook request as the platform sends it, before signing."""
+
+    payload: Any  # the JSON value, or the form fields (Twilio)
+    body: bytes
+    conversation: str  # the gateway's conversation id for it
+    headers: Mapping[str, str] = field(default_factory=dict)  # unsigned extras (Slack's retry headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The gateway's immediate answer to a webhook POST."""
+
+    status: int
+    content_type: str
+    text: str
+
+
+class Kit(ABC):
+    """One platform, as the tests play it. Subclasses set the class attributes."""
+
+    platform: ClassVar[str]  # the ``channel`` of the endpoint ("messenger")
+    endpoint_name: ClassVar[str]  # the endpoint's name, also the contact id prefix ("fb")
+    content_type: ClassVar[str] = "application/json"
+    signature_header: ClassVar[str]
+    reply_path: ClassVar[str]  # where the answer to a fresh user message goes
+    notice_path: ClassVar[str]  # where a closure notice (bot-initiated) goes
+    ack: ClassVar[Ack]  # the answer to every accepted POST
+    bare_get_status: ClassVar[int] = 400  # a GET without any handshake parameters
+    text_limit: ClassVar[int]  # the platform's limit on one message's text
+    conversations: ClassVar[tuple[str, str]]  # two distinct conversations a user can write from
+    own_forged_cases: ClassVar[tuple[str, ...]] = ()
+    malformed_bodies: ClassVar[Mapping[str, bytes]]  # id -> a body that cannot be the platform's
+    bye: ClassVar[str]  # the closure notice ``endpoint`` configures
+
+    def __repr__(self) -> str:
+        return self.platform
+
+    # -- the endpoint ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def endpoint(self, api_url: str, *, minutes: float = 0, **on_close: Any) -> dict[str, Any]:
+        """The endpoint entry: credentials, ``api_base_url``, the session with ``bye`` as its
+        closure notice (``minutes=0`` never expires). Send rate limits are lifted for tests."""
+
+    @property
+    def webhook_path(self) -> str:
+        return f"/webhooks/{self.endpoint_name}"
+
+    def contact_id(self, conversation: str) -> str:
+        return f"{self.endpoint_name}:{conversation}"
+
+    # -- bodies ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def text(
+        self, text: str, *, conversation: str | None = None, user: str | None = None, event_id: str | None = None
+    ) -> Inbound:
+        """A user's text message in ``conversation`` (default: the first of ``conversations``),
+        from ``user`` where the platform tells users and conversations apart; ``event_id`` is
+        the platform's id for deduplication (fresh when not given)."""
+
+    @abstractmethod
+    def redelivery(self, inbound: Inbound) -> Inbound:
+        """``inbound`` as the platform delivers it again: the same event id, a new envelope."""
+
+    # -- signing ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    def sign(self, body: bytes, url: str, *, secret: str | None = None) -> dict[str, str]:
+        """The headers that sign ``body`` sent to ``url`` (Twilio signs the URL too)."""
+
+    @property
+    def forged_cases(self) -> tuple[str, ...]:
+        return COMMON_FORGED_CASES + self.own_forged_cases
+
+    def forge(self, case: str, inbound: Inbound, url: str) -> tuple[bytes, dict[str, str]]:
+        """The body and headers of one refused request (``case`` from ``forged_cases``)."""
+        body = inbound.body
+        if case == "missing":
+            return body, {}
+        if case == "empty":
+            return body, {**self.sign(body, url), self.signature_header: ""}
+        if case == "garbage":
+            return body, {**self.sign(body, url), self.signature_header: "not a signature!"}
+        if case == "other-secret":
+            return body, self.sign(body, url, secret="not-the-endpoint-secret")
+        if case == "other-body":
+            return body, self.sign(self.text("something else").body, url)
+        if case == "tampered":
+            tampered = body.replace(TAMPER_FROM.encode(), TAMPER_TO.encode())
+            assert tampered != body, f"tampered needs {TAMPER_FROM!r} in the body"
+            return tampered, self.sign(body, url)
+        raise AssertionError(f"{self.platform}: no forged case {case!r}")
+
+    # -- posting ---------------------------------------------------------------------------------
+
+    def webhook_url(self, gateway: Gateway, path: str | None = None) -> str:
+        """The URL the gateway sees the request at (what Twilio signs)."""
+        return str(gateway.client.make_url(path or self.webhook_path))
+
+    async def post(
+        self,
+        gateway: Gateway,
+        request: Inbound | bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        signed_for: str | None = None,
+        path: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Ack:
+        """POST to the webhook, signed over ``signed_for`` (default: the URL it reaches), or
+        with ``headers`` instead of a signature when given."""
+        body = request.body if isinstance(request, Inbound) else request
+        path = path or self.webhook_path
+        if headers is None:
+            headers = self.sign(body, signed_for or self.webhook_url(gateway, path))
+        sent = {"Content-Type": self.content_type, **headers, **(extra_headers or {})}
+        if isinstance(request, Inbound):
+            sent.update(request.headers)
+        response = await gateway.client.post(path, data=body, headers=sent)
+        return Ack(response.status, response.content_type, await response.text())
+
+    async def say(self, gateway: Gateway, request: Inbound) -> None:
+        """POST ``request`` signed and assert it was accepted."""
+        assert await self.post(gateway, request) == self.ack
+
+    # -- the fake platform API --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def fake_api(self) -> AsyncIterator[FakePlatform]:
+        """The recording fake API, answering every send as the platform does on success."""
+        async with FakePlatform() as api:
+            self.install(api)
+            yield api
+
+    @abstractmethod
+    def install(self, api: FakePlatform) -> None:
+        """Script the platform's success answers on ``api``."""
+
+    @abstractmethod
+    def sent(self) -> Answer:
+        """The platform's answer to a successful send."""
+
+    @abstractmethod
+    def server_error(self) -> Answer:
+        """A 5xx as the platform sends it."""
+
+    @abstractmethod
+    def rate_limited(self, retry_after_s: int) -> Answer:
+        """A 429 with ``Retry-After`` as the platform sends it."""
+
+    def slow(self, delay_s: float) -> Answer:
+        """Success, after ``delay_s``."""
+        answer = self.sent()
+        return Answer(answer.status, answer.json_body, answer.text, answer.headers, delay_s)
+
+    # -- reading what the fake received ------------------------------------------------------------
+
+    @property
+    def send_paths(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.reply_path, self.notice_path)))
+
+    def sends(self, api: FakePlatform) -> list[RecordedRequest]:
+        """Every send request the fake received (accepted or not), in order."""
+        return [r for r in api.requests if r.path in self.send_paths]
+
+    @abstractmethod
+    def texts_of(self, request: RecordedRequest) -> list[tuple[str, str]]:
+        """``(conversation, text)`` for every message of one send request."""
+
+    def accepted(self, request: RecordedRequest) -> bool:
+        """Did the fake accept this send (a 2xx, by default)?"""
+        return request.answer is not None and 200 <= request.answer.status < 300
+
+    def sent_texts(self, api: FakePlatform, conversation: str | None = None) -> list[str]:
+        """The texts the fake accepted (for ``conversation`` if given), in arrival order."""
+        return [
+            text
+            for request in self.sends(api)
+            if self.accepted(request)
+            for to, text in self.texts_of(request)
+            if conversation is None or to == conversation
+        ]
+
+    @abstractmethod
+    def check_reply(self, request: RecordedRequest, conversation: str, text: str) -> None:
+        """Assert ``request`` answers a user of ``conversation`` with ``text``, addressed and
+        authenticated as the platform requires."""
+
+    @abstractmethod
+    def check_notice(self, request: RecordedRequest, conversation: str, text: str) -> None:
+        """Assert ``request`` is a bot-initiated message (a closure notice) of ``text`` to
+        ``conversation``, addressed and authenticated as the platform requires."""
