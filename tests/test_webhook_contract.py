@@ -15,16 +15,14 @@ What only one platform does stays in its ``tests/test_e2e_<platform>.py``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Gateway, make_settings
 from tests.fakeplatform import FakePlatform
 from tests.kits import KITS, Kit
-from tests.kits.base import TAMPER_FROM
+from tests.kits.base import TAMPER_FROM, post_raw
 from tests.kits.observe import (
     assert_nothing_stored,
     assert_quiet,
@@ -37,7 +35,6 @@ from tests.kits.observe import (
     rejected,
     wait_closed,
 )
-from tests.signed import post_raw
 
 SHORT = 0.01  # minutes: 0.6 s of silence closes a session
 # Every character a platform might escape or mangle: JSON, XML, form encoding, Slack markup.
@@ -50,24 +47,9 @@ def kit(request: pytest.FixtureRequest) -> Kit:
     return platform_kit
 
 
-@pytest.fixture
-async def api(kit: Kit) -> AsyncIterator[FakePlatform]:
-    async with kit.fake_api() as fake:
-        yield fake
-
-
 def each_kit_with(cases: str) -> list[Any]:
     """``(kit, case)`` parameters for every case a kit names in its attribute ``cases``."""
     return [pytest.param(kit, case, id=f"{kit}-{case}") for kit in KITS for case in getattr(kit, cases)]
-
-
-async def start(start_gateway: Any, tmp_path: Path, kit: Kit, api: FakePlatform, **options: Any) -> Gateway:
-    """A gateway with the kit's endpoint; ``minutes`` and on_close options go to the endpoint,
-    the rest are config sections."""
-    endpoint_options = {key: options.pop(key) for key in ("minutes", "notify") if key in options}
-    settings = make_settings(tmp_path, [kit.endpoint(api.url, **endpoint_options)], **options)
-    gateway: Gateway = await start_gateway(settings)
-    return gateway
 
 
 # -- text in, echo out ------------------------------------------------------------------------------------
@@ -76,11 +58,12 @@ async def start(start_gateway: Any, tmp_path: Path, kit: Kit, api: FakePlatform,
 async def test_text_is_answered_in_its_conversation_and_opens_one_session(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start(start_gateway, tmp_path, kit, api)
+    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
-    assert await kit.post(gateway, kit.text(NASTY, conversation=conversation)) == kit.ack
+    inbound = kit.text(NASTY, conversation=conversation)
+    assert await kit.post(gateway, inbound) == kit.ack
     [reply] = await api.wait_for(1, kit.reply_path)
-    kit.check_reply(reply, conversation, NASTY)
+    kit.check_reply(reply, inbound, NASTY)
     await gateway.settle()
     assert api.requests == [reply]  # nothing else: no LINE push, no Slack auth.test
     session = await only_session(gateway, kit.contact_id(conversation))
@@ -96,7 +79,7 @@ async def test_text_is_answered_in_its_conversation_and_opens_one_session(
 async def test_bad_signature_is_401_and_leaves_no_trace(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform, case: str
 ) -> None:
-    gateway = await start(start_gateway, tmp_path, kit, api)
+    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
     inbound = kit.text(f"let me in {TAMPER_FROM}", conversation=conversation)
     body, headers = kit.forge(case, inbound, kit.webhook_url(gateway))
@@ -116,7 +99,7 @@ async def test_signature_is_checked_before_the_body_is_parsed(
 ) -> None:
     """Garbage that is not signed (or signed with another secret) is a 401, not a 400: the body
     is not even read before the signature holds."""
-    gateway = await start(start_gateway, tmp_path, kit, api)
+    gateway = await start_gateway(kit.settings(tmp_path, api))
     garbage = b"{not json"
     assert (await kit.post(gateway, garbage, headers={})).status == 401
     other_secret = kit.sign(garbage, kit.webhook_url(gateway), secret="not-the-endpoint-secret")
@@ -132,7 +115,7 @@ async def test_non_ascii_signature_header_is_401_not_500(
 ) -> None:
     """Bad input never becomes a 5xx: a signature header with non-ASCII bytes (sent on a raw
     socket, as any client on the internet can) is refused like any wrong signature."""
-    gateway = await start(start_gateway, tmp_path, kit, api)
+    gateway = await start_gateway(kit.settings(tmp_path, api))
     inbound = kit.text("hello")
     signed = kit.sign(inbound.body, kit.webhook_url(gateway))
     signature = signed.pop(kit.signature_header).encode()
@@ -151,7 +134,7 @@ async def test_non_ascii_signature_header_is_401_not_500(
 async def test_signed_malformed_body_is_400_and_stores_nothing(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform, case: str
 ) -> None:
-    gateway = await start(start_gateway, tmp_path, kit, api)
+    gateway = await start_gateway(kit.settings(tmp_path, api))
     assert (await kit.post(gateway, kit.malformed_bodies[case])).status == 400
     await gateway.settle()
     assert rejected(gateway, kit.endpoint_name, 400) == 1
@@ -162,7 +145,7 @@ async def test_signed_malformed_body_is_400_and_stores_nothing(
 async def test_oversized_body_is_413_whatever_its_signature(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform, signature: str
 ) -> None:
-    gateway = await start(start_gateway, tmp_path, kit, api, server={"max_body_bytes": 2048})
+    gateway = await start_gateway(kit.settings(tmp_path, api, server={"max_body_bytes": 2048}))
     conversation = kit.conversations[0]
     big = kit.text("x" * 4000, conversation=conversation)
     assert len(big.body) > 2048
@@ -184,7 +167,7 @@ async def test_get_on_the_webhook_without_a_handshake_is_refused_and_stores_noth
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
 ) -> None:
     """No platform's GET carries events; without Messenger's handshake parameters it is a 4xx."""
-    gateway = await start(start_gateway, tmp_path, kit, api)
+    gateway = await start_gateway(kit.settings(tmp_path, api))
     response = await gateway.client.get(kit.webhook_path)
     assert response.status == kit.bare_get_status
     await assert_nothing_stored(gateway, kit.endpoint_name, api, tmp_path / "gateway.db")
@@ -199,7 +182,7 @@ async def test_redelivery_of_the_same_event_gets_one_reply(
 ) -> None:
     """The platform resends an event it thinks was lost: as it was (the same bytes) or in its
     redelivery form (a new envelope, a retry header); also while the first is in flight."""
-    gateway = await start(start_gateway, tmp_path, kit, api)
+    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
     first = kit.text("once", conversation=conversation)
     again = kit.redelivery(first)
@@ -222,7 +205,7 @@ async def test_redelivery_of_the_same_event_gets_one_reply(
 async def test_redelivery_after_a_restart_on_the_same_database_gets_no_second_reply(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
 ) -> None:
-    settings = make_settings(tmp_path, [kit.endpoint(api.url)])
+    settings = kit.settings(tmp_path, api)
     conversation = kit.conversations[0]
     first = kit.text("before restart", conversation=conversation)
     gateway = await start_gateway(settings)
@@ -253,19 +236,22 @@ async def test_redelivery_after_a_restart_on_the_same_database_gets_no_second_re
 async def test_closure_notice_goes_once_to_each_conversation_on_time(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start(start_gateway, tmp_path, kit, api, minutes=SHORT)
+    gateway = await start_gateway(kit.settings(tmp_path, api, minutes=SHORT))
     one, other = kit.conversations
     first = kit.text("hello", conversation=one)
+    second = kit.text("other conversation", conversation=other)
     await kit.say(gateway, first)
-    await kit.say(gateway, kit.text("other conversation", conversation=other))
+    await kit.say(gateway, second)
     await api.wait_for(4)  # two replies, two notices
-    for conversation, said in ((one, "hello"), (other, "other conversation")):
+    for inbound, said in ((first, "hello"), (second, "other conversation")):
+        conversation = inbound.conversation
         session = await wait_closed(gateway, kit.contact_id(conversation))
         assert session["close_reason"] == "inactivity" and session["notice"] == "sent"
         # On time: committed within 100 ms of the deadline.
         assert 0 <= iso_seconds(session["closed_at"]) - iso_seconds(session["expires_at"]) < 0.1
-        [notice] = [r for r in kit.sends(api) if kit.texts_of(r) == [(conversation, kit.bye)]]
-        kit.check_notice(notice, conversation, kit.bye)
+        reply, notice = [r for r in kit.sends(api) if kit.texts_of(r)[0][0] == conversation]
+        kit.check_reply(reply, inbound, said)
+        kit.check_notice(notice, conversation, kit.bye)  # Messenger: an UPDATE, LINE: a push
         assert kit.sent_texts(api, conversation) == [said, kit.bye]
     # A late redelivery of the closed session's event reopens nothing and answers nothing.
     assert await kit.post(gateway, kit.redelivery(first)) == kit.ack
@@ -280,7 +266,7 @@ async def test_closure_notice_goes_once_to_each_conversation_on_time(
 async def test_on_close_notify_false_closes_silently(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start(start_gateway, tmp_path, kit, api, minutes=SHORT, notify=False)
+    gateway = await start_gateway(kit.settings(tmp_path, api, minutes=SHORT, notify=False))
     conversation = kit.conversations[0]
     await kit.say(gateway, kit.text("hello", conversation=conversation))
     await api.wait_for(1, kit.reply_path)
@@ -295,7 +281,7 @@ async def test_next_message_after_the_close_opens_a_new_session(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
 ) -> None:
     """S6: a closed session stays closed; the user's next message starts a new one."""
-    gateway = await start(start_gateway, tmp_path, kit, api, minutes=SHORT)
+    gateway = await start_gateway(kit.settings(tmp_path, api, minutes=SHORT))
     conversation = kit.conversations[0]
     await kit.say(gateway, kit.text("first", conversation=conversation))
     first = await wait_closed(gateway, kit.contact_id(conversation))
@@ -314,14 +300,15 @@ async def test_next_message_after_the_close_opens_a_new_session(
 async def test_platform_5xx_on_send_is_retried_and_the_reply_delivered_once(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start(start_gateway, tmp_path, kit, api)
+    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
     api.fail_next(kit.reply_path, kit.server_error())
-    await kit.say(gateway, kit.text("retry me", conversation=conversation))
+    inbound = kit.text("retry me", conversation=conversation)
+    await kit.say(gateway, inbound)
     first, retry = await api.wait_for(2, kit.reply_path)
     await gateway.settle()
     assert retry.body == first.body  # the same request again (LINE: the same reply token)
-    kit.check_reply(retry, conversation, "retry me")
+    kit.check_reply(retry, inbound, "retry me")
     assert len(api.requests) == 2  # one failure, one delivery, nothing else (no LINE push)
     assert kit.sent_texts(api, conversation) == ["retry me"]
     assert messages_out(gateway, kit.endpoint_name, "retry") == 1
@@ -331,15 +318,16 @@ async def test_platform_5xx_on_send_is_retried_and_the_reply_delivered_once(
 async def test_429_with_retry_after_is_delivered_once_after_the_wait(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start(start_gateway, tmp_path, kit, api)
+    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
     api.fail_next(kit.reply_path, kit.rate_limited(1))
-    await kit.say(gateway, kit.text("patience", conversation=conversation))
+    inbound = kit.text("patience", conversation=conversation)
+    await kit.say(gateway, inbound)
     first, retry = await api.wait_for(2, kit.reply_path, timeout_s=6)
     await gateway.settle()
     assert retry.received_at - first.received_at >= 0.95  # waited for Retry-After, not the 0.5 s backoff
     assert retry.body == first.body
-    kit.check_reply(retry, conversation, "patience")
+    kit.check_reply(retry, inbound, "patience")
     assert len(api.requests) == 2  # one refused, one delivered: no further copy
     assert kit.sent_texts(api, conversation) == ["patience"]
     assert messages_out(gateway, kit.endpoint_name, "sent") == 1
@@ -348,7 +336,7 @@ async def test_429_with_retry_after_is_delivered_once_after_the_wait(
 async def test_replies_keep_each_conversations_order_while_the_platform_is_slow(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start(start_gateway, tmp_path, kit, api)
+    gateway = await start_gateway(kit.settings(tmp_path, api))
     api.respond(kit.reply_path, kit.slow(0.01))
     one, other = kit.conversations
     for n in range(6):
@@ -365,7 +353,7 @@ async def test_replies_keep_each_conversations_order_while_the_platform_is_slow(
 async def test_long_text_is_sent_in_parts_within_the_platform_limit_in_order(
     tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start(start_gateway, tmp_path, kit, api)
+    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
     words = [f"w{n:04d}" for n in range(2 * kit.text_limit // 6 + 100)]  # over two limits long
     text = " ".join(words)

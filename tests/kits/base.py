@@ -18,13 +18,18 @@ A kit is one platform's side of the wire, as the tests play it:
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
-from tests.conftest import Gateway
+import aiohttp
+
+from gateway.settings import Settings
+from tests.conftest import Gateway, make_settings
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
 
 # The forged-signature cases every platform has; a kit adds its own in ``own_forged_cases``.
@@ -45,11 +50,12 @@ class Inbound:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """The gateway's immediate answer to a webhook POST."""
+    """The gateway's immediate answer to a webhook POST (compared without its headers)."""
 
     status: int
     content_type: str
     text: str
+    headers: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 class Kit(ABC):
@@ -57,27 +63,48 @@ class Kit(ABC):
 
     platform: ClassVar[str]  # the ``channel`` of the endpoint ("messenger")
     endpoint_name: ClassVar[str]  # the endpoint's name, also the contact id prefix ("fb")
-    content_type: ClassVar[str] = "application/json"
+    credentials: ClassVar[Mapping[str, str]]
     signature_header: ClassVar[str]
     reply_path: ClassVar[str]  # where the answer to a fresh user message goes
-    notice_path: ClassVar[str]  # where a closure notice (bot-initiated) goes
-    ack: ClassVar[Ack]  # the answer to every accepted POST
-    bare_get_status: ClassVar[int] = 400  # a GET without any handshake parameters
+    notice_path: ClassVar[str | None] = None  # where a closure notice goes, if not ``reply_path``
     text_limit: ClassVar[int]  # the platform's limit on one message's text
-    conversations: ClassVar[tuple[str, str]]  # two distinct conversations a user can write from
     own_forged_cases: ClassVar[tuple[str, ...]] = ()
     malformed_bodies: ClassVar[Mapping[str, bytes]]  # id -> a body that cannot be the platform's
-    bye: ClassVar[str]  # the closure notice ``endpoint`` configures
+    # Defaults most platforms share:
+    content_type: ClassVar[str] = "application/json"
+    ack: ClassVar[Ack] = Ack(200, "text/plain", "")  # the answer to every accepted POST
+    bare_get_status: ClassVar[int] = 400  # a GET without any handshake parameters
+    conversations: ClassVar[tuple[str, str]] = ("U1", "U2")  # two distinct conversations
+    rate_limit: ClassVar[Mapping[str, float] | None] = None  # lifts a default limit tests would wait on
+    bye: ClassVar[str] = "bye"  # the closure notice ``endpoint`` configures
 
     def __repr__(self) -> str:
         return self.platform
 
     # -- the endpoint ----------------------------------------------------------------------------
 
-    @abstractmethod
     def endpoint(self, api_url: str, *, minutes: float = 0, **on_close: Any) -> dict[str, Any]:
-        """The endpoint entry: credentials, ``api_base_url``, the session with ``bye`` as its
-        closure notice (``minutes=0`` never expires). Send rate limits are lifted for tests."""
+        """The endpoint entry for ``write_config``: credentials, ``api_base_url``, the session
+        with ``bye`` as its closure notice (``minutes=0`` never expires), ``on_close`` options
+        (``notify=False``) and ``rate_limit``."""
+        entry: dict[str, Any] = {
+            "name": self.endpoint_name,
+            "channel": self.platform,
+            "api_base_url": api_url,
+            "credentials": dict(self.credentials),
+            "session": {"expiration_minutes": minutes, "on_close": {"messages": [self.bye], **on_close}},
+        }
+        if self.rate_limit is not None:
+            entry["rate_limit"] = dict(self.rate_limit)
+        return entry
+
+    def settings(
+        self, directory: Path, api: FakePlatform, *, minutes: float = 0, notify: bool = True, **sections: Any
+    ) -> Settings:
+        """Settings (a config file in ``directory``) with this endpoint alone, on ``api``;
+        ``sections`` are other config sections (``server``, ``flow``)."""
+        on_close = {} if notify else {"notify": False}
+        return make_settings(directory, [self.endpoint(api.url, minutes=minutes, **on_close)], **sections)
 
     @property
     def webhook_path(self) -> str:
@@ -155,7 +182,18 @@ class Kit(ABC):
         if isinstance(request, Inbound):
             sent.update(request.headers)
         response = await gateway.client.post(path, data=body, headers=sent)
-        return Ack(response.status, response.content_type, await response.text())
+        return Ack(response.status, response.content_type, await response.text(), dict(response.headers))
+
+    async def post_to(
+        self, http: aiohttp.ClientSession, base_url: str, request: Inbound, path: str | None = None
+    ) -> int:
+        """POST ``request`` signed to the gateway at ``base_url`` (a ``GatewayProcess``), at
+        ``path`` (default: this endpoint's webhook); the status."""
+        url = base_url + (path or self.webhook_path)
+        headers = {"Content-Type": self.content_type, **self.sign(request.body, url), **request.headers}
+        async with http.post(url, data=request.body, headers=headers) as response:
+            await response.read()
+            return response.status
 
     async def say(self, gateway: Gateway, request: Inbound) -> None:
         """POST ``request`` signed and assert it was accepted."""
@@ -195,7 +233,7 @@ class Kit(ABC):
 
     @property
     def send_paths(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((self.reply_path, self.notice_path)))
+        return (self.reply_path,) if self.notice_path is None else (self.reply_path, self.notice_path)
 
     def sends(self, api: FakePlatform) -> list[RecordedRequest]:
         """Every send request the fake received (accepted or not), in order."""
@@ -220,11 +258,28 @@ class Kit(ABC):
         ]
 
     @abstractmethod
-    def check_reply(self, request: RecordedRequest, conversation: str, text: str) -> None:
-        """Assert ``request`` answers a user of ``conversation`` with ``text``, addressed and
-        authenticated as the platform requires."""
+    def check_reply(self, request: RecordedRequest, answering: Inbound, text: str) -> None:
+        """Assert ``request`` answers the message ``answering`` with ``text`` in its conversation,
+        addressed and authenticated as the platform requires."""
 
     @abstractmethod
     def check_notice(self, request: RecordedRequest, conversation: str, text: str) -> None:
         """Assert ``request`` is a bot-initiated message (a closure notice) of ``text`` to
         ``conversation``, addressed and authenticated as the platform requires."""
+
+
+async def post_raw(
+    host: str, port: int, path: str, headers: list[bytes], body: bytes, content_type: str = "application/json"
+) -> bytes:
+    """POST with header bytes sent exactly as given (a client library would refuse non-ASCII
+    ones) and return the response's status line."""
+    head = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: %s\r\n" % (path.encode(), content_type.encode())
+    head += b"Content-Length: %d\r\n" % len(body) + b"".join(h + b"\r\n" for h in headers)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(head + b"Connection: close\r\n\r\n" + body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()

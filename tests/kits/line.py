@@ -12,16 +12,20 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
-from tests.kits.base import Ack, Inbound, Kit
+from tests.kits.base import Inbound, Kit
 
 SECRET = "e2e-line-channel-secret"
 TOKEN = "e2e-line-access-token"
 REPLY = "/v2/bot/message/reply"
 PUSH = "/v2/bot/message/push"
 BYE = "bye"
+SENT_BODY = {"sentMessages": [{"id": "461230966842064897", "quoteToken": "q"}]}
 
 
 def sign(body: bytes, secret: str = SECRET) -> str:
@@ -102,15 +106,90 @@ def retry_key_of(request: RecordedRequest) -> str:
     return key
 
 
+# -- the fake LINE API with LINE's once-rules -----------------------------------------------------
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message that reached a LINE user."""
+
+    via: str  # "reply" or "push"
+    to: str
+    text: str
+    key: str  # the reply token, or the push's X-Line-Retry-Key
+    at: float
+
+
+@dataclass(slots=True)
+class LineApi:
+    """Reply tokens are made by ``reply_token`` and name their user, so a reply's recipient is
+    known. ``hold(to, text)`` -> seconds to sit on an accepted request before answering;
+    ``fail(to, text)`` -> a status to answer instead of accepting (nothing is delivered)."""
+
+    deliveries: list[Delivery] = field(default_factory=list)
+    used_tokens: set[str] = field(default_factory=set)
+    accepted_keys: set[str] = field(default_factory=set)
+    repeated_keys: list[str] = field(default_factory=list)  # pushes answered 409
+    refused_tokens: list[str] = field(default_factory=list)  # replies answered 400
+    failed: list[tuple[str, str, list[str]]] = field(default_factory=list)  # answered by ``fail``
+    hold: Callable[[str, str], float] = lambda _to, _text: 0.0
+    fail: Callable[[str, str], int | None] = lambda _to, _text: None
+
+    def install(self, fake: FakePlatform) -> None:
+        fake.respond(REPLY, self._reply)
+        fake.respond(PUSH, self._push)
+
+    def _answer(self, via: str, to: str, texts: list[str], key: str) -> Answer:
+        failure = max((self.fail(to, text) or 0 for text in texts), default=0)
+        if failure:
+            self.failed.append((via, to, texts))
+            return Answer(status=failure, json_body={"message": "An error occurred in the backend"})
+        if via == "reply":
+            if key in self.used_tokens:
+                self.refused_tokens.append(key)
+                return Answer(status=400, json_body={"message": "Invalid reply token"})
+            self.used_tokens.add(key)
+        else:
+            if key in self.accepted_keys:
+                self.repeated_keys.append(key)
+                return Answer(status=409, json_body={"message": "The retry key is already accepted"})
+            self.accepted_keys.add(key)
+        for text in texts:
+            self.deliveries.append(Delivery(via, to, text, key, time.time()))
+        return Answer(json_body=SENT_BODY, delay_s=max(self.hold(to, text) for text in texts))
+
+    def _reply(self, request: RecordedRequest) -> Answer:
+        body = request.json()
+        token = body["replyToken"]
+        return self._answer("reply", token.split(".")[1], [m["text"] for m in body["messages"]], token)
+
+    def _push(self, request: RecordedRequest) -> Answer:
+        body = request.json()
+        key = request.headers.get("X-Line-Retry-Key", "")
+        assert key, "push without X-Line-Retry-Key"
+        return self._answer("push", body["to"], [m["text"] for m in body["messages"]], key)
+
+    def delivered(self, text: str, to: str | None = None) -> list[Delivery]:
+        return [d for d in self.deliveries if d.text == text and (to is None or d.to == to)]
+
+
+@asynccontextmanager
+async def line_api_with_once_rules() -> AsyncIterator[tuple[FakePlatform, LineApi]]:
+    """The fake LINE API answering as ``LineApi`` does (``tests/test_crash.py``, overload)."""
+    async with FakePlatform() as fake:
+        line = LineApi()
+        line.install(fake)
+        yield fake, line
+
+
 class LineKit(Kit):
     platform = "line"
     endpoint_name = "ln"
+    credentials = {"channel_secret": SECRET, "channel_access_token": TOKEN}
     signature_header = "x-line-signature"
-    reply_path = REPLY
-    notice_path = PUSH
-    ack = Ack(200, "text/plain", "")
-    text_limit = 5000
-    conversations = ("U1", "U2")
+    reply_path = REPLY  # with the event's reply token
+    notice_path = PUSH  # and replies whose token is gone
+    text_limit = 5000  # UTF-16 code units
     own_forged_cases = ("wrong-base64",)
     malformed_bodies = {
         "not-json": b"{not json",
@@ -122,16 +201,6 @@ class LineKit(Kit):
         "empty": b"",
         "deeply-nested": b"[" * 100_000,
     }
-    bye = BYE
-
-    def endpoint(self, api_url: str, *, minutes: float = 0, **on_close: Any) -> dict[str, Any]:
-        return {
-            "name": self.endpoint_name,
-            "channel": self.platform,
-            "api_base_url": api_url,
-            "credentials": {"channel_secret": SECRET, "channel_access_token": TOKEN},
-            "session": {"expiration_minutes": minutes, "on_close": {"messages": [BYE], **on_close}},
-        }
 
     def text(
         self, text: str, *, conversation: str | None = None, user: str | None = None, event_id: str | None = None
@@ -171,7 +240,7 @@ class LineKit(Kit):
         api.respond(PUSH, self.sent())
 
     def sent(self) -> Answer:
-        return Answer(json_body={"sentMessages": [{"id": "461230966842064897", "quoteToken": "q"}]})
+        return Answer(json_body=SENT_BODY)
 
     def server_error(self) -> Answer:
         return Answer(status=500, json_body={"message": "internal error"})
@@ -191,10 +260,11 @@ class LineKit(Kit):
             conversation = parts[1]
         return [(conversation, m["text"]) for m in body["messages"]]
 
-    def check_reply(self, request: RecordedRequest, conversation: str, text: str) -> None:
+    def check_reply(self, request: RecordedRequest, answering: Inbound, text: str) -> None:
         assert (request.method, request.path) == ("POST", REPLY)
         assert request.headers["Authorization"] == f"Bearer {TOKEN}"
-        assert request.json()["replyToken"].startswith(f"rt.{conversation}.")
+        tokens = [event["replyToken"] for event in answering.payload["events"]]
+        assert request.json()["replyToken"] in tokens  # the token of the event answered
         assert request.json()["messages"] == [{"type": "text", "text": text}]
         assert "X-Line-Retry-Key" not in request.headers  # a reply takes no retry key
 

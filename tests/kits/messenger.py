@@ -56,13 +56,13 @@ def meta_signature(body: bytes, secret: str = APP_SECRET) -> str:
 class MessengerKit(Kit):
     platform = "messenger"
     endpoint_name = "fb"
+    credentials = {"app_secret": APP_SECRET, "verify_token": VERIFY_TOKEN, "page_access_token": PAGE_TOKEN}
     signature_header = "X-Hub-Signature-256"
-    reply_path = SEND_PATH
-    notice_path = SEND_PATH
+    reply_path = SEND_PATH  # replies (RESPONSE) and notices (UPDATE) alike
+    text_limit = 2000
     ack = Ack(200, "text/plain", "EVENT_RECEIVED")
     bare_get_status = 403  # a GET is the verification handshake: no verify token, refused
-    text_limit = 2000
-    conversations = ("U1", "U2")
+    bye = BYE
     own_forged_cases = ("zeros", "sha1-only", "not-hex")
     malformed_bodies = {
         "not-json": b"not json",
@@ -79,16 +79,6 @@ class MessengerKit(Kit):
         "no-mid": b'{"object": "page", "entry": [{"messaging": [{"sender": {"id": "U"}, "timestamp": 1, "message": {}}]}]}',
         "deeply-nested": b"[" * 50_000 + b"]" * 50_000,
     }
-    bye = BYE
-
-    def endpoint(self, api_url: str, *, minutes: float = 0, **on_close: Any) -> dict[str, Any]:
-        return {
-            "name": self.endpoint_name,
-            "channel": self.platform,
-            "api_base_url": api_url,
-            "credentials": {"app_secret": APP_SECRET, "verify_token": VERIFY_TOKEN, "page_access_token": PAGE_TOKEN},
-            "session": {"expiration_minutes": minutes, "on_close": {"messages": [BYE], **on_close}},
-        }
 
     def text(
         self, text: str, *, conversation: str | None = None, user: str | None = None, event_id: str | None = None
@@ -141,8 +131,8 @@ class MessengerKit(Kit):
             "message": {"text": text},
         }
 
-    def check_reply(self, request: RecordedRequest, conversation: str, text: str) -> None:
-        self._check(request, conversation, text, "RESPONSE")
+    def check_reply(self, request: RecordedRequest, answering: Inbound, text: str) -> None:
+        self._check(request, answering.conversation, text, "RESPONSE")
 
     def check_notice(self, request: RecordedRequest, conversation: str, text: str) -> None:
         self._check(request, conversation, text, "UPDATE")

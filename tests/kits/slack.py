@@ -12,7 +12,7 @@ from typing import Any
 from slack_sdk.signature import SignatureVerifier
 
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
-from tests.kits.base import Ack, Inbound, Kit
+from tests.kits.base import Inbound, Kit
 
 SIGNING_SECRET = "e2e-slack-signing-secret"
 BOT_TOKEN = "xoxb-e2e-bot-token"
@@ -77,12 +77,14 @@ def posted(request: RecordedRequest) -> dict[str, Any]:
 class SlackKit(Kit):
     platform = "slack"
     endpoint_name = "sl"
+    credentials = {"signing_secret": SIGNING_SECRET, "bot_token": BOT_TOKEN, "bot_user_id": BOT_USER}
     signature_header = "X-Slack-Signature"
-    reply_path = POST
-    notice_path = POST
-    ack = Ack(200, "text/plain", "")
+    reply_path = POST  # replies and notices alike
     text_limit = 3500
     conversations = ("C1", "C2")
+    # Slack's 1 post/s per channel (tests/test_ratelimit.py covers it) is lifted, so that tests
+    # answering several messages in one channel do not wait seconds.
+    rate_limit = {"per_conversation_per_second": 1000}
     own_forged_cases = (
         "missing-signature",
         "missing-timestamp",
@@ -104,25 +106,12 @@ class SlackKit(Kit):
         "empty": b"",
         "deeply-nested": b"[" * 100_000,
     }
-    bye = BYE
 
-    def endpoint(
-        self, api_url: str, *, minutes: float = 0, bot_user_id: str | None = BOT_USER, **on_close: Any
-    ) -> dict[str, Any]:
-        """``bot_user_id=None`` leaves it out (the adapter asks auth.test at start)."""
-        credentials = {"signing_secret": SIGNING_SECRET, "bot_token": BOT_TOKEN}
-        if bot_user_id is not None:
-            credentials["bot_user_id"] = bot_user_id
-        return {
-            "name": self.endpoint_name,
-            "channel": self.platform,
-            "api_base_url": api_url,
-            "credentials": credentials,
-            "session": {"expiration_minutes": minutes, "on_close": {"messages": [BYE], **on_close}},
-            # Slack's 1 post/s per channel (tests/test_ratelimit.py covers it) is lifted, so that
-            # tests that answer several messages in one channel do not wait seconds.
-            "rate_limit": {"per_conversation_per_second": 1000},
-        }
+    def without_bot_user_id(self, api_url: str) -> dict[str, Any]:
+        """The endpoint without ``bot_user_id``: the adapter asks auth.test at start."""
+        entry = self.endpoint(api_url)
+        del entry["credentials"]["bot_user_id"]
+        return entry
 
     def text(
         self, text: str, *, conversation: str | None = None, user: str | None = None, event_id: str | None = None
@@ -182,15 +171,15 @@ class SlackKit(Kit):
         thread_ts = body.get("thread_ts")
         return [(body["channel"] + (f":{thread_ts}" if thread_ts else ""), body["text"])]
 
-    def check_reply(self, request: RecordedRequest, conversation: str, text: str) -> None:
+    def check_reply(self, request: RecordedRequest, answering: Inbound, text: str) -> None:
+        self.check_notice(request, answering.conversation, text)  # a reply is a post like any other
+
+    def check_notice(self, request: RecordedRequest, conversation: str, text: str) -> None:
         assert (request.method, request.path) == ("POST", POST)
         assert request.headers["Authorization"] == f"Bearer {BOT_TOKEN}"
         channel, _, thread_ts = conversation.partition(":")
         expected = {"channel": channel, "text": text} | ({"thread_ts": thread_ts} if thread_ts else {})
         assert posted(request) == expected
-
-    def check_notice(self, request: RecordedRequest, conversation: str, text: str) -> None:
-        self.check_reply(request, conversation, text)  # the same chat.postMessage
 
 
 SLACK = SlackKit()

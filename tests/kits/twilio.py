@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import itertools
 from collections.abc import Mapping
-from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from twilio.request_validator import RequestValidator
@@ -23,6 +22,16 @@ OTHER_USER = "+447700900123"
 MESSAGES_PATH = f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
 TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 BYE = "Session ended. Text again any time."
+# Twilio's refusal to send to a number that opted out with Twilio itself (error 21610).
+UNSUBSCRIBED = Answer(
+    status=400,
+    json_body={
+        "code": 21610,
+        "message": "Attempt to send to unsubscribed recipient",
+        "more_info": "https://www.twilio.com/docs/errors/21610",
+        "status": 400,
+    },
+)
 _sids = itertools.count(1)
 
 
@@ -66,13 +75,17 @@ def basic_auth() -> str:
 class TwilioKit(Kit):
     platform = "twilio"
     endpoint_name = "sms"
-    content_type = "application/x-www-form-urlencoded"
+    credentials = {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN, "from_number": FROM_NUMBER}
     signature_header = "X-Twilio-Signature"
-    reply_path = MESSAGES_PATH
-    notice_path = MESSAGES_PATH
+    reply_path = MESSAGES_PATH  # every SMS
+    text_limit = 1600  # UTF-16 code units
+    content_type = "application/x-www-form-urlencoded"
     ack = Ack(200, "text/xml", TWIML_EMPTY)
-    text_limit = 1600
     conversations = (USER, OTHER_USER)
+    bye = BYE
+    # Twilio's default is 1 send/s per number (tests/test_ratelimit.py covers it); raised so
+    # tests that answer a dozen messages do not wait a dozen seconds.
+    rate_limit = {"per_second": 100}
     own_forged_cases = ("forged-base64",)
     malformed_bodies = {
         "no-message-sid": urlencode(
@@ -87,19 +100,6 @@ class TwilioKit(Kit):
         ).encode(),
         "garbage-num-media": urlencode({"MessageSid": "SM2", "From": USER, "Body": "", "NumMedia": "lots"}).encode(),
     }
-    bye = BYE
-
-    def endpoint(self, api_url: str, *, minutes: float = 0, **on_close: Any) -> dict[str, Any]:
-        return {
-            "name": self.endpoint_name,
-            "channel": self.platform,
-            "api_base_url": api_url,
-            "credentials": {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN, "from_number": FROM_NUMBER},
-            "session": {"expiration_minutes": minutes, "on_close": {"messages": [BYE], **on_close}},
-            # Twilio's default is 1 send/s per number (tests/test_ratelimit.py covers it); raised so
-            # tests that answer a dozen messages do not wait a dozen seconds.
-            "rate_limit": {"per_second": 100},
-        }
 
     def text(
         self, text: str, *, conversation: str | None = None, user: str | None = None, event_id: str | None = None
@@ -141,14 +141,14 @@ class TwilioKit(Kit):
         form = request.form()
         return [(form["To"], form["Body"])]
 
-    def check_reply(self, request: RecordedRequest, conversation: str, text: str) -> None:
+    def check_reply(self, request: RecordedRequest, answering: Inbound, text: str) -> None:
+        self.check_notice(request, answering.conversation, text)  # an SMS like any other
+
+    def check_notice(self, request: RecordedRequest, conversation: str, text: str) -> None:
         assert (request.method, request.path) == ("POST", MESSAGES_PATH)
         assert request.headers["Authorization"] == basic_auth()
         form = request.form()
         assert (form["To"], form["From"], form["Body"]) == (conversation, FROM_NUMBER, text)
-
-    def check_notice(self, request: RecordedRequest, conversation: str, text: str) -> None:
-        self.check_reply(request, conversation, text)  # an SMS like any other
 
 
 TWILIO = TwilioKit()
