@@ -26,6 +26,7 @@ from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError,
 from gateway.models import EventKind, MessageKind, OutboundMessage
 from gateway.settings import Channel, EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
+from tests.kits.twilio import UNSUBSCRIBED
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "s3cr3t-auth-token-0123456789abcd"
@@ -446,15 +447,7 @@ async def test_split_retry_resumes_after_accepted_parts() -> None:
 @pytest.mark.parametrize(
     "answer",
     [
-        Answer(
-            status=400,
-            json_body={
-                "code": 21610,
-                "message": "Attempt to send to unsubscribed recipient",
-                "more_info": "https://www.twilio.com/docs/errors/21610",
-                "status": 400,
-            },
-        ),
+        UNSUBSCRIBED,
         # RFC 9457 bodies make the SDK raise TwilioServiceException, which is not a TwilioRestException.
         Answer(
             status=400,
