@@ -92,6 +92,15 @@ class Gateway:
         assert response.status == 200, await response.text()
         return await response.json()
 
+    async def bot_message(self, endpoint: str, conversation: str, text: str) -> dict[str, Any]:
+        """``POST /admin/messages`` (S13): a bot-initiated message; asserts the 202 and returns
+        the session it went to."""
+        body = {"endpoint": endpoint, "conversation": conversation, "text": text}
+        response = await self.client.post("/admin/messages", json=body, headers=self.admin_headers())
+        assert response.status == 202, await response.text()
+        session: dict[str, Any] = (await response.json())["session"]
+        return session
+
     async def settle(self) -> None:
         """Wait until inbound work and deliveries are done."""
         await self.manager.drain()
@@ -156,11 +165,26 @@ async def echo_flow_url(serve_http: Callable[..., Awaitable[str]]) -> str:
 
 
 @pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for tests that call a server directly (a channel adapter's sends)."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
 async def api(kit: Kit) -> AsyncIterator[FakePlatform]:
     """The recording fake API of the platform kit ``kit`` (``tests.kits``), which a test module
     or test provides as a fixture or parameter."""
     async with kit.fake_api() as fake:
         yield fake
+
+
+@pytest.fixture
+async def gateway(kit: Kit, api: FakePlatform, tmp_path: Path, start_gateway: Callable[..., Any]) -> Gateway:
+    """A gateway with the kit's endpoint alone on its fake API (sessions never expire);
+    tests that need other settings call ``start_gateway`` themselves."""
+    started: Gateway = await start_gateway(kit.settings(tmp_path, api))
+    return started
 
 
 @dataclass

@@ -23,10 +23,11 @@ from channels.twilio_sms import (
     opt_keyword,
 )
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
-from gateway.models import EventKind, MessageKind, OutboundMessage
+from gateway.models import EventKind, OutboundMessage
 from gateway.settings import Channel, EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
 from tests.kits.twilio import UNSUBSCRIBED
+from tests.outbound import outbound_message
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "s3cr3t-auth-token-0123456789abcd"
@@ -95,9 +96,7 @@ def signed(
 
 
 def outbound(text: str, key: str = "reply:1:0") -> OutboundMessage:
-    return OutboundMessage(
-        endpoint="sms", channel="twilio", conversation=USER, kind=MessageKind.REPLY, text=text, key=key, created_at=0.0
-    )
+    return outbound_message("sms", "twilio", USER, text, key=key)
 
 
 @asynccontextmanager

@@ -29,14 +29,9 @@ from tests.kits.line import (
     text_event,
     texts,
 )
-from tests.kits.observe import assert_nothing_stored, contact, events, only_session
 from tests.scripted_flow import ScriptedFlow
 
 SHORT = 0.01  # minutes: 0.6 s of silence closes the session
-
-
-def ln(conversation: str) -> str:
-    return LINE.contact_id(conversation)
 
 
 async def post(gateway: Gateway, body: bytes, headers: dict[str, str] | None = None) -> int:
@@ -52,25 +47,21 @@ def kit() -> Kit:
 # -- non-text interactions (S16) ---------------------------------------------------------------
 
 
-async def test_s16_sticker_opens_a_session_but_echo_does_not_answer(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
-    gateway = await start_gateway(LINE.settings(tmp_path, api))
+async def test_s16_sticker_opens_a_session_but_echo_does_not_answer(gateway: Gateway, api: FakePlatform) -> None:
     event = text_event("unused")
     event["message"] = {"id": "m-st", "type": "sticker", "packageId": "446", "stickerId": "1988", "quoteToken": "q"}
     assert await post(gateway, body_of(event)) == 200
     await gateway.settle()
-    session = await only_session(gateway, ln("U1"))
+    session = await LINE.session(gateway, "U1")
     assert session["state"] == "open" and session["message_count"] == 1
     assert api.requests == []
 
 
-async def test_s16_postback_opens_a_session(tmp_path: Path, start_gateway: Any, api: FakePlatform) -> None:
-    gateway = await start_gateway(LINE.settings(tmp_path, api))
+async def test_s16_postback_opens_a_session(gateway: Gateway, api: FakePlatform) -> None:
     event = housekeeping_event("postback", replyToken="rt-pb", postback={"data": "action=buy"})
     assert await post(gateway, body_of(event)) == 200
     await gateway.settle()
-    session = await only_session(gateway, ln("U1"))
+    session = await LINE.session(gateway, "U1")
     assert session["state"] == "open" and session["message_count"] == 1
 
 
@@ -78,20 +69,18 @@ async def test_s16_postback_opens_a_session(tmp_path: Path, start_gateway: Any, 
 
 
 async def test_correctly_signed_body_that_is_not_utf8_is_401(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
+    gateway: Gateway, tmp_path: Path, api: FakePlatform
 ) -> None:
     """LINE signs text: a body that is not UTF-8 cannot carry a valid signature, even one
     computed over its bytes, and is refused as such before parsing."""
-    gateway = await start_gateway(LINE.settings(tmp_path, api))
     body = b"\xff\xfe\x00 not utf-8"
     assert await post(gateway, body, headers={"x-line-signature": sign(body)}) == 401
-    await assert_nothing_stored(gateway, "ln", api, tmp_path / "gateway.db", ln("U1"))
+    await LINE.assert_nothing_stored(gateway, api, tmp_path / "gateway.db", "U1")
 
 
-async def test_empty_events_connectivity_check_is_200(tmp_path: Path, start_gateway: Any, api: FakePlatform) -> None:
-    gateway = await start_gateway(LINE.settings(tmp_path, api))
+async def test_empty_events_connectivity_check_is_200(gateway: Gateway, tmp_path: Path, api: FakePlatform) -> None:
     assert await post(gateway, json.dumps({"destination": "Ubot", "events": []}).encode()) == 200
-    await assert_nothing_stored(gateway, "ln", api, tmp_path / "gateway.db", ln("U1"))
+    await LINE.assert_nothing_stored(gateway, api, tmp_path / "gateway.db", "U1")
 
 
 # -- closure in groups and rooms (S7, S9) ---------------------------------------------------------
@@ -115,19 +104,18 @@ async def test_s7_group_message_is_replied_and_the_closure_is_pushed_to_the_grou
     [push] = await api.wait_for(1, PUSH, timeout_s=5)
     await gateway.settle()
     LINE.check_notice(push, conversation, BYE)  # the group, not the user who wrote
-    session = await only_session(gateway, ln(conversation))
+    session = await LINE.session(gateway, conversation)
     assert session["contact_id"] == f"ln:{conversation}"
     assert session["close_reason"] == "inactivity" and session["notice"] == "sent"
-    assert await contact(gateway, ln("U2")) is None
+    assert await LINE.contact(gateway, "U2") is None
 
 
 # -- batches ----------------------------------------------------------------------------------
 
 
 async def test_batch_of_three_events_from_two_users_is_all_answered_in_per_user_order(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
+    gateway: Gateway, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(LINE.settings(tmp_path, api))
     events_in = [
         text_event("a1", user="Ua", reply_token="rt-a1"),
         text_event("b1", user="Ub", reply_token="rt-b1"),
@@ -141,8 +129,8 @@ async def test_batch_of_three_events_from_two_users_is_all_answered_in_per_user_
     assert by_token == {"rt-a1": ["a1"], "rt-b1": ["b1"], "rt-a2": ["a2"]}
     user_a = [texts(r)[0] for r in replies if r.json()["replyToken"].startswith("rt-a")]
     assert user_a == ["a1", "a2"]
-    assert (await only_session(gateway, ln("Ua")))["message_count"] == 2
-    assert (await only_session(gateway, ln("Ub")))["message_count"] == 1
+    assert (await LINE.session(gateway, "Ua"))["message_count"] == 2
+    assert (await LINE.session(gateway, "Ub"))["message_count"] == 1
 
 
 # -- housekeeping (S16) -----------------------------------------------------------------------
@@ -158,24 +146,20 @@ async def test_batch_of_three_events_from_two_users_is_all_answered_in_per_user_
     ids=["standby", "follow", "unfollow"],
 )
 async def test_s16_standby_follow_and_unfollow_are_200_without_session_or_reply(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform, event: dict[str, Any]
+    gateway: Gateway, api: FakePlatform, event: dict[str, Any]
 ) -> None:
-    gateway = await start_gateway(LINE.settings(tmp_path, api))
     assert await post(gateway, body_of(event)) == 200
     await gateway.settle()
-    assert await contact(gateway, ln("U1")) is None
+    assert await LINE.contact(gateway, "U1") is None
     assert (await gateway.admin_get("/admin/sessions?endpoint=ln"))["sessions"] == []
     assert api.requests == []
-    assert events(gateway, "ln", "ignored") == 1
+    assert LINE.events(gateway, "ignored") == 1
 
 
 # -- reply tokens and retry keys ----------------------------------------------------------------
 
 
-async def test_invalid_reply_token_falls_back_to_push_and_arrives_once(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
-    gateway = await start_gateway(LINE.settings(tmp_path, api))
+async def test_invalid_reply_token_falls_back_to_push_and_arrives_once(gateway: Gateway, api: FakePlatform) -> None:
     api.fail_next(REPLY, Answer(status=400, json_body={"message": "Invalid reply token"}))
     assert await post(gateway, body_of(text_event("late", user="Ulate"))) == 200
     [push] = await api.wait_for(1, PUSH)
@@ -195,7 +179,7 @@ async def test_push_500_then_200_is_delivered_and_the_retry_carries_the_same_ret
     await gateway.settle()
     assert texts(first) == texts(retry) == [BYE]
     assert retry_key_of(first) == retry_key_of(retry)
-    session = await only_session(gateway, ln("U1"))
+    session = await LINE.session(gateway, "U1")
     assert session["close_reason"] == "inactivity" and session["notice"] == "sent"
     assert len(api.to(PUSH)) == 2
 
@@ -214,17 +198,14 @@ async def test_push_409_retry_key_already_accepted_counts_as_delivered(
     first, retry = await api.wait_for(2, PUSH, timeout_s=6)
     await gateway.settle()
     assert retry_key_of(first) == retry_key_of(retry)
-    session = await only_session(gateway, ln("U1"))
+    session = await LINE.session(gateway, "U1")
     assert session["notice"] == "sent"
     assert len(api.to(PUSH)) == 2
 
 
-async def test_reply_that_got_through_despite_a_500_is_not_sent_again(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
+async def test_reply_that_got_through_despite_a_500_is_not_sent_again(gateway: Gateway, api: FakePlatform) -> None:
     """The 500 came after LINE used the token: the retry's "Invalid reply token" for a fresh
     token of ours means the first attempt was delivered, so nothing is pushed (no duplicate)."""
-    gateway = await start_gateway(LINE.settings(tmp_path, api))
     api.fail_next(
         REPLY,
         LINE.server_error(),
@@ -234,7 +215,7 @@ async def test_reply_that_got_through_despite_a_500_is_not_sent_again(
     await api.wait_for(2, REPLY, timeout_s=6)
     await gateway.settle()
     assert api.to(PUSH) == []
-    assert gateway.metrics.value("gateway_messages_out_total", endpoint="ln", outcome="sent") == 1
+    assert LINE.messages_out(gateway, "sent") == 1
 
 
 async def test_reply_held_past_the_reply_token_minute_goes_by_push(
@@ -290,7 +271,7 @@ async def test_closure_push_retried_after_a_restart_carries_the_same_retry_key(
     assert keys_seen[0] is not None and len(set(keys_seen)) == 1
     assert retry_key_of(first) == retry_key_of(delivered) == keys_seen[0]
     LINE.check_notice(delivered, "U1", BYE)
-    session = await only_session(restarted, ln("U1"))
+    session = await LINE.session(restarted, "U1")
     assert session["close_reason"] == "inactivity" and session["notice"] == "sent"
 
 
@@ -309,4 +290,4 @@ async def test_signed_event_with_an_out_of_range_timestamp_still_reaches_the_htt
     [reply] = await api.wait_for(1, REPLY, timeout_s=3)
     assert texts(reply) == ["flow: odd clock"]
     await gateway.settle()
-    assert (await only_session(gateway, ln("U1")))["message_count"] == 1
+    assert (await LINE.session(gateway, "U1"))["message_count"] == 1

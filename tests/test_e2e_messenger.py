@@ -19,7 +19,6 @@ from tests.conftest import Gateway
 from tests.fakeplatform import Answer, FakePlatform
 from tests.kits import Kit
 from tests.kits.messenger import BYE, MESSENGER, PAGE, PAGE_TOKEN, SEND_PATH, VERIFY_TOKEN, now_ms, page_body, text_item
-from tests.kits.observe import contact, events, only_session, wait_closed
 
 WEBHOOK = MESSENGER.webhook_path
 
@@ -35,10 +34,6 @@ async def say(gateway: Gateway, psid: str, text: str, mid: str) -> None:
 
 def sent_texts(api: FakePlatform, psid: str | None = None) -> list[str]:
     return MESSENGER.sent_texts(api, psid)
-
-
-def fb(psid: str) -> str:
-    return MESSENGER.contact_id(psid)
 
 
 class ShiftedClock:
@@ -60,10 +55,7 @@ def kit() -> Kit:
 # -- handshake ------------------------------------------------------------------------------------
 
 
-async def test_handshake_with_the_verify_token_answers_the_challenge(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
-    gateway = await start_gateway(MESSENGER.settings(tmp_path, api))
+async def test_handshake_with_the_verify_token_answers_the_challenge(gateway: Gateway, api: FakePlatform) -> None:
     query = {"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "1158201444"}
     response = await gateway.client.get(WEBHOOK, params=query)
     assert response.status == 200
@@ -79,10 +71,7 @@ async def test_handshake_with_the_verify_token_answers_the_challenge(
     ],
     ids=["wrong-token", "token-case", "wrong-mode"],
 )
-async def test_handshake_with_a_wrong_token_is_403(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform, query: dict[str, str]
-) -> None:
-    gateway = await start_gateway(MESSENGER.settings(tmp_path, api))
+async def test_handshake_with_a_wrong_token_is_403(gateway: Gateway, api: FakePlatform, query: dict[str, str]) -> None:
     response = await gateway.client.get(WEBHOOK, params=query)
     assert response.status == 403
     assert "chal-7731" not in await response.text()
@@ -91,10 +80,7 @@ async def test_handshake_with_a_wrong_token_is_403(
 # -- batches: dedup and order within one webhook ------------------------------------------------------
 
 
-async def test_same_mid_twice_in_one_batch_is_answered_once(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
-    gateway = await start_gateway(MESSENGER.settings(tmp_path, api))
+async def test_same_mid_twice_in_one_batch_is_answered_once(gateway: Gateway, api: FakePlatform) -> None:
     item = text_item("U1", "twice", "m_twice")
     await post(gateway, page_body([item], [item]))
     await api.wait_for(1, SEND_PATH)
@@ -103,9 +89,8 @@ async def test_same_mid_twice_in_one_batch_is_answered_once(
 
 
 async def test_batch_mixing_a_redelivered_and_a_new_message_answers_only_the_new_one(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
+    gateway: Gateway, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(MESSENGER.settings(tmp_path, api))
     first = text_item("U1", "first", "m_a", ts_ms=now_ms())
     await post(gateway, page_body([first]))
     await api.wait_for(1, SEND_PATH)
@@ -113,13 +98,12 @@ async def test_batch_mixing_a_redelivered_and_a_new_message_answers_only_the_new
     await api.wait_for(2, SEND_PATH)
     await gateway.settle()
     assert sent_texts(api, "U1") == ["first", "second"]
-    assert (await only_session(gateway, fb("U1")))["message_count"] == 2
+    assert (await MESSENGER.session(gateway, "U1"))["message_count"] == 2
 
 
 async def test_batch_of_two_entries_by_two_messaging_items_gets_four_replies_in_per_user_order(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
+    gateway: Gateway, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(MESSENGER.settings(tmp_path, api))
     t = now_ms()
     body = page_body(
         [text_item("A", "a1", "m_a1", t), text_item("B", "b1", "m_b1", t + 1)],
@@ -132,14 +116,11 @@ async def test_batch_of_two_entries_by_two_messaging_items_gets_four_replies_in_
     assert sent_texts(api, "B") == ["b1", "b2"]
     assert all(r.json()["messaging_type"] == "RESPONSE" for r in api.to(SEND_PATH))
     for psid in ("A", "B"):
-        assert (await only_session(gateway, fb(psid)))["message_count"] == 2
+        assert (await MESSENGER.session(gateway, psid))["message_count"] == 2
 
 
-async def test_batch_items_out_of_order_are_answered_in_timestamp_order(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
+async def test_batch_items_out_of_order_are_answered_in_timestamp_order(gateway: Gateway, api: FakePlatform) -> None:
     """Meta does not guarantee order: the later entry may carry the earlier message."""
-    gateway = await start_gateway(MESSENGER.settings(tmp_path, api))
     t = now_ms()
     body = page_body(
         [text_item("A", "a3", "m_a3", t + 20), text_item("A", "a2", "m_a2", t + 10)],
@@ -158,11 +139,8 @@ def read_receipt(psid: str) -> dict[str, Any]:
     return {"sender": {"id": psid}, "recipient": {"id": PAGE}, "timestamp": t, "read": {"watermark": t}}
 
 
-async def test_echoes_deliveries_and_reads_are_200_and_open_nothing(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
+async def test_echoes_deliveries_and_reads_are_200_and_open_nothing(gateway: Gateway, api: FakePlatform) -> None:
     """S16: our own echoes and delivery/read receipts are housekeeping: no session, no reply."""
-    gateway = await start_gateway(MESSENGER.settings(tmp_path, api))
     t = now_ms()
     echo = {
         "sender": {"id": PAGE},
@@ -179,11 +157,11 @@ async def test_echoes_deliveries_and_reads_are_200_and_open_nothing(
     await post(gateway, page_body([echo, delivery], [read_receipt("U1")]))
     await gateway.settle()
     assert api.requests == []
-    assert await contact(gateway, fb("U1")) is None
-    assert await contact(gateway, fb(PAGE)) is None
+    assert await MESSENGER.contact(gateway, "U1") is None
+    assert await MESSENGER.contact(gateway, PAGE) is None
     assert (await gateway.admin_get("/admin/sessions"))["sessions"] == []
-    assert events(gateway, "fb", "ignored") == 3
-    assert events(gateway, "fb", "accepted") == 0
+    assert MESSENGER.events(gateway, "ignored") == 3
+    assert MESSENGER.events(gateway, "accepted") == 0
 
 
 async def test_housekeeping_does_not_extend_an_open_session(
@@ -193,10 +171,10 @@ async def test_housekeeping_does_not_extend_an_open_session(
     await say(gateway, "U1", "hi", "m_1")
     await api.wait_for(1, SEND_PATH)
     await gateway.settle()
-    before = await only_session(gateway, fb("U1"))
+    before = await MESSENGER.session(gateway, "U1")
     await post(gateway, page_body([read_receipt("U1")]))
     await gateway.settle()
-    after = await only_session(gateway, fb("U1"))
+    after = await MESSENGER.session(gateway, "U1")
     assert after["last_activity_at"] == before["last_activity_at"]
     assert after["expires_at"] == before["expires_at"]
     assert after["message_count"] == 1
@@ -224,14 +202,14 @@ async def test_image_opens_and_extends_the_session_without_an_echo(
     gateway = await start_gateway(MESSENGER.settings(tmp_path, api, minutes=30))
     await post(gateway, page_body([image_item("U1", "m_img1")]))
     await gateway.settle()
-    opened = await only_session(gateway, fb("U1"))
+    opened = await MESSENGER.session(gateway, "U1")
     assert opened["state"] == "open" and opened["interactive"] is True and opened["message_count"] == 1
     live = gateway.manager.open_session("fb", "U1")
     assert live is not None
     first_deadline = live.expires_at
     await post(gateway, page_body([image_item("U1", "m_img2")]))
     await gateway.settle()
-    extended = await only_session(gateway, fb("U1"))
+    extended = await MESSENGER.session(gateway, "U1")
     assert extended["id"] == opened["id"]
     assert extended["message_count"] == 2
     assert live.expires_at is not None and first_deadline is not None
@@ -248,7 +226,7 @@ async def test_s7_s9_image_only_session_still_gets_its_closure_notice(
     await post(gateway, page_body([image_item("U1", "m_img")]))
     [notice] = await api.wait_for(1, SEND_PATH)
     MESSENGER.check_notice(notice, "U1", BYE)
-    session = await wait_closed(gateway, fb("U1"))
+    session = await MESSENGER.wait_closed(gateway, "U1")
     assert session["close_reason"] == "inactivity" and session["notice"] == "sent"
 
 
@@ -268,7 +246,7 @@ async def test_postback_is_an_interaction_and_is_not_echoed(
     await api.wait_for(1, SEND_PATH)
     await gateway.settle()
     assert sent_texts(api, "U1") == ["then text"]  # the postback itself got no echo
-    assert (await only_session(gateway, fb("U1")))["message_count"] == 2
+    assert (await MESSENGER.session(gateway, "U1"))["message_count"] == 2
 
 
 # -- the 24 h messaging window ----------------------------------------------------------------------------
@@ -286,7 +264,7 @@ async def test_closure_notice_only_inside_the_24h_messaging_window(
     await say(gateway, "U1", "hello", "m_1")
     await api.wait_for(1, SEND_PATH)  # the reply, inside the window
     clock.offset_s = hours_later * 3600  # the session's close (1.2 s on) happens this much later
-    session = await wait_closed(gateway, fb("U1"))
+    session = await MESSENGER.wait_closed(gateway, "U1")
     await gateway.settle()
     assert session["close_reason"] == "inactivity"
     if inside:
@@ -307,14 +285,8 @@ async def test_bot_message_within_24h_of_the_users_last_message_is_sent_after_th
     gateway = await start_gateway(MESSENGER.settings(tmp_path, api, minutes=0.01))
     await say(gateway, "U1", "track my order", "m_1")
     await api.wait_for(2, SEND_PATH)  # the reply and the closure notice
-    await wait_closed(gateway, fb("U1"))
-    response = await gateway.client.post(
-        "/admin/messages",
-        json={"endpoint": "fb", "conversation": "U1", "text": "Your order shipped"},
-        headers=gateway.admin_headers(),
-    )
-    assert response.status == 202
-    opened = (await response.json())["session"]
+    await MESSENGER.wait_closed(gateway, "U1")
+    opened = await gateway.bot_message("fb", "U1", "Your order shipped")
     assert opened["interactive"] is False
     await gateway.settle()
     assert sent_texts(api, "U1") == ["track my order", BYE, "Your order shipped"]
@@ -347,7 +319,7 @@ async def test_permanent_send_api_errors_on_the_notice_are_not_retried_and_recor
     await api.wait_for(1, SEND_PATH)
     api.fail_next(SEND_PATH, answer)
     await api.wait_for(2, SEND_PATH)
-    session = await wait_closed(gateway, fb("U1"))
+    session = await MESSENGER.wait_closed(gateway, "U1")
     await gateway.settle()
     assert session["notice"].startswith(notice_prefix)
     assert PAGE_TOKEN not in session["notice"]

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import Gateway, make_settings
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
 from tests.kits import Kit
-from tests.kits.observe import assert_nothing_stored, assert_quiet, contact, events, listed_sessions, only_session
+from tests.kits.observe import assert_quiet, listed_sessions
 from tests.kits.slack import (
     AUTH_TEST,
     BOT_TOKEN,
@@ -33,10 +33,6 @@ from tests.kits.slack import (
 
 SHORT = 0.01  # minutes: 0.6 s of silence closes the session
 THREAD = "1700000000.000100"
-
-
-def sl(conversation: str) -> str:
-    return SLACK.contact_id(conversation)
 
 
 async def post(gateway: Gateway, payload: Any, headers: dict[str, str] | None = None) -> tuple[int, str]:
@@ -57,27 +53,23 @@ def kit() -> Kit:
 # -- threads ------------------------------------------------------------------------------------
 
 
-async def test_thread_reply_is_echoed_in_its_thread(tmp_path: Path, start_gateway: Any, api: FakePlatform) -> None:
-    gateway = await start_gateway(SLACK.settings(tmp_path, api))
+async def test_thread_reply_is_echoed_in_its_thread(gateway: Gateway, api: FakePlatform) -> None:
     assert (await post(gateway, callback(message("in thread", thread_ts=THREAD))))[0] == 200
     [sent] = await api.wait_for(1, POST)
     await gateway.settle()
     assert posted(sent) == {"channel": "C1", "text": "in thread", "thread_ts": THREAD}
-    assert (await only_session(gateway, sl(f"C1:{THREAD}")))["message_count"] == 1
-    assert await contact(gateway, sl("C1")) is None  # the thread is its own conversation
+    assert (await SLACK.session(gateway, f"C1:{THREAD}"))["message_count"] == 1
+    assert await SLACK.contact(gateway, "C1") is None  # the thread is its own conversation
 
 
-async def test_thread_parent_with_thread_ts_equal_to_ts_is_top_level(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
-    gateway = await start_gateway(SLACK.settings(tmp_path, api))
+async def test_thread_parent_with_thread_ts_equal_to_ts_is_top_level(gateway: Gateway, api: FakePlatform) -> None:
     event = message("parent")
     event["thread_ts"] = event["ts"]
     assert (await post(gateway, callback(event)))[0] == 200
     [sent] = await api.wait_for(1, POST)
     await gateway.settle()
     assert "thread_ts" not in posted(sent)
-    assert (await only_session(gateway, sl("C1")))["message_count"] == 1
+    assert (await SLACK.session(gateway, "C1"))["message_count"] == 1
 
 
 async def test_s7_s9_thread_closure_notice_goes_once_to_the_same_channel_and_thread(
@@ -89,7 +81,7 @@ async def test_s7_s9_thread_closure_notice_goes_once_to_the_same_channel_and_thr
     await gateway.settle()
     assert posted(echo) == {"channel": "C9", "text": "in thread", "thread_ts": THREAD}
     SLACK.check_notice(notice, f"C9:{THREAD}", BYE)
-    session = await only_session(gateway, sl(f"C9:{THREAD}"))
+    session = await SLACK.session(gateway, f"C9:{THREAD}")
     assert session["state"] == "closed"
     assert session["close_reason"] == "inactivity" and session["notice"] == "sent"
     await assert_quiet(api, within_s=SHORT * 60 + 0.2)  # exactly once: nothing after another period
@@ -99,22 +91,20 @@ async def test_s7_s9_thread_closure_notice_goes_once_to_the_same_channel_and_thr
 # -- the signature's timestamp, url_verification ------------------------------------------------
 
 
-async def test_timestamp_299s_old_is_still_accepted(tmp_path: Path, start_gateway: Any, api: FakePlatform) -> None:
-    gateway = await start_gateway(SLACK.settings(tmp_path, api))
+async def test_timestamp_299s_old_is_still_accepted(gateway: Gateway, api: FakePlatform) -> None:
     body = encode(callback(message("just in time")))
     headers = signed_headers(body, timestamp=str(int(time.time()) - 299))
     assert await post(gateway, body, headers=headers) == (200, "")
     await api.wait_for(1, POST)
 
 
-async def test_url_verification_answers_the_challenge(tmp_path: Path, start_gateway: Any, api: FakePlatform) -> None:
-    gateway = await start_gateway(SLACK.settings(tmp_path, api))
+async def test_url_verification_answers_the_challenge(gateway: Gateway, tmp_path: Path, api: FakePlatform) -> None:
     challenge = "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"
     payload = {"token": "legacy", "challenge": challenge, "type": "url_verification"}
     assert await post(gateway, payload) == (200, challenge)
     # Unsigned, the same handshake is refused: the request URL proves the secret too.
     assert (await post(gateway, payload, headers={}))[0] == 401
-    await assert_nothing_stored(gateway, "sl", api, tmp_path / "gateway.db", sl("C1"))
+    await SLACK.assert_nothing_stored(gateway, api, tmp_path / "gateway.db", "C1")
 
 
 # -- housekeeping (S16) -----------------------------------------------------------------------
@@ -154,15 +144,14 @@ async def test_url_verification_answers_the_challenge(tmp_path: Path, start_gate
     ],
 )
 async def test_s16_bot_messages_subtypes_and_our_own_user_are_200_without_session(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform, event: dict[str, Any]
+    gateway: Gateway, api: FakePlatform, event: dict[str, Any]
 ) -> None:
-    gateway = await start_gateway(SLACK.settings(tmp_path, api))
     assert (await post(gateway, callback(event)))[0] == 200
     await gateway.settle()
     assert await no_sessions(gateway)
-    assert await contact(gateway, sl("C1")) is None
+    assert await SLACK.contact(gateway, "C1") is None
     assert api.to(POST) == []
-    assert events(gateway, "sl", "ignored") == 1
+    assert SLACK.events(gateway, "ignored") == 1
 
 
 async def test_s16_own_bot_user_learned_by_one_auth_test_at_start_is_ignored(
@@ -181,14 +170,11 @@ async def test_s16_own_bot_user_learned_by_one_auth_test_at_start_is_ignored(
     assert len(api.to(AUTH_TEST)) == 1
 
 
-async def test_s16_file_share_opens_a_session_without_echo(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
-    gateway = await start_gateway(SLACK.settings(tmp_path, api))
+async def test_s16_file_share_opens_a_session_without_echo(gateway: Gateway, api: FakePlatform) -> None:
     event = message("", subtype="file_share", files=[{"id": "F1", "name": "a.png", "mimetype": "image/png"}])
     assert (await post(gateway, callback(event)))[0] == 200
     await gateway.settle()
-    session = await only_session(gateway, sl("C1"))
+    session = await SLACK.session(gateway, "C1")
     assert session["state"] == "open" and session["message_count"] == 1
     assert api.to(POST) == []
 
@@ -209,7 +195,7 @@ async def test_permanent_error_on_the_closure_notice_is_recorded_as_failed_and_n
     assert (await post(gateway, callback(message("hi"))))[0] == 200
     await api.wait_for(2, POST, timeout_s=5)
     await gateway.settle()
-    session = await only_session(gateway, sl("C1"))
+    session = await SLACK.session(gateway, "C1")
     assert session["close_reason"] == "inactivity"
     assert session["notice"].startswith("failed:") and "not_in_channel" in session["notice"]
     await assert_quiet(api, within_s=SHORT * 60)  # no retry of the refused notice
@@ -233,4 +219,4 @@ async def test_signed_event_with_an_odd_event_ts_still_opens_a_session_and_reach
     [sent] = await api.wait_for(1, POST, timeout_s=3)
     assert posted(sent)["text"] == "flow: odd clock"
     await gateway.settle()
-    assert (await only_session(gateway, sl("C1")))["message_count"] == 1
+    assert (await SLACK.session(gateway, "C1"))["message_count"] == 1

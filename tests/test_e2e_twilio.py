@@ -18,7 +18,6 @@ import pytest
 from tests.conftest import Gateway
 from tests.fakeplatform import FakePlatform
 from tests.kits import Kit
-from tests.kits.observe import contact, conversations, messages_out, only_session, wait_closed
 from tests.kits.twilio import (
     ACCOUNT_SID,
     AUTH_TOKEN,
@@ -35,10 +34,6 @@ from tests.kits.twilio import (
 
 WEBHOOK = TWILIO.webhook_path
 BYE = TWILIO.bye
-
-
-def sms(number: str) -> str:
-    return TWILIO.contact_id(number)
 
 
 async def say(gateway: Gateway, text: str, sender: str = USER) -> None:
@@ -70,10 +65,7 @@ async def test_public_url_behind_a_proxy_is_the_signed_url(
     assert sent(api) == ["via proxy"]
 
 
-async def test_query_string_of_the_registered_url_is_signed(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
-    gateway = await start_gateway(TWILIO.settings(tmp_path, api))
+async def test_query_string_of_the_registered_url_is_signed(gateway: Gateway, api: FakePlatform) -> None:
     path = WEBHOOK + "?tenant=a&x=1"
     assert await TWILIO.post(gateway, TWILIO.text("with query"), path=path) == TWILIO.ack
     # Signed without the query string: not what Twilio signs for this URL.
@@ -85,10 +77,7 @@ async def test_query_string_of_the_registered_url_is_signed(
     assert sent(api) == ["with query"]
 
 
-async def test_without_public_url_the_forwarded_host_and_proto_are_signed(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
-    gateway = await start_gateway(TWILIO.settings(tmp_path, api))
+async def test_without_public_url_the_forwarded_host_and_proto_are_signed(gateway: Gateway, api: FakePlatform) -> None:
     forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "bots.example.com"}
     ack = await TWILIO.post(
         gateway,
@@ -101,9 +90,8 @@ async def test_without_public_url_the_forwarded_host_and_proto_are_signed(
     assert sent(api) == ["forwarded"]
 
 
-async def test_json_body_is_a_client_error_not_5xx(tmp_path: Path, start_gateway: Any, api: FakePlatform) -> None:
+async def test_json_body_is_a_client_error_not_5xx(gateway: Gateway, api: FakePlatform) -> None:
     """Twilio posts forms only: a JSON body (even with a signature) is refused with a 4xx."""
-    gateway = await start_gateway(TWILIO.settings(tmp_path, api))
     url = TWILIO.webhook_url(gateway)
     response = await gateway.client.post(
         WEBHOOK,
@@ -113,16 +101,13 @@ async def test_json_body_is_a_client_error_not_5xx(tmp_path: Path, start_gateway
     assert 400 <= response.status < 500
     await gateway.settle()
     assert api.requests == []
-    assert await contact(gateway, sms(USER)) is None
+    assert await TWILIO.contact(gateway, USER) is None
 
 
 # -- housekeeping (S16): status callbacks and opt-out keywords ---------------------------------------------
 
 
-async def test_status_callback_is_200_twiml_and_opens_nothing(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
-    gateway = await start_gateway(TWILIO.settings(tmp_path, api))
+async def test_status_callback_is_200_twiml_and_opens_nothing(gateway: Gateway, api: FakePlatform) -> None:
     callback = {
         "SmsSid": "SM" + "c" * 32,
         "SmsStatus": "delivered",
@@ -136,10 +121,10 @@ async def test_status_callback_is_200_twiml_and_opens_nothing(
     assert await TWILIO.post(gateway, form_request(callback)) == TWILIO.ack
     await gateway.settle()
     assert api.requests == []
-    assert await contact(gateway, sms(USER)) is None
-    assert await contact(gateway, sms(FROM_NUMBER)) is None
+    assert await TWILIO.contact(gateway, USER) is None
+    assert await TWILIO.contact(gateway, FROM_NUMBER) is None
     assert (await gateway.admin_get("/admin/sessions"))["sessions"] == []
-    assert gateway.metrics.value("gateway_events_total", endpoint="sms", outcome="ignored") == 1
+    assert TWILIO.events(gateway, "ignored") == 1
 
 
 async def test_stop_opts_out_without_a_reply_and_skips_the_closure_sms_and_start_clears_it(
@@ -152,11 +137,11 @@ async def test_stop_opts_out_without_a_reply_and_skips_the_closure_sms_and_start
     await api.wait_for(1, MESSAGES_PATH)
     await say(gateway, "Stop")
     await gateway.settle()
-    body = await contact(gateway, sms(USER))
+    body = await TWILIO.contact(gateway, USER)
     assert body is not None and body["contact"]["opted_out"] is True
     [session] = body["conversations"]
     assert session["message_count"] == 1  # STOP neither counts nor extends the session
-    closed = await wait_closed(gateway, sms(USER))
+    closed = await TWILIO.wait_closed(gateway, USER)
     await gateway.settle()
     assert closed["close_reason"] == "inactivity"
     assert closed["notice"] == "skipped: opted out"
@@ -164,25 +149,22 @@ async def test_stop_opts_out_without_a_reply_and_skips_the_closure_sms_and_start
 
     await say(gateway, "START")
     await gateway.settle()
-    body = await contact(gateway, sms(USER))
+    body = await TWILIO.contact(gateway, USER)
     assert body is not None and body["contact"]["opted_out"] is False
     assert len(body["conversations"]) == 1  # START opened no session either
     assert sent(api) == ["hello"]
     # Opted back in: the next conversation gets its reply and its closure SMS again.
     await say(gateway, "back again")
     await api.wait_for(3, MESSAGES_PATH)
-    closed = await wait_closed(gateway, sms(USER), count=2)
+    closed = await TWILIO.wait_closed(gateway, USER, count=2)
     assert closed["notice"] == "sent"
     assert sent(api, USER) == ["hello", "back again", BYE]
 
 
-async def test_stop_from_an_unknown_number_records_the_opt_out(
-    tmp_path: Path, start_gateway: Any, api: FakePlatform
-) -> None:
-    gateway = await start_gateway(TWILIO.settings(tmp_path, api))
+async def test_stop_from_an_unknown_number_records_the_opt_out(gateway: Gateway, api: FakePlatform) -> None:
     await say(gateway, "UNSUBSCRIBE", sender=OTHER_USER)
     await gateway.settle()
-    body = await contact(gateway, sms(OTHER_USER))
+    body = await TWILIO.contact(gateway, OTHER_USER)
     assert body is not None
     assert body["contact"]["opted_out"] is True
     assert body["conversations"] == []
@@ -199,14 +181,14 @@ async def test_mms_without_text_opens_and_extends_the_session_without_an_echo(
     media = {"NumMedia": "1", "MediaUrl0": "https://api.twilio.com/media/ME1", "MediaContentType0": "image/jpeg"}
     assert await TWILIO.post(gateway, form_request(inbound_form("", **media))) == TWILIO.ack
     await gateway.settle()
-    opened = await only_session(gateway, sms(USER))
+    opened = await TWILIO.session(gateway, USER)
     assert opened["state"] == "open" and opened["interactive"] is True and opened["message_count"] == 1
     live = gateway.manager.open_session("sms", USER)
     assert live is not None and live.expires_at is not None
     first_deadline = live.expires_at
     assert await TWILIO.post(gateway, form_request(inbound_form("", **media))) == TWILIO.ack
     await gateway.settle()
-    [extended] = await conversations(gateway, sms(USER))
+    [extended] = await TWILIO.sessions(gateway, USER)
     assert extended["id"] == opened["id"] and extended["message_count"] == 2
     assert live.expires_at > first_deadline  # the deadline moved: the MMS extended the session
     assert api.requests == []
@@ -227,12 +209,12 @@ async def test_21610_unsubscribed_is_never_retried_and_recorded_as_skipped(
     await gateway.settle()  # no retry is pending: the outbox is idle
     assert len(api.to(MESSAGES_PATH)) == 1
     # Twilio's own refusal: a dead letter operators can see; the notice outcome says skipped.
-    assert messages_out(gateway, "sms", "dead") == 1
-    assert messages_out(gateway, "sms", "retry") == 0
-    closed = await wait_closed(gateway, sms(USER))
+    assert TWILIO.messages_out(gateway, "dead") == 1
+    assert TWILIO.messages_out(gateway, "retry") == 0
+    closed = await TWILIO.wait_closed(gateway, USER)
     await gateway.settle()
     assert closed["notice"].startswith("skipped:") and "21610" in closed["notice"]
     assert AUTH_TOKEN not in closed["notice"]
     assert len(api.to(MESSAGES_PATH)) == 2  # the reply once, the notice once
-    assert messages_out(gateway, "sms", "retry") == 0
+    assert TWILIO.messages_out(gateway, "retry") == 0
     assert sent(api) == []  # nothing was accepted

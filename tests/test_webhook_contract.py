@@ -20,21 +20,11 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import Gateway
 from tests.fakeplatform import FakePlatform
 from tests.kits import KITS, Kit
 from tests.kits.base import TAMPER_FROM, post_raw
-from tests.kits.observe import (
-    assert_nothing_stored,
-    assert_quiet,
-    contact,
-    conversations,
-    events,
-    iso_seconds,
-    messages_out,
-    only_session,
-    rejected,
-    wait_closed,
-)
+from tests.kits.observe import assert_quiet, iso_seconds
 
 SHORT = 0.01  # minutes: 0.6 s of silence closes a session
 # Every character a platform might escape or mangle: JSON, XML, form encoding, Slack markup.
@@ -56,9 +46,8 @@ def each_kit_with(cases: str) -> list[Any]:
 
 
 async def test_text_is_answered_in_its_conversation_and_opens_one_session(
-    tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
+    gateway: Gateway, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
     inbound = kit.text(NASTY, conversation=conversation)
     assert await kit.post(gateway, inbound) == kit.ack
@@ -66,7 +55,7 @@ async def test_text_is_answered_in_its_conversation_and_opens_one_session(
     kit.check_reply(reply, inbound, NASTY)
     await gateway.settle()
     assert api.requests == [reply]  # nothing else: no LINE push, no Slack auth.test
-    session = await only_session(gateway, kit.contact_id(conversation))
+    session = await kit.session(gateway, conversation)
     assert (session["channel"], session["conversation"]) == (kit.platform, conversation)
     assert session["contact_id"] == kit.contact_id(conversation)
     assert session["state"] == "open" and session["message_count"] == 1 and session["interactive"] is True
@@ -77,16 +66,15 @@ async def test_text_is_answered_in_its_conversation_and_opens_one_session(
 
 @pytest.mark.parametrize(("kit", "case"), each_kit_with("forged_cases"))
 async def test_bad_signature_is_401_and_leaves_no_trace(
-    tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform, case: str
+    gateway: Gateway, tmp_path: Path, kit: Kit, api: FakePlatform, case: str
 ) -> None:
-    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
     inbound = kit.text(f"let me in {TAMPER_FROM}", conversation=conversation)
     body, headers = kit.forge(case, inbound, kit.webhook_url(gateway))
     assert (await kit.post(gateway, body, headers=headers)).status == 401
     await gateway.settle()
-    assert rejected(gateway, kit.endpoint_name, 401) == 1
-    await assert_nothing_stored(gateway, kit.endpoint_name, api, tmp_path / "gateway.db", kit.contact_id(conversation))
+    assert kit.rejected(gateway, 401) == 1
+    await kit.assert_nothing_stored(gateway, api, tmp_path / "gateway.db", conversation)
     # The same event, properly signed afterwards, is new: the refusal left no dedup id behind.
     await kit.say(gateway, inbound)
     await api.wait_for(1, kit.reply_path)
@@ -95,27 +83,25 @@ async def test_bad_signature_is_401_and_leaves_no_trace(
 
 
 async def test_signature_is_checked_before_the_body_is_parsed(
-    tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
+    gateway: Gateway, tmp_path: Path, kit: Kit, api: FakePlatform
 ) -> None:
     """Garbage that is not signed (or signed with another secret) is a 401, not a 400: the body
     is not even read before the signature holds."""
-    gateway = await start_gateway(kit.settings(tmp_path, api))
     garbage = b"{not json"
     assert (await kit.post(gateway, garbage, headers={})).status == 401
     other_secret = kit.sign(garbage, kit.webhook_url(gateway), secret="not-the-endpoint-secret")
     assert (await kit.post(gateway, garbage, headers=other_secret)).status == 401
-    assert rejected(gateway, kit.endpoint_name, 401) == 2
-    assert rejected(gateway, kit.endpoint_name, 400) == 0
-    await assert_nothing_stored(gateway, kit.endpoint_name, api, tmp_path / "gateway.db")
+    assert kit.rejected(gateway, 401) == 2
+    assert kit.rejected(gateway, 400) == 0
+    await kit.assert_nothing_stored(gateway, api, tmp_path / "gateway.db")
 
 
 @pytest.mark.parametrize("non_ascii", [b"\xc3\xa9" * 4, b"\xff\xfe" * 4], ids=["utf8-e-acute", "not-utf8"])
 async def test_non_ascii_signature_header_is_401_not_500(
-    tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform, non_ascii: bytes
+    gateway: Gateway, tmp_path: Path, kit: Kit, api: FakePlatform, non_ascii: bytes
 ) -> None:
     """Bad input never becomes a 5xx: a signature header with non-ASCII bytes (sent on a raw
     socket, as any client on the internet can) is refused like any wrong signature."""
-    gateway = await start_gateway(kit.settings(tmp_path, api))
     inbound = kit.text("hello")
     signed = kit.sign(inbound.body, kit.webhook_url(gateway))
     signature = signed.pop(kit.signature_header).encode()
@@ -125,20 +111,17 @@ async def test_non_ascii_signature_header_is_401_not_500(
     host, port = str(server.host), int(server.port or 0)
     status_line = await post_raw(host, port, kit.webhook_path, headers, inbound.body, kit.content_type)
     assert status_line.split()[1] == b"401", status_line
-    await assert_nothing_stored(
-        gateway, kit.endpoint_name, api, tmp_path / "gateway.db", kit.contact_id(inbound.conversation)
-    )
+    await kit.assert_nothing_stored(gateway, api, tmp_path / "gateway.db", inbound.conversation)
 
 
 @pytest.mark.parametrize(("kit", "case"), each_kit_with("malformed_bodies"))
 async def test_signed_malformed_body_is_400_and_stores_nothing(
-    tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform, case: str
+    gateway: Gateway, tmp_path: Path, kit: Kit, api: FakePlatform, case: str
 ) -> None:
-    gateway = await start_gateway(kit.settings(tmp_path, api))
     assert (await kit.post(gateway, kit.malformed_bodies[case])).status == 400
     await gateway.settle()
-    assert rejected(gateway, kit.endpoint_name, 400) == 1
-    await assert_nothing_stored(gateway, kit.endpoint_name, api, tmp_path / "gateway.db")
+    assert kit.rejected(gateway, 400) == 1
+    await kit.assert_nothing_stored(gateway, api, tmp_path / "gateway.db")
 
 
 @pytest.mark.parametrize("signature", ["unsigned", "forged", "signed"])
@@ -152,7 +135,7 @@ async def test_oversized_body_is_413_whatever_its_signature(
     url = kit.webhook_url(gateway)
     headers = {"unsigned": {}, "forged": kit.forge("garbage", big, url)[1], "signed": kit.sign(big.body, url)}
     assert (await kit.post(gateway, big, headers=headers[signature])).status == 413
-    await assert_nothing_stored(gateway, kit.endpoint_name, api, tmp_path / "gateway.db", kit.contact_id(conversation))
+    await kit.assert_nothing_stored(gateway, api, tmp_path / "gateway.db", conversation)
     # Just under the configured limit (and over 1 KiB) is still served: the limit is the configured one.
     small = kit.text("y" * 1500, conversation=conversation)
     assert 1024 < len(small.body) < 2048
@@ -160,17 +143,16 @@ async def test_oversized_body_is_413_whatever_its_signature(
     await api.wait_for(1, kit.reply_path)
     await gateway.settle()
     assert kit.sent_texts(api, conversation) == ["y" * 1500]
-    assert (await only_session(gateway, kit.contact_id(conversation)))["message_count"] == 1
+    assert (await kit.session(gateway, conversation))["message_count"] == 1
 
 
 async def test_get_on_the_webhook_without_a_handshake_is_refused_and_stores_nothing(
-    tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
+    gateway: Gateway, tmp_path: Path, kit: Kit, api: FakePlatform
 ) -> None:
     """No platform's GET carries events; without Messenger's handshake parameters it is a 4xx."""
-    gateway = await start_gateway(kit.settings(tmp_path, api))
     response = await gateway.client.get(kit.webhook_path)
     assert response.status == kit.bare_get_status
-    await assert_nothing_stored(gateway, kit.endpoint_name, api, tmp_path / "gateway.db")
+    await kit.assert_nothing_stored(gateway, api, tmp_path / "gateway.db")
 
 
 # -- redelivery ------------------------------------------------------------------------------------------
@@ -178,11 +160,10 @@ async def test_get_on_the_webhook_without_a_handshake_is_refused_and_stores_noth
 
 @pytest.mark.parametrize("together", [False, True], ids=["after", "concurrent"])
 async def test_redelivery_of_the_same_event_gets_one_reply(
-    tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform, together: bool
+    gateway: Gateway, kit: Kit, api: FakePlatform, together: bool
 ) -> None:
     """The platform resends an event it thinks was lost: as it was (the same bytes) or in its
     redelivery form (a new envelope, a retry header); also while the first is in flight."""
-    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
     first = kit.text("once", conversation=conversation)
     again = kit.redelivery(first)
@@ -197,9 +178,9 @@ async def test_redelivery_of_the_same_event_gets_one_reply(
     await gateway.settle()
     assert len(kit.sends(api)) == 1
     assert kit.sent_texts(api, conversation) == ["once"]
-    assert events(gateway, kit.endpoint_name, "duplicate") == (4 if together else 2)
-    assert events(gateway, kit.endpoint_name, "accepted") == 1
-    assert (await only_session(gateway, kit.contact_id(conversation)))["message_count"] == 1
+    assert kit.events(gateway, "duplicate") == (4 if together else 2)
+    assert kit.events(gateway, "accepted") == 1
+    assert (await kit.session(gateway, conversation))["message_count"] == 1
 
 
 async def test_redelivery_after_a_restart_on_the_same_database_gets_no_second_reply(
@@ -218,15 +199,15 @@ async def test_redelivery_after_a_restart_on_the_same_database_gets_no_second_re
     await kit.say(restarted, kit.redelivery(first))  # signed anew (Twilio: over the new server's URL)
     await restarted.settle()
     assert len(kit.sends(api)) == 1
-    assert events(restarted, kit.endpoint_name, "duplicate") == 1
-    session = await only_session(restarted, kit.contact_id(conversation))
+    assert kit.events(restarted, "duplicate") == 1
+    session = await kit.session(restarted, conversation)
     assert session["state"] == "open" and session["message_count"] == 1
     # The restored session carries on with the next new message.
     await kit.say(restarted, kit.text("after restart", conversation=conversation))
     await api.wait_for(2, kit.reply_path)
     await restarted.settle()
     assert kit.sent_texts(api, conversation) == ["before restart", "after restart"]
-    after = await only_session(restarted, kit.contact_id(conversation))
+    after = await kit.session(restarted, conversation)
     assert after["id"] == session["id"] and after["state"] == "open" and after["message_count"] == 2
 
 
@@ -245,7 +226,7 @@ async def test_closure_notice_goes_once_to_each_conversation_on_time(
     await api.wait_for(4)  # two replies, two notices
     for inbound, said in ((first, "hello"), (second, "other conversation")):
         conversation = inbound.conversation
-        session = await wait_closed(gateway, kit.contact_id(conversation))
+        session = await kit.wait_closed(gateway, conversation)
         assert session["close_reason"] == "inactivity" and session["notice"] == "sent"
         # On time: committed within 100 ms of the deadline.
         assert 0 <= iso_seconds(session["closed_at"]) - iso_seconds(session["expires_at"]) < 0.1
@@ -259,7 +240,7 @@ async def test_closure_notice_goes_once_to_each_conversation_on_time(
     # Exactly once: nothing more within another expiration period.
     await assert_quiet(api, within_s=SHORT * 60 + 0.2)
     assert len(api.requests) == 4
-    found = await contact(gateway, kit.contact_id(one))
+    found = await kit.contact(gateway, one)
     assert found is not None and len(found["conversations"]) == 1
 
 
@@ -270,7 +251,7 @@ async def test_on_close_notify_false_closes_silently(
     conversation = kit.conversations[0]
     await kit.say(gateway, kit.text("hello", conversation=conversation))
     await api.wait_for(1, kit.reply_path)
-    session = await wait_closed(gateway, kit.contact_id(conversation))
+    session = await kit.wait_closed(gateway, conversation)
     assert session["close_reason"] == "inactivity" and session["notice"] == "none"
     await gateway.settle()
     assert kit.sent_texts(api) == ["hello"]
@@ -284,12 +265,12 @@ async def test_next_message_after_the_close_opens_a_new_session(
     gateway = await start_gateway(kit.settings(tmp_path, api, minutes=SHORT))
     conversation = kit.conversations[0]
     await kit.say(gateway, kit.text("first", conversation=conversation))
-    first = await wait_closed(gateway, kit.contact_id(conversation))
+    first = await kit.wait_closed(gateway, conversation)
     await kit.say(gateway, kit.text("again", conversation=conversation))
     await api.wait_for(3)
     await gateway.settle()
     assert kit.sent_texts(api, conversation) == ["first", kit.bye, "again"]
-    newest, oldest = await conversations(gateway, kit.contact_id(conversation))
+    newest, oldest = await kit.sessions(gateway, conversation)
     assert oldest["id"] == first["id"] and oldest["state"] == "closed"
     assert newest["id"] != first["id"] and newest["state"] == "open" and newest["message_count"] == 1
 
@@ -298,9 +279,8 @@ async def test_next_message_after_the_close_opens_a_new_session(
 
 
 async def test_platform_5xx_on_send_is_retried_and_the_reply_delivered_once(
-    tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
+    gateway: Gateway, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
     api.fail_next(kit.reply_path, kit.server_error())
     inbound = kit.text("retry me", conversation=conversation)
@@ -311,14 +291,13 @@ async def test_platform_5xx_on_send_is_retried_and_the_reply_delivered_once(
     kit.check_reply(retry, inbound, "retry me")
     assert len(api.requests) == 2  # one failure, one delivery, nothing else (no LINE push)
     assert kit.sent_texts(api, conversation) == ["retry me"]
-    assert messages_out(gateway, kit.endpoint_name, "retry") == 1
-    assert messages_out(gateway, kit.endpoint_name, "sent") == 1
+    assert kit.messages_out(gateway, "retry") == 1
+    assert kit.messages_out(gateway, "sent") == 1
 
 
 async def test_429_with_retry_after_is_delivered_once_after_the_wait(
-    tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
+    gateway: Gateway, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
     api.fail_next(kit.reply_path, kit.rate_limited(1))
     inbound = kit.text("patience", conversation=conversation)
@@ -330,13 +309,12 @@ async def test_429_with_retry_after_is_delivered_once_after_the_wait(
     kit.check_reply(retry, inbound, "patience")
     assert len(api.requests) == 2  # one refused, one delivered: no further copy
     assert kit.sent_texts(api, conversation) == ["patience"]
-    assert messages_out(gateway, kit.endpoint_name, "sent") == 1
+    assert kit.messages_out(gateway, "sent") == 1
 
 
 async def test_replies_keep_each_conversations_order_while_the_platform_is_slow(
-    tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
+    gateway: Gateway, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(kit.settings(tmp_path, api))
     api.respond(kit.reply_path, kit.slow(0.01))
     one, other = kit.conversations
     for n in range(6):
@@ -347,13 +325,12 @@ async def test_replies_keep_each_conversations_order_while_the_platform_is_slow(
     assert kit.sent_texts(api, one) == [f"a{n}" for n in range(6)]
     assert kit.sent_texts(api, other) == [f"b{n}" for n in range(6)]
     for conversation in (one, other):
-        assert (await only_session(gateway, kit.contact_id(conversation)))["message_count"] == 6
+        assert (await kit.session(gateway, conversation))["message_count"] == 6
 
 
 async def test_long_text_is_sent_in_parts_within_the_platform_limit_in_order(
-    tmp_path: Path, start_gateway: Any, kit: Kit, api: FakePlatform
+    gateway: Gateway, kit: Kit, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(kit.settings(tmp_path, api))
     conversation = kit.conversations[0]
     words = [f"w{n:04d}" for n in range(2 * kit.text_limit // 6 + 100)]  # over two limits long
     text = " ".join(words)

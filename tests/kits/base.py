@@ -31,6 +31,7 @@ import aiohttp
 from gateway.settings import Settings
 from tests.conftest import Gateway, make_settings
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
+from tests.kits import observe
 
 # The forged-signature cases every platform has; a kit adds its own in ``own_forged_cases``.
 COMMON_FORGED_CASES = ("missing", "empty", "garbage", "other-secret", "other-body", "tampered")
@@ -112,6 +113,44 @@ class Kit(ABC):
 
     def contact_id(self, conversation: str) -> str:
         return f"{self.endpoint_name}:{conversation}"
+
+    # -- what the gateway holds for this endpoint (admin API, metrics) --------------------------
+
+    async def contact(self, gateway: Gateway, conversation: str) -> dict[str, Any] | None:
+        """The conversation's contact and its sessions, or None."""
+        return await observe.contact(gateway, self.contact_id(conversation))
+
+    async def sessions(self, gateway: Gateway, conversation: str) -> list[dict[str, Any]]:
+        """The conversation's sessions, newest first (its contact must exist)."""
+        return await observe.conversations(gateway, self.contact_id(conversation))
+
+    async def session(self, gateway: Gateway, conversation: str) -> dict[str, Any]:
+        """The conversation's only session."""
+        return await observe.only_session(gateway, self.contact_id(conversation))
+
+    async def wait_closed(self, gateway: Gateway, conversation: str, count: int = 1) -> dict[str, Any]:
+        """The newest session once ``count`` sessions are closed with a final notice outcome."""
+        return await observe.wait_closed(gateway, self.contact_id(conversation), count)
+
+    def events(self, gateway: Gateway, outcome: str) -> float:
+        """``gateway_events_total`` of this endpoint: accepted, duplicate, ignored, overloaded."""
+        return gateway.metrics.value("gateway_events_total", endpoint=self.endpoint_name, outcome=outcome)
+
+    def rejected(self, gateway: Gateway, status: int) -> float:
+        """Webhook requests of this endpoint the adapter refused with ``status``."""
+        return observe.rejected(gateway, self.endpoint_name, status)
+
+    def messages_out(self, gateway: Gateway, outcome: str) -> float:
+        """``gateway_messages_out_total`` of this endpoint: sent, retry, dead."""
+        return gateway.metrics.value("gateway_messages_out_total", endpoint=self.endpoint_name, outcome=outcome)
+
+    async def assert_nothing_stored(
+        self, gateway: Gateway, api: FakePlatform, database: Path, *conversations: str
+    ) -> None:
+        """After a refused request: no contact (of ``conversations``), session, event, dedup
+        row or send."""
+        contact_ids = [self.contact_id(c) for c in conversations]
+        await observe.assert_nothing_stored(gateway, self.endpoint_name, api, database, *contact_ids)
 
     # -- bodies ----------------------------------------------------------------------------------
 

@@ -74,16 +74,6 @@ def rejected(gateway: Gateway, endpoint: str, status: int) -> float:
     return gateway.metrics.value("gateway_webhook_requests_total", endpoint=endpoint, outcome=f"rejected_{status}")
 
 
-def events(gateway: Gateway, endpoint: str, outcome: str) -> float:
-    """``gateway_events_total`` of the endpoint: accepted, duplicate, ignored."""
-    return gateway.metrics.value("gateway_events_total", endpoint=endpoint, outcome=outcome)
-
-
-def messages_out(gateway: Gateway, endpoint: str, outcome: str) -> float:
-    """``gateway_messages_out_total`` of the endpoint: sent, retry, dead."""
-    return gateway.metrics.value("gateway_messages_out_total", endpoint=endpoint, outcome=outcome)
-
-
 def inbound_rows(database: Path) -> int:
     """Rows of the SQLite store's inbound (dedup) table: a refused request leaves none."""
     with sqlite3.connect(database) as conn:
