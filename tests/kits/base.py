@@ -3,17 +3,22 @@
 A kit is one platform's side of the wire, as the tests play it:
 
 - ``endpoint(api_url, minutes=..., **on_close)``: the endpoint entry for ``write_config``;
+  ``settings(directory, api, minutes=..., notify=..., **sections)``: settings with it alone;
 - ``text(text, conversation=..., user=..., event_id=...)``: an ``Inbound`` webhook carrying one
   user text message, built as the platform builds it; ``redelivery(inbound)``: the same event
   as the platform sends it again (a new envelope, a retry header, ...);
 - ``sign(body, url)``: the signature headers, made as the platform makes them (with the
   official SDK's signer where there is one); ``forge(case, inbound, url)``: a body and headers
-  that must be refused (``forged_cases`` names them);
-- ``post(gateway, inbound)`` / ``say(gateway, inbound)``: the signed POST and its answer;
+  that must be refused (``forged_cases`` names them); ``malformed_bodies``;
+- ``post(gateway, inbound)`` / ``say(gateway, inbound)``: the signed POST and its ``Ack``
+  (``post_to`` for a ``GatewayProcess``);
 - ``fake_api()``: the recording fake platform API (``tests.fakeplatform``) with the platform's
   success answers installed; ``server_error()``, ``rate_limited(s)``, ``slow(s)``: answers to
   make it fail on purpose (queue them with ``api.fail_next(kit.reply_path, ...)``);
-- ``sent_texts(api, conversation)``: the texts the fake accepted for a conversation, in order.
+- ``sent_texts(api, conversation)``: the texts the fake accepted for a conversation, in order;
+  ``check_reply`` / ``check_notice``: one send request is addressed as the platform requires;
+- ``session(gateway, conversation)``, ``wait_closed``, ``events``, ``rejected``,
+  ``messages_out``, ``assert_nothing_stored``: what the gateway holds for the endpoint.
 """
 
 from __future__ import annotations
