@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -24,6 +24,10 @@ from gateway.outbox import Outbox
 from gateway.sessions import SessionManager
 from gateway.settings import Settings
 from gateway.store.base import Store
+from tests.fakeplatform import FakePlatform
+
+if TYPE_CHECKING:
+    from tests.kits import Kit
 
 ADMIN_TOKEN = "test-admin-token"
 
@@ -91,6 +95,15 @@ class Gateway:
         assert response.status == 200, await response.text()
         return await response.json()
 
+    async def bot_message(self, endpoint: str, conversation: str, text: str) -> dict[str, Any]:
+        """``POST /admin/messages`` (S13): a bot-initiated message; asserts the 202 and returns
+        the session it went to."""
+        body = {"endpoint": endpoint, "conversation": conversation, "text": text}
+        response = await self.client.post("/admin/messages", json=body, headers=self.admin_headers())
+        assert response.status == 202, await response.text()
+        session: dict[str, Any] = (await response.json())["session"]
+        return session
+
     async def settle(self) -> None:
         """Wait until inbound work and deliveries are done."""
         await self.manager.drain()
@@ -98,20 +111,83 @@ class Gateway:
 
 
 @pytest.fixture
-async def start_gateway() -> AsyncIterator[Callable[..., Any]]:
-    """``await start_gateway(settings)`` -> a running ``Gateway``; stopped at teardown."""
+async def serve_app() -> AsyncIterator[Callable[[web.Application], Awaitable[Gateway]]]:
+    """``await serve_app(app)`` -> a running ``Gateway`` for an app built by the test itself;
+    stopped at teardown."""
     running: list[TestClient[web.Request, web.Application]] = []
 
-    async def start(settings: Settings, **overrides: Any) -> Gateway:
-        app = create_app(settings, **overrides)
+    async def serve(app: web.Application) -> Gateway:
         client = TestClient(TestServer(app, host="127.0.0.1", port=0))
         await client.start_server()
         running.append(client)
         return Gateway(client, app)
 
-    yield start
+    yield serve
     for client in reversed(running):
         await client.close()
+
+
+@pytest.fixture
+def start_gateway(serve_app: Callable[[web.Application], Awaitable[Gateway]]) -> Callable[..., Any]:
+    """``await start_gateway(settings, **create_app_overrides)`` -> a running ``Gateway``."""
+
+    async def start(settings: Settings, **overrides: Any) -> Gateway:
+        return await serve_app(create_app(settings, **overrides))
+
+    return start
+
+
+@pytest.fixture
+async def serve_http() -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """``await serve_http(handler, path="/flow")`` -> the URL of a POST ``handler`` served on
+    127.0.0.1 (an http flow, a close script); stopped at teardown."""
+    servers: list[TestServer] = []
+
+    async def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], path: str = "/flow") -> str:
+        app = web.Application()
+        app.router.add_post(path, handler)
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url(path))
+
+    yield serve
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+async def echo_flow_url(serve_http: Callable[..., Awaitable[str]]) -> str:
+    """An http flow backend that answers ``flow: <the event's text>``."""
+
+    async def flow(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        return web.json_response({"replies": [{"text": f"flow: {body['event']['text']}"}]})
+
+    return await serve_http(flow)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for tests that call a server directly (a channel adapter's sends)."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def api(kit: Kit) -> AsyncIterator[FakePlatform]:
+    """The recording fake API of the platform kit ``kit`` (``tests.kits``), which a test module
+    or test provides as a fixture or parameter."""
+    async with kit.fake_api() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def gateway(kit: Kit, api: FakePlatform, tmp_path: Path, start_gateway: Callable[..., Any]) -> Gateway:
+    """A gateway with the kit's endpoint alone on its fake API (sessions never expire);
+    tests that need other settings call ``start_gateway`` themselves."""
+    started: Gateway = await start_gateway(kit.settings(tmp_path, api))
+    return started
 
 
 @dataclass

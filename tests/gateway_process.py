@@ -1,16 +1,23 @@
-"""Run ``chat-gateway serve`` as a real subprocess (for restarts and kill -9)."""
+"""Run ``chat-gateway serve`` as a real subprocess (for restarts and kill -9), and an http flow
+server for it to call."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import write_config
 
 
 def free_port() -> int:
@@ -18,6 +25,20 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def run_cli(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway.cli ARGS`` in ``directory`` run to its end, without GATEWAY_*
+    variables around: exit code, stdout and stderr."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 class GatewayProcess:
@@ -28,6 +49,14 @@ class GatewayProcess:
         self.port = port
         self.log_path = config.parent / "gateway.log"
         self.process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def configured(cls, directory: Path, endpoints: list[dict[str, Any]], **sections: Any) -> GatewayProcess:
+        """A process (not started) for a config written to ``directory``, on a free port."""
+        directory.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        config = write_config(directory, endpoints, server={"host": "127.0.0.1", "port": port}, **sections)
+        return cls(config, port)
 
     @property
     def url(self) -> str:
@@ -74,3 +103,44 @@ class GatewayProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+class FlowServer:
+    """An http flow on 127.0.0.1: answers "echo <text>" after a random delay of up to
+    ``latency_s``; holds texts starting with "hold" until ``release`` is set. Use as
+    ``async with FlowServer() as flow:`` (released and stopped at exit)."""
+
+    def __init__(self, latency_s: float = 0.0, seed: int = 0) -> None:
+        self.release = asyncio.Event()
+        self.held = asyncio.Event()
+        self.seen: list[str] = []
+        self._latency_s = latency_s
+        self._rng = random.Random(seed)
+        app = web.Application()
+        app.router.add_post("/flow", self._flow)
+        self.server = TestServer(app, host="127.0.0.1", port=0)
+
+    async def __aenter__(self) -> FlowServer:
+        await self.server.start_server()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release.set()
+        await self.server.close()
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/flow"))
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "http", "url": self.url, "timeout_seconds": 30}
+
+    async def _flow(self, request: web.Request) -> web.StreamResponse:
+        text = (await request.json())["event"]["text"]
+        self.seen.append(text)
+        if text.startswith("hold") and not self.release.is_set():
+            self.held.set()
+            await self.release.wait()
+        if self._latency_s:
+            await asyncio.sleep(self._rng.uniform(0, self._latency_s))
+        return web.json_response({"replies": [{"text": f"echo {text}"}]})

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 from gateway.wire import iso, parse_iso
-from tests.conftest import make_settings, webchat_endpoint
+from tests.conftest import Gateway, make_settings, webchat_endpoint
 
 PATH = "/admin/analytics/sessions"
 NO_CLOSES = {"inactivity": 0, "refresh": 0, "admin": 0, "flow": 0, "endpoint_removed": 0}
@@ -27,15 +27,8 @@ def _counts(sessions: int, interactive: int, developer: int, billable: int, **cl
     }
 
 
-async def _bot_message(gateway: Any, endpoint: str, conversation: str) -> dict[str, Any]:
-    response = await gateway.client.post(
-        "/admin/messages",
-        json={"endpoint": endpoint, "conversation": conversation, "text": "news"},
-        headers=gateway.admin_headers(),
-    )
-    assert response.status == 202
-    session: dict[str, Any] = (await response.json())["session"]
-    return session
+async def _bot_message(gateway: Gateway, endpoint: str, conversation: str) -> dict[str, Any]:
+    return await gateway.bot_message(endpoint, conversation, "news")
 
 
 async def _user_session(gateway: Any, open_chat: Any, endpoint: str, conversation: str) -> Any:

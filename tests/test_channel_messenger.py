@@ -30,6 +30,7 @@ from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkip
 from gateway.models import EventKind, MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
+from tests.outbound import outbound_message
 
 APP_SECRET = "s3cr3t-app"
 VERIFY_TOKEN = "verify-me"
@@ -449,12 +450,6 @@ async def api() -> AsyncIterator[FakePlatform]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
 async def adapter(api: FakePlatform, http: aiohttp.ClientSession) -> AsyncIterator[MessengerAdapter]:
     adapter = make_adapter(api.url)
     await adapter.start(http)
@@ -468,15 +463,8 @@ def outbound(
     last_seen: float | None = NOW - 60,
     key: str = "reply:1:0",
 ) -> OutboundMessage:
-    return OutboundMessage(
-        endpoint="fb",
-        channel="messenger",
-        conversation=PSID,
-        kind=kind,
-        text=text,
-        key=key,
-        created_at=NOW,
-        user_last_seen_at=last_seen,
+    return outbound_message(
+        "fb", "messenger", PSID, text, key=key, kind=kind, created_at=NOW, user_last_seen_at=last_seen
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,9 +16,11 @@ from channels.base import WebhookRequest
 from channels.registry import Channel, create_adapter
 from channels.slack import SlackAdapter, conversation_of, is_user_message, split_conversation
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
-from gateway.models import EventKind, MessageKind, OutboundMessage
+from gateway.models import EventKind, OutboundMessage
 from gateway.settings import EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
+from tests.gateway_process import free_port
+from tests.outbound import outbound_message
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 BOT_TOKEN = "xoxb-17653672481-19874698323-pdFZKVeTuE8sk7oOcBrzbqgy"
@@ -150,22 +151,7 @@ def signed(payload: Any, *, timestamp: str | None = None, secret: str = SIGNING_
 
 
 def outbound(conversation: str, text: str = "hi there", key: str = "reply:Ev0PV52K21:0") -> OutboundMessage:
-    return OutboundMessage(
-        endpoint="slack-main",
-        channel="slack",
-        conversation=conversation,
-        kind=MessageKind.REPLY,
-        text=text,
-        key=key,
-        created_at=NOW,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    return outbound_message("slack-main", "slack", conversation, text, key=key, created_at=NOW)
 
 
 @pytest.fixture
@@ -174,12 +160,6 @@ async def api() -> AsyncIterator[FakePlatform]:
         platform.respond(POST_PATH, Answer(json_body={"ok": True, "channel": "C1", "ts": "1700000000.000200"}))
         platform.respond(AUTH_PATH, Answer(json_body={"ok": True, "user_id": BOT_USER, "bot_id": "B0BOTBOT"}))
         yield platform
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ start nothing on a bad file; ``serve`` hands valid settings to ``gateway.app.ser
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
 import textwrap
 import types
@@ -17,6 +15,7 @@ import pytest
 from gateway.cli import main
 from gateway.errors import StoreLocked
 from gateway.settings import Settings
+from tests.gateway_process import run_cli
 
 GOOD = """
     storage: {backend: sqlite, path: ./data/gateway.db}
@@ -54,19 +53,6 @@ def write(directory: Path, content: str) -> Path:
     path = directory / "config.yaml"
     path.write_text(textwrap.dedent(content))
     return path
-
-
-def run_cli(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m gateway.cli ARGS`` in ``directory``, without GATEWAY_* variables around."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        cwd=directory,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 # --- as a process ----------------------------------------------------------------------------
@@ -190,12 +176,7 @@ def test_serve_with_the_redis_backend_says_it_is_not_available(tmp_path: Path) -
     """Not built yet: a clear configuration error (exit 2), not a traceback."""
     config = tmp_path / "config.yaml"
     config.write_text("storage: {backend: redis, url: 'redis://127.0.0.1:6379/0'}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli(tmp_path, "serve", "--config", str(config))
     assert result.returncode == 2
     assert "storage.backend: redis is not available in this version; use sqlite" in result.stderr
     assert "Traceback" not in result.stderr

@@ -186,13 +186,7 @@ async def test_s13_bot_message_opens_non_interactive_session(
 ) -> None:
     gateway = await start_gateway(make_settings(tmp_path, [webchat_endpoint(minutes=0.01)]))
     chat = await open_chat(gateway, "bot")
-    response = await gateway.client.post(
-        "/admin/messages",
-        json={"endpoint": "web", "conversation": "bot", "text": "news!"},
-        headers=gateway.admin_headers(),
-    )
-    assert response.status == 202
-    session = (await response.json())["session"]
+    session = await gateway.bot_message("web", "bot", "news!")
     assert session["interactive"] is False and session["billable"] is False
     assert await chat.wait_messages(1) == ["news!"]
     await chat.wait_for(lambda frames: any(f.get("state") == "closed" for f in frames))
@@ -208,12 +202,7 @@ async def test_s13_first_user_message_makes_bot_session_interactive(
 ) -> None:
     gateway = await start_gateway(make_settings(tmp_path, [webchat_endpoint(minutes=0)]))
     chat = await open_chat(gateway, "bot2")
-    response = await gateway.client.post(
-        "/admin/messages",
-        json={"endpoint": "web", "conversation": "bot2", "text": "hello"},
-        headers=gateway.admin_headers(),
-    )
-    session_id = (await response.json())["session"]["id"]
+    session_id = (await gateway.bot_message("web", "bot2", "hello"))["id"]
     await chat.say("hi back")
     await chat.wait_messages(2)
     session = await gateway.admin_get(f"/admin/sessions/{session_id}")

@@ -97,12 +97,7 @@ async def test_messages_for_a_disconnected_conversation_are_kept_and_delivered_o
     while gateway.manager.open_session("web", "away") is not None:
         await gateway.manager.drain()
         await asyncio.sleep(0.05)
-    response = await gateway.client.post(
-        "/admin/messages",
-        json={"endpoint": "web", "conversation": "away", "text": "news"},
-        headers=gateway.admin_headers(),
-    )
-    assert response.status == 202
+    await gateway.bot_message("web", "away", "news")
     await gateway.manager.drain()
     await gateway.client.close()
     restarted = await start_gateway(settings)
