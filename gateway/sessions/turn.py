@@ -9,11 +9,13 @@ non-interactive session when none is open.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.flows import Flow, FlowResult, FlowTurn
+from gateway.logs import log_context
 from gateway.metrics import Metrics
 from gateway.models import (
     Change,
@@ -209,12 +211,20 @@ class MessageTurn:
         self, session: Session, contact: Contact, event: InboundEvent, *, after_expiry: bool, now: float
     ) -> FlowResult:
         turn = FlowTurn(session, event, live_ttl_variables(contact, now), dict(contact.auth_profiles), after_expiry)
+        started = time.perf_counter()
         try:
             return await self._flow.handle(turn)
         except Exception as exc:  # any flow failure is counted and survived, never a lost event
             self._metrics.inc("gateway_flow_errors_total", endpoint=session.endpoint)
-            log.warning("flow failed for session %s: %s", session.id, exc)
+            log.warning(
+                "flow failed for session %s: %s",
+                session.id,
+                exc,
+                extra=log_context(session.endpoint, session.conversation, session.id),
+            )
             return FlowResult(replies=[self._error_reply] if self._error_reply else [])
+        finally:
+            self._metrics.observe("gateway_flow_seconds", time.perf_counter() - started, session.endpoint)
 
     async def _contact(self, endpoint: str, conversation: str) -> Contact:
         contact_id = contact_id_of(endpoint, conversation)
