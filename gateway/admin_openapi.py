@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.keys import SETTINGS
 from gateway.metrics import build_version
 
 JSON = dict[str, Any]
@@ -59,7 +60,6 @@ _LIMIT = _query(
 )
 _SESSION_ID = _path_param("id", "a session id")
 _CONTACT_ID = _path_param("contact_id", "`<endpoint>:<conversation>`")
-_ENDPOINT_NAME = _path_param("name", "an endpoint's name")
 _MESSAGE_ID = _path_param("id", "an outbox message id (a positive integer)")
 
 
@@ -245,9 +245,11 @@ _SCHEMAS: JSON = {
 }
 
 
-def _paths() -> JSON:
+def _paths(endpoint_names: list[str]) -> JSON:
+    name = _path_param("name", "an endpoint's name (this gateway's are listed as examples)")
+    name["schema"] = {"type": "string", "examples": endpoint_names}
     endpoint_session = {
-        "parameters": [_ENDPOINT_NAME],
+        "parameters": [name],
         "get": {
             "summary": "An endpoint's session settings as they apply now",
             "responses": _answers({"200": _json(_ref("EndpointSession"), "settings")}),
@@ -385,8 +387,8 @@ def _paths() -> JSON:
     }
 
 
-def document() -> JSON:
-    """The OpenAPI 3.1 document."""
+def document(endpoint_names: list[str]) -> JSON:
+    """The OpenAPI 3.1 document (``endpoint_names``: this gateway's, as examples)."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -397,7 +399,7 @@ def document() -> JSON:
             'Times are ISO 8601 UTC. Every error is `{"error": reason}` (+ `problems` for refused settings).',
         },
         "security": [{"bearer": []}],
-        "paths": _paths(),
+        "paths": _paths(endpoint_names),
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": _SCHEMAS,
@@ -407,7 +409,8 @@ def document() -> JSON:
 
 
 async def get_document(request: web.Request) -> web.StreamResponse:
-    return web.json_response(document())
+    names = [endpoint.name for endpoint in request.app[SETTINGS].endpoints]
+    return web.json_response(document(names))
 
 
 def add_routes(app: web.Application) -> None:
