@@ -172,7 +172,10 @@ def test_serve_store_locked_exits_1(
     config = write(tmp_path, GOOD)
     assert main(["serve", "--config", str(config)]) == 1
     err = capsys.readouterr().err
-    assert f"ERROR gateway.cli: cannot start: {tmp_path / 'data' / 'gateway.db'} is in use by another gateway process\n" in err
+    assert (
+        f"ERROR gateway.cli: cannot start: {tmp_path / 'data' / 'gateway.db'} is in use by another gateway process\n"
+        in err
+    )
     assert "Traceback" not in err
 
 

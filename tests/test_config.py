@@ -708,7 +708,10 @@ def test_credentials_per_channel(channel: str, required: list[str], optional: li
     expected = [f"config.yaml: endpoints.ep.credentials.{key}: required for channel {channel}" for key in required]
     assert sorted(missing) == sorted([*expected, "config.yaml: endpoints.ep.developer: must be true or false, not 'x'"])
     # Values in the form their platform requires (account_sid AC..., bot_token xoxb-...).
-    values = {key: {"account_sid": "AC1", "bot_token": "xoxb-1"}.get(key, f"+1555{i}") for i, key in enumerate(required + optional)}
+    values = {
+        key: {"account_sid": "AC1", "bot_token": "xoxb-1"}.get(key, f"+1555{i}")
+        for i, key in enumerate(required + optional)
+    }
     given = ", ".join(f"{key}: '{value}'" for key, value in values.items())
     (endpoint,) = load(f"endpoints: [{{name: ep, channel: {channel}, credentials: {{{given}}}}}]\n").endpoints
     assert sorted(endpoint.credentials) == sorted(required + optional)

@@ -92,9 +92,7 @@ def test_one_registry_per_application() -> None:
     assert b"gateway_sessions_opened_total" not in second.render()
 
 
-async def test_histograms_observe_webhooks_sends_flows_timers_and_closes(
-    tmp_path: Path, start_gateway: Any
-) -> None:
+async def test_histograms_observe_webhooks_sends_flows_timers_and_closes(tmp_path: Path, start_gateway: Any) -> None:
     script = ScriptedSlack()
     async with FakePlatform() as api:
         api.respond(POST, script)
