@@ -233,7 +233,9 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         app[METRICS].set_gauge("gateway_dead_letters", await app[STORE].count_dead_letters())
     except StoreError as exc:  # the scrape still answers; the gauge keeps its last value
         log.warning("cannot count dead letters for /metrics: %s", exc)
-    return web.Response(body=app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+    # Rendered off the loop (tens of ms with many endpoints); the snapshot is taken on it.
+    body = await asyncio.to_thread(app[METRICS].snapshot().render)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 def serve(settings: Settings) -> int:

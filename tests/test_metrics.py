@@ -118,3 +118,20 @@ async def test_histograms_observe_webhooks_sends_flows_timers_and_closes(tmp_pat
     assert value(samples, "gateway_messages_out_total", endpoint="sl", outcome="dead") == 1
     assert value(samples, "gateway_dead_letters") == 1
     assert value(samples, "gateway_sessions_closed_total", endpoint="sl", reason="inactivity") == 2
+
+
+def test_a_snapshot_is_detached_for_rendering_off_the_loop() -> None:
+    metrics = Metrics()
+    metrics.declare_endpoint("web", webhook=False)
+    metrics.gauge("gateway_open_sessions", lambda: 3.0)
+    metrics.inc("gateway_sessions_opened_total", endpoint="web")
+    metrics.observe("gateway_flow_seconds", 0.2, "web")
+    snapshot = metrics.snapshot()
+    metrics.inc("gateway_sessions_opened_total", endpoint="web")
+    metrics.observe("gateway_flow_seconds", 0.2, "web")
+    metrics.declare_endpoint("late", webhook=True)
+    text = snapshot.render().decode()
+    assert 'gateway_sessions_opened_total{endpoint="web"} 1.0' in text
+    assert 'gateway_flow_seconds_count{endpoint="web"} 1.0' in text
+    assert "gateway_open_sessions 3.0" in text and 'endpoint="late"' not in text
+    assert 'gateway_sessions_opened_total{endpoint="web"} 2.0' in metrics.render().decode()
