@@ -85,6 +85,9 @@ class ChannelSpec:
     limits: Limits = field(default_factory=Limits)
     hosted_path: str | None = None
     holds_undelivered: bool = False
+    # credential -> (regular expression its whole value must match, what it must be), checked
+    # with the configuration (check-config and serve): a value the platform can never accept.
+    credential_formats: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True, frozen=True)

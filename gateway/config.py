@@ -47,7 +47,9 @@ from gateway.settings import (
     EndpointSessionSettings,
     FlowSettings,
     FlowType,
+    LogFormat,
     OrganisationSessionSettings,
+    RetentionSettings,
     ServerSettings,
     Settings,
     StorageBackend,
@@ -59,7 +61,7 @@ log = logging.getLogger("gateway.config")
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-_TOP_LEVEL = ("server", "storage", "admin", "organisation", "flow", "delivery", "endpoints", "logging")
+_TOP_LEVEL = ("server", "storage", "admin", "organisation", "flow", "delivery", "endpoints", "logging", "retention")
 _ORG_DEFAULTS = OrganisationSessionSettings()
 _NO_BOUNDS = OrganisationSessionSettings(min_minutes=0.0, max_minutes=math.inf)
 
@@ -134,7 +136,12 @@ _FLOW: dict[str, Converter] = {
     "timeout_seconds": number(minimum=0.0, strict=True),
     "error_reply": optional(text),
 }
-_LOGGING: dict[str, Converter] = {"level": _log_level}
+_LOGGING: dict[str, Converter] = {"level": _log_level, "format": choice(LogFormat)}
+_RETENTION: dict[str, Converter] = {
+    "closed_sessions_days": number(minimum=0.0, strict=True),
+    "messages_days": number(minimum=0.0, strict=True),
+    "dedup_days": number(minimum=0.0, strict=True),
+}
 
 
 def _read_organisation(r: Reader, raw: object, key: str) -> OrganisationSessionSettings:
@@ -166,10 +173,13 @@ def _read_settings(r: Reader, top: dict[Any, Any], source: Path) -> Settings | N
         "delivery": r.read(top.get("delivery"), "delivery", section(_DELIVERY, DeliverySettings)),
         "endpoints": r.read(top.get("endpoints"), "endpoints", endpoints(bounds)),
         "log_level": r.read(top.get("logging"), "logging", section(_LOGGING, dict)),
+        "retention": r.read(top.get("retention"), "retention", section(_RETENTION, RetentionSettings)),
     }
     if r.problems:
         return None
-    parts["log_level"] = parts["log_level"].get("level", "INFO")
+    logging_section = parts.pop("log_level")
+    parts["log_level"] = logging_section.get("level", "INFO")
+    parts["log_format"] = logging_section.get("format", LogFormat.TEXT)
     return Settings(source=source, organisation=bounds, **parts)
 
 

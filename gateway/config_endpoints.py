@@ -6,9 +6,10 @@ against what its channel declares (``channels.registry``). Read by ``gateway.con
 from __future__ import annotations
 
 import re
+import string
 from typing import Any
 
-from channels.registry import Channel, credentials_of, is_hosted
+from channels.registry import Channel, credential_formats, credentials_of, is_hosted
 from gateway.config_reader import (
     FAILED,
     Converter,
@@ -26,6 +27,7 @@ from gateway.config_reader import (
 )
 from gateway.errors import Invalid
 from gateway.settings import (
+    CLOSURE_PLACEHOLDERS,
     DiscardSettings,
     EndpointSessionSettings,
     EndpointSettings,
@@ -121,9 +123,33 @@ def bounded_minutes(low: float, high: float) -> Converter:
     return read
 
 
+def _unknown_placeholders(text: str) -> list[str]:
+    """The ``{name}`` fields of a closure text that will not be filled (a typo would reach the
+    user as written). Text that is no template (a lone brace) is sent as written: not a problem."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError:
+        return []
+    return [name for name in fields if name.isidentifier() and name not in CLOSURE_PLACEHOLDERS]
+
+
+def _check_closure_texts(r: Reader, key: str, texts: object) -> None:
+    if not isinstance(texts, tuple):
+        return  # already reported
+    known = ", ".join(f"{{{name}}}" for name in CLOSURE_PLACEHOLDERS)
+    for i, message in enumerate(texts):
+        for name in _unknown_placeholders(message):
+            r.problem(f"{key}[{i}]", f"unknown placeholder {{{name}}} (known: {known})")
+
+
 def _check_on_close(r: Reader, key: str, values: dict[str, Any]) -> None:
     if values.get("notify", True) is True and values.get("messages") == ():
         r.problem(f"{key}.messages", "must not be empty when notify is true")
+    _check_closure_texts(r, f"{key}.messages", values.get("messages"))
+    by_channel = values.get("messages_by_channel")
+    if isinstance(by_channel, dict):
+        for channel, texts in by_channel.items():
+            _check_closure_texts(r, f"{key}.messages_by_channel.{channel}", texts)
 
 
 def _check_endpoint(r: Reader, key: str, values: dict[str, Any]) -> None:
@@ -144,6 +170,11 @@ def _check_endpoint(r: Reader, key: str, values: dict[str, Any]) -> None:
             r.problem(f"{key}.credentials.{cred}", f"required for channel {channel}")
         elif value is not FAILED and not value:
             r.problem(f"{key}.credentials.{cred}", f"must not be empty (required for channel {channel})")
+    for cred, (pattern, meaning) in credential_formats(channel).items():
+        value = credentials.get(cred)
+        if value is not None and value is not FAILED and value and not re.fullmatch(pattern, value.value.strip()):
+            # The value itself is not repeated: it may be a secret.
+            r.problem(f"{key}.credentials.{cred}", f"must be {meaning}")
 
 
 _RATE_LIMIT: dict[str, Converter] = {

@@ -197,3 +197,18 @@ class Change:
     handled_events: list[int] = field(default_factory=list)  # inbox ids now done
     outbox_updates: list[OutboundMessage] = field(default_factory=list)  # state/attempts changed
     notices: list[tuple[str, str]] = field(default_factory=list)  # (session_id, notice)
+
+
+@dataclass(slots=True, frozen=True)
+class TranscriptEntry:
+    """One line of a conversation's transcript (``GET /admin/contacts/<id>``): a user's message
+    (from the inbox, kept ``retention.dedup_days``) or a message sent to the user (from the
+    outbox, kept ``retention.messages_days``)."""
+
+    at: float  # arrival (user) or creation (bot) time
+    sender: str  # "user" | "bot"
+    kind: str  # user: message | postback; bot: reply | closure | bot
+    text: str | None
+    session_id: str | None = None  # bot messages know it; a user message's is found by time
+    state: str | None = None  # bot messages: pending | sent | skipped | dead
+    attachments: tuple[str, ...] = ()  # types of a user's non-text content (image, file, ...)

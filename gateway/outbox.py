@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 from channels.base import ChannelAdapter
 from gateway.errors import DeliveryDeferred, DeliveryError, DeliverySkipped, MessageNotDead, MessageNotFound
+from gateway.logs import log_context
 from gateway.metrics import Metrics
 from gateway.models import Change, MessageKind, OutboundMessage, OutboxState
 from gateway.ratelimit import RateLimiter
@@ -197,9 +198,45 @@ class Outbox(OutboxSink):
                 change.notices.append((message.session_id, "queued"))
             await asyncio.shield(self._store.commit(change))
             self._metrics.inc("gateway_dead_letters_retried_total", endpoint=message.endpoint)
-            log.info("dead letter %d queued again: endpoint=%s", message.id, message.endpoint)
+            log.info(
+                "dead letter %d queued again: endpoint=%s",
+                message.id,
+                message.endpoint,
+                extra=log_context(message.endpoint, message.conversation, message.session_id),
+            )
             self.submit([message])
         return message
+
+    async def delete(self, message_id: int) -> None:
+        """Drop a dead letter for good. Raises ``MessageNotFound`` for an unknown id and
+        ``MessageNotDead`` when it is not a dead letter (a pending one is never dropped)."""
+        async with self._retry_lock:  # not while a retry of it is on its way
+            message = await self._store.get_outbound(message_id)
+            if message is None:
+                raise MessageNotFound(f"no outbound message {message_id}")
+            if message.state is not OutboxState.DEAD or message.id in self._known:
+                raise MessageNotDead(f"message {message_id} is {message.state.value}, not dead")
+            if not await self._store.delete_dead_letter(message_id):
+                raise MessageNotDead(f"message {message_id} changed meanwhile")
+            log.info(
+                "dead letter %d deleted",
+                message_id,
+                extra=log_context(message.endpoint, message.conversation, message.session_id),
+            )
+
+    def forget(self, endpoint: str, conversation: str) -> int:
+        """Drop the messages queued for a conversation whose contact was erased (their rows
+        are gone); a send already with the platform finishes. Returns how many were dropped."""
+        lane = self._lanes.get((endpoint, conversation))
+        if lane is None:
+            return 0
+        if lane.task is not None and not lane.sending:
+            lane.task.cancel()  # it only waits (a retry's delay, a rate-limit token)
+        keep = 1 if lane.sending and lane.messages else 0
+        dropped = [lane.messages.pop() for _ in range(len(lane.messages) - keep)]
+        for message in dropped:
+            self._known.discard(message.id)
+        return len(dropped)
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Wait until every lane is empty or parked (tests and benchmarks)."""
@@ -250,7 +287,11 @@ class Outbox(OutboxSink):
             if self._closing:
                 return  # stays pending in the store for the next start
             lane.sending = True
-            await adapter.send(message, functools.partial(self._part_sent, message))
+            started = time.perf_counter()
+            try:
+                await adapter.send(message, functools.partial(self._part_sent, message))
+            finally:
+                self._metrics.observe("gateway_send_seconds", time.perf_counter() - started, message.endpoint)
         except DeliveryDeferred:
             lane.parked = True
             self._metrics.inc("gateway_messages_out_total", endpoint=message.endpoint, outcome="deferred")
@@ -294,6 +335,7 @@ class Outbox(OutboxSink):
                 message.endpoint,
                 message.conversation,
                 exc.reason,
+                extra=log_context(message.endpoint, message.conversation, message.session_id),
             )
             await self._record(functools.partial(self._store.commit, Change(outbox_updates=[message])))
             return
@@ -329,6 +371,7 @@ class Outbox(OutboxSink):
             message.kind.value,
             message.id,
             f" ({error})" if error else "",
+            extra=log_context(message.endpoint, message.conversation, message.session_id),
         )
 
     async def _record(self, write: Callable[[], Awaitable[None]]) -> None:

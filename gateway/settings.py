@@ -27,6 +27,15 @@ class FlowType(StrEnum):
     HTTP = "http"
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"  # "<time> <LEVEL> <logger>: <message>"
+    JSON = "json"  # one object per line: ts, level, logger, message, endpoint, conversation, session_id
+
+
+# The placeholders a closure text may use (S10; filled by gateway.session_rules.ClosureTexts).
+CLOSURE_PLACEHOLDERS = ("expiration_minutes", "name")
+
+
 @dataclass(slots=True, frozen=True)
 class Secret:
     """A credential. Its repr and str are masked; read ``.value`` where it is really needed."""
@@ -89,6 +98,15 @@ class DeliverySettings:
     max_age_minutes: float = 1440.0
     base_delay_seconds: float = 0.5
     max_delay_seconds: float = 60.0
+
+
+@dataclass(slots=True, frozen=True)
+class RetentionSettings:
+    """How long history is kept (pruned in the background, hourly)."""
+
+    closed_sessions_days: float = 90.0  # closed sessions, then contacts left without any
+    messages_days: float = 7.0  # sent and skipped outbox messages and their texts
+    dedup_days: float = 7.0  # handled inbound events: dedup ids and the users' texts
 
 
 @dataclass(slots=True, frozen=True)
@@ -155,6 +173,8 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     endpoints: tuple[EndpointSettings, ...] = ()
     log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.TEXT
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     def endpoint(self, name: str) -> EndpointSettings | None:
         for endpoint in self.endpoints:

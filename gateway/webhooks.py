@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -14,6 +15,7 @@ from multidict import MultiDict
 from channels.base import WebhookChannel, WebhookRequest, WebhookResponse
 from gateway.errors import RequestRejected
 from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, SETTINGS
+from gateway.logs import log_context
 from gateway.settings import EndpointSettings
 
 log = logging.getLogger("gateway.webhooks")
@@ -57,6 +59,7 @@ def webhook_handler(endpoint: EndpointSettings) -> Handler:
     """The POST (events) and GET (handshake) handler of one platform endpoint."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
         app = request.app
         adapter = app[ADAPTERS][endpoint.name]
         assert isinstance(adapter, WebhookChannel)  # only webhook channels get this route
@@ -68,7 +71,13 @@ def webhook_handler(endpoint: EndpointSettings) -> Handler:
             parsed = adapter.parse_webhook(incoming)
         except RequestRejected as exc:
             metrics.inc("gateway_webhook_requests_total", endpoint=endpoint.name, outcome=f"rejected_{exc.status}")
-            log.warning("webhook rejected: endpoint=%s status=%d reason=%s", endpoint.name, exc.status, exc.reason)
+            log.warning(
+                "webhook rejected: endpoint=%s status=%d reason=%s",
+                endpoint.name,
+                exc.status,
+                exc.reason,
+                extra=log_context(endpoint.name),
+            )
             raise
         arrival = app[CLOCK]()
         manager = app[MANAGER]
@@ -77,6 +86,8 @@ def webhook_handler(endpoint: EndpointSettings) -> Handler:
         if parsed.ignored:
             metrics.inc("gateway_events_total", parsed.ignored, endpoint=endpoint.name, outcome="ignored")
         metrics.inc("gateway_webhook_requests_total", endpoint=endpoint.name, outcome="accepted")
-        return _response(parsed.response)
+        response = _response(parsed.response)
+        metrics.observe("gateway_webhook_ack_seconds", time.perf_counter() - started, endpoint.name)
+        return response
 
     return handle

@@ -96,12 +96,20 @@ def test_serve_missing_file_exits_2(tmp_path: Path) -> None:
 # --- in process ------------------------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def root_level() -> Iterator[None]:
-    """serve sets the root logger's level from the settings; put it back for the next test."""
-    level = logging.getLogger().level
+    """The commands set up logging (a handler on the root logger, levels from the settings);
+    put it all back for the next test."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    own = {name: logging.getLogger(name).level for name in ("gateway", "channels")}
     yield
-    logging.getLogger().setLevel(level)
+    root.setLevel(level)
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for name, own_level in own.items():
+        logging.getLogger(name).setLevel(own_level)
 
 
 @pytest.fixture
@@ -150,7 +158,11 @@ def test_serve_store_locked_exits_1(
     config = write(tmp_path, GOOD)
     assert main(["serve", "--config", str(config)]) == 1
     err = capsys.readouterr().err
-    assert f"error: {tmp_path / 'data' / 'gateway.db'} is in use by another gateway process\n" in err
+    assert (
+        f"ERROR gateway.cli: cannot start: {tmp_path / 'data' / 'gateway.db'} is in use by another gateway process\n"
+        in err
+    )
+    assert "Traceback" not in err
 
 
 def test_check_config_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

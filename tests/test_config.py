@@ -707,12 +707,17 @@ def test_credentials_per_channel(channel: str, required: list[str], optional: li
     missing = problems(f"endpoints: [{{name: ep, channel: {channel}, credentials: {{}}, developer: x}}]\n")
     expected = [f"config.yaml: endpoints.ep.credentials.{key}: required for channel {channel}" for key in required]
     assert sorted(missing) == sorted([*expected, "config.yaml: endpoints.ep.developer: must be true or false, not 'x'"])
-    given = ", ".join(f"{key}: '+1555{i}'" for i, key in enumerate(required + optional))
+    # Values in the form their platform requires (account_sid AC..., bot_token xoxb-...).
+    values = {
+        key: {"account_sid": "AC1", "bot_token": "xoxb-1"}.get(key, f"+1555{i}")
+        for i, key in enumerate(required + optional)
+    }
+    given = ", ".join(f"{key}: '{value}'" for key, value in values.items())
     (endpoint,) = load(f"endpoints: [{{name: ep, channel: {channel}, credentials: {{{given}}}}}]\n").endpoints
     assert sorted(endpoint.credentials) == sorted(required + optional)
     assert all(isinstance(secret, Secret) for secret in endpoint.credentials.values())
-    for i, key in enumerate(required + optional):
-        assert endpoint.credential(key) == f"+1555{i}"
+    for key, value in values.items():
+        assert endpoint.credential(key) == value
 
 
 def test_credentials_empty_unknown_and_non_string() -> None:
@@ -826,9 +831,9 @@ def test_session_mode_must_be_known() -> None:
 
 def test_read_endpoint_session_checks_without_interpolation() -> None:
     org = OrganisationSessionSettings(min_minutes=1, max_minutes=60)
-    session = read_endpoint_session({"expiration_minutes": 2, "on_close": {"messages": ["${HOME}"]}}, org)
+    session = read_endpoint_session({"expiration_minutes": 2, "on_close": {"messages": ["${name}"]}}, org)
     assert session.expiration_minutes == 2
-    assert session.on_close.messages == ("${HOME}",)  # never filled from the server's environment
+    assert session.on_close.messages == ("${name}",)  # never filled from the server's environment
     with pytest.raises(ConfigError) as caught:
         read_endpoint_session({"expiration_minutes": 61, "mode": "x"}, org)
     assert caught.value.problems == [

@@ -117,7 +117,9 @@ async def test_s8_lazy_with_a_flow_without_intent_opens_new_session(tmp_path: Pa
 async def test_s10_closure_variants_are_used_in_turn_with_placeholders(
     tmp_path: Path, start_gateway: Any, open_chat: Any
 ) -> None:
-    texts = ["Bye {name}, silence for {expiration_minutes} min ended this.", "Second variant {unknown}."]
+    # An unknown {placeholder} is a configuration error (check-config); text that is no
+    # template ({0}) goes out as written.
+    texts = ["Bye {name}, silence for {expiration_minutes} min ended this.", "Second variant {0}."]
     gateway = await start_gateway(
         make_settings(tmp_path, [webchat_endpoint(minutes=0.003, on_close={"messages": texts})])
     )
@@ -127,7 +129,7 @@ async def test_s10_closure_variants_are_used_in_turn_with_placeholders(
     await chat.say("two")
     assert await chat.wait_messages(2, "closure") == [
         "Bye there, silence for 0.003 min ended this.",
-        "Second variant {unknown}.",
+        "Second variant {0}.",
     ]
 
 

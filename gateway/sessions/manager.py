@@ -22,6 +22,7 @@ from collections.abc import Callable
 from gateway.close_scripts import CloseScripts
 from gateway.errors import Overloaded, SessionNotFound, SessionNotOpen
 from gateway.flows import Flow
+from gateway.logs import log_context
 from gateway.metrics import Metrics
 from gateway.models import CloseReason, InboundEvent, Session, StoredEvent
 from gateway.policy import EndpointPolicy
@@ -32,6 +33,7 @@ from gateway.sessions.state import (
     BotMessageItem,
     CloseItem,
     Conversation,
+    EraseItem,
     ExpireItem,
     ManagerStats,
     OutboxSink,
@@ -74,7 +76,7 @@ class SessionManager:
         self._scheduler = ConversationScheduler(
             self._policies, handle=self._handle, on_failure=self._on_failure, close_batch=self._close_due
         )
-        self._timers = SessionTimers(clock, self.stats, on_due=self._scheduler.expire)
+        self._timers = SessionTimers(clock, self.stats, on_due=self._scheduler.expire, metrics=self._metrics)
         self._book = SessionBook(
             store, outbox, self._timers, self._policies, metrics=self._metrics, stats=self.stats, clock=clock
         )
@@ -192,7 +194,12 @@ class SessionManager:
             return False
         self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="accepted")
         log.info(
-            "event in: endpoint=%s conversation=%s kind=%s id=%s", endpoint, event.conversation, event.kind, stored.id
+            "event in: endpoint=%s conversation=%s kind=%s id=%s",
+            endpoint,
+            event.conversation,
+            event.kind,
+            stored.id,
+            extra=log_context(endpoint, event.conversation),
         )
         self._enqueue(stored)
         return True
@@ -222,11 +229,13 @@ class SessionManager:
             await self._closer.handle_close(slot, item)
         elif isinstance(item, BotMessageItem):
             await self._turn.handle_bot_message(slot, item)
+        elif isinstance(item, EraseItem):
+            await self._closer.handle_erase(slot, item)
         else:
             await self._closer.handle_clear_profiles(slot, item)
 
     async def _on_failure(self, slot: Conversation, item: WorkItem, exc: Exception) -> None:
-        if isinstance(item, CloseItem | BotMessageItem) and not item.done.done():
+        if isinstance(item, CloseItem | BotMessageItem | EraseItem) and not item.done.done():
             item.done.set_exception(exc)
         if isinstance(item, StoredEvent):
             await self._turn.give_up_on(item)
@@ -258,6 +267,16 @@ class SessionManager:
         done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         slot = self._scheduler.slot(session.endpoint, session.conversation)
         self._scheduler.push(slot, CloseItem(session_id, reason=reason, notify=notify, done=done))
+        return await done
+
+    async def erase_contact(self, endpoint: str, conversation: str) -> int:
+        """Erase a contact: its open session is closed silently, then the store deletes the
+        contact, its sessions and messages (``Store.erase_contact``), in the conversation's
+        queue, so no turn of it runs in between. Returns the number of rows deleted."""
+        if endpoint not in self._policies:  # no open session can exist: closed at start
+            return await self._store.erase_contact(endpoint, conversation)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._scheduler.push(self._scheduler.slot(endpoint, conversation), EraseItem(done))
         return await done
 
     async def send_bot_message(self, endpoint: str, conversation: str, text: str) -> Session:

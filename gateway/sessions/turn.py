@@ -9,11 +9,13 @@ non-interactive session when none is open.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.flows import Flow, FlowResult, FlowTurn
+from gateway.logs import log_context
 from gateway.metrics import Metrics
 from gateway.models import (
     Change,
@@ -215,12 +217,20 @@ class MessageTurn:
             auth_profiles=dict(contact.auth_profiles),
             after_expiry=after_expiry,
         )
+        started = time.perf_counter()
         try:
             return await self._flow.handle(turn)
         except Exception as exc:  # any flow failure is counted and survived, never a lost event
             self._metrics.inc("gateway_flow_errors_total", endpoint=session.endpoint)
-            log.warning("flow failed for session %s: %s", session.id, exc)
+            log.warning(
+                "flow failed for session %s: %s",
+                session.id,
+                exc,
+                extra=log_context(session.endpoint, session.conversation, session.id),
+            )
             return FlowResult(replies=[self._error_reply] if self._error_reply else [])
+        finally:
+            self._metrics.observe("gateway_flow_seconds", time.perf_counter() - started, session.endpoint)
 
     async def _contact(self, endpoint: str, conversation: str) -> Contact:
         contact_id = contact_id_of(endpoint, conversation)

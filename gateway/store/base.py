@@ -11,7 +11,16 @@ from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.models import Change, Contact, InboundEvent, OutboundMessage, Session, SessionState, StoredEvent
+from gateway.models import (
+    Change,
+    Contact,
+    InboundEvent,
+    OutboundMessage,
+    Session,
+    SessionState,
+    StoredEvent,
+    TranscriptEntry,
+)
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,6 +95,20 @@ class Store(Protocol):
 
     async def get_outbound(self, message_id: int) -> OutboundMessage | None: ...
 
+    async def count_dead_letters(self) -> int:
+        """How many dead letters the store holds (the ``gateway_dead_letters`` gauge)."""
+
+    async def delete_dead_letter(self, message_id: int) -> bool:
+        """Drop the outbox message ``message_id`` if it is a dead letter; False when there was
+        no such dead letter (``DELETE /admin/dead-letters/<id>``)."""
+
+    async def transcript(
+        self, endpoint: str, conversation: str, since: float, until: float, limit: int
+    ) -> list[TranscriptEntry]:
+        """The conversation's messages in ``[since, until]``, oldest first, at most the newest
+        ``limit``: user messages and postbacks from the inbox (handled or not; other event
+        kinds left out) and every outbox message, whatever its state."""
+
     # -- runtime settings (admin API; they win over the file until deleted) -----------------
     async def get_overrides(self) -> dict[str, dict[str, Any]]:
         """scope -> settings, e.g. ``{"endpoint:web": {...}, "organisation": {...}}``."""
@@ -94,8 +117,22 @@ class Store(Protocol):
 
     async def delete_override(self, scope: str) -> None: ...
 
-    # -- retention ---------------------------------------------------------------------------
+    # -- retention and erasure -----------------------------------------------------------------
     async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
         """Drop handled inbound events (their dedup ids) older than ``before``, and messages
         still pending from then for a channel of ``holding_channels`` (channels that keep a
         message until the user connects: web chat); returns how many rows went."""
+
+    async def prune_history(self, *, closed_sessions_before: float, messages_before: float) -> int:
+        """Retention (``retention.closed_sessions_days``, ``messages_days``): drop sessions
+        closed before ``closed_sessions_before``; then contacts left with no session whose last
+        message (else creation) is older than that too, except opted-out ones (their opt-out
+        must hold); and sent or skipped outbox messages created before ``messages_before``.
+        Open sessions, pending messages and dead letters are kept. Returns how many rows went.
+        Work is chunked so that other writes interleave."""
+
+    async def erase_contact(self, endpoint: str, conversation: str) -> int:
+        """Erase a contact (``DELETE /admin/contacts/<id>``): its profile (variables, auth
+        profiles), every session of it, every outbox message of its conversation, and its
+        handled inbound events. The caller closes its open session first. Returns how many
+        rows went (0: nothing was known of it)."""

@@ -25,12 +25,22 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import aiosqlite
 
 from gateway.errors import StoreError
-from gateway.models import Change, Contact, InboundEvent, OutboundMessage, Session, StoredEvent
+from gateway.models import (
+    Change,
+    Contact,
+    InboundEvent,
+    OutboundMessage,
+    Session,
+    StoredEvent,
+    TranscriptEntry,
+    contact_id_of,
+)
 from gateway.store import sqlite_rows as rows
 from gateway.store.base import SessionQuery
 from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
 from gateway.store.sqlite_writer import (
     ChangeRows,
+    Exec,
     GroupCommitWriter,
     InboundRow,
     PartsSent,
@@ -40,6 +50,7 @@ from gateway.store.sqlite_writer import (
 )
 
 READ_CHUNK = 5000  # sessions per hop while streaming open_sessions
+DELETE_CHUNK = 2000  # rows per write while pruning history: other writes interleave
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -190,6 +201,50 @@ class SqliteStore:
             total += deleted
         return total
 
+    async def delete_dead_letter(self, message_id: int) -> bool:
+        """Delete outbox message ``message_id`` if it is a dead letter."""
+        work = Exec((("DELETE FROM outbox WHERE id = ? AND state = 'dead'", (message_id,)),))
+        return bool(await self._submit(work))
+
+    async def erase_contact(self, endpoint: str, conversation: str) -> int:
+        """Delete the contact, its sessions, its conversation's outbox messages and handled
+        inbound events, in one transaction; the number of rows deleted."""
+        contact_id = contact_id_of(endpoint, conversation)
+        # The inbox has no conversation column; its pending rows are left to be handled.
+        inbound = (
+            "DELETE FROM inbound WHERE endpoint = ? AND state = 'done' AND json_extract(payload, '$.conversation') = ?"
+        )
+        work = Exec(
+            (
+                ("DELETE FROM sessions WHERE contact_id = ?", (contact_id,)),
+                ("DELETE FROM contacts WHERE id = ?", (contact_id,)),
+                ("DELETE FROM outbox WHERE endpoint = ? AND conversation = ?", (endpoint, conversation)),
+                (inbound, (endpoint, conversation)),
+            )
+        )
+        deleted: int = await self._submit(work)
+        return deleted
+
+    async def prune_history(self, *, closed_sessions_before: float, messages_before: float) -> int:
+        """Retention of closed sessions, contacts left without sessions, and sent or skipped
+        messages. Candidates are found on the reader connection (a scan there never holds up
+        a webhook's commit); each chunk is deleted by id on the writer, its condition checked
+        again, so a row that changed meanwhile stays."""
+        total = 0
+        for select, delete, cutoff in (
+            (rows.OLD_CLOSED_SESSIONS, rows.DELETE_CLOSED_SESSIONS, closed_sessions_before),
+            (rows.IDLE_CONTACTS, rows.DELETE_IDLE_CONTACTS, closed_sessions_before),
+            (rows.OLD_DONE_OUTBOX, rows.DELETE_DONE_OUTBOX, messages_before),
+        ):
+            after = ""  # contacts are paged by id; deleted sessions and messages leave the scan by themselves
+            while ids := await self._read(rows.select_ids, select, (cutoff, after, DELETE_CHUNK)):
+                deleted: int = await self._submit(Exec(((delete, (json.dumps(ids), cutoff)),)))
+                total += deleted
+                if len(ids) < DELETE_CHUNK or (deleted == 0 and select != rows.IDLE_CONTACTS):
+                    break  # the last chunk, or rows that changed under us: the next run sees them
+                after = str(ids[-1])
+        return total
+
     # -- reads -----------------------------------------------------------------------------------
 
     async def _read(self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -290,6 +345,20 @@ class SqliteStore:
         """The outbox message with this id, or None."""
         found = await self._read(rows.select_outbox, "WHERE id = ?", [message_id])
         return found[0] if found else None
+
+    async def count_dead_letters(self) -> int:
+        """How many dead letters there are (one count over the ``outbox_by_state`` index)."""
+
+        def count(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT count(*) FROM outbox WHERE state = 'dead'").fetchone()[0])
+
+        return await self._read(count)
+
+    async def transcript(
+        self, endpoint: str, conversation: str, since: float, until: float, limit: int
+    ) -> list[TranscriptEntry]:
+        """The conversation's messages in ``[since, until]``, oldest first (the newest ``limit``)."""
+        return await self._read(rows.select_transcript, endpoint, conversation, since, until, limit)
 
     async def pending_inbound(self) -> list[StoredEvent]:
         """Events committed but not yet handled, in arrival (id) order."""

@@ -64,6 +64,10 @@ MIGRATIONS: list[list[str]] = [
     # 2: how many parts of a split text the platform accepted, so that a retry, also after a
     # restart, sends only the rest (ChannelAdapter.send). Rows of version 1 start at 0.
     ["ALTER TABLE outbox ADD COLUMN parts_sent INTEGER NOT NULL DEFAULT 0"],
+    # 3: a conversation's messages without scanning the outbox: the admin transcript and the
+    # erasure of a contact (DELETE /admin/contacts/<id>). An insert adds one entry; sending
+    # (a state change) leaves it alone.
+    ["CREATE INDEX outbox_by_conversation ON outbox (endpoint, conversation, id)"],
 ]
 
 BUSY_TIMEOUT_MS = 5000

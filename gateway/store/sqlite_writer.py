@@ -71,7 +71,16 @@ class PartsSent:
     parts_sent: int
 
 
-Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent
+@dataclass(slots=True, frozen=True)
+class Exec:
+    """Statements run in order, as one write (erasure, deletes, retention); the result is the
+    number of rows they changed. Applied alone in its segment, so it keeps its place among the
+    writes queued around it."""
+
+    statements: tuple[tuple[str, tuple[Any, ...]], ...]
+
+
+Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent | Exec
 
 
 @dataclass(slots=True)
@@ -98,16 +107,24 @@ def _apply_batch(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
 
 def _segments(works: list[Work]) -> Iterator[list[Work]]:
     """Cut the batch where merging would reorder writes: notices are applied after all session
-    upserts of a segment, so a session upserted after a notice to it starts a new segment."""
+    upserts of a segment, so a session upserted after a notice to it starts a new segment; an
+    ``Exec`` (plain statements, e.g. an erasure) is a segment of its own."""
     start = 0
     noticed: set[str] = set()
     for i, work in enumerate(works):
+        if isinstance(work, Exec):
+            if i > start:
+                yield works[start:i]
+            yield [work]
+            start, noticed = i + 1, set()
+            continue
         if isinstance(work, ChangeRows):
             if noticed and any(row[0] in noticed for row in (*work.sessions, *work.closes)):
                 yield works[start:i]
                 start, noticed = i, set()
             noticed.update(session_id for session_id, _ in work.notices)
-    yield works[start:]
+    if start < len(works):
+        yield works[start:]
 
 
 def _apply_segment(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
@@ -156,6 +173,8 @@ def _apply_merged(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
             else:
                 conn.execute("INSERT OR REPLACE INTO overrides (scope, value) VALUES (?, ?)", (work.scope, work.value))
             results.append(None)
+        elif isinstance(work, Exec):
+            results.append(sum(conn.execute(sql, params).rowcount for sql, params in work.statements))
         else:
             results.append(_prune_chunk(conn, work))
     return results
