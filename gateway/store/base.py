@@ -11,7 +11,16 @@ from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.models import Change, Contact, InboundEvent, OutboundMessage, Session, SessionState, StoredEvent
+from gateway.models import (
+    Change,
+    Contact,
+    InboundEvent,
+    OutboundMessage,
+    Session,
+    SessionState,
+    StoredEvent,
+    TranscriptLine,
+)
 
 
 @dataclass(slots=True, frozen=True)
@@ -74,9 +83,20 @@ class Store(Protocol):
         aggregate query: ``(endpoint, interactive, developer, close_reason, count)`` per group,
         ``close_reason`` None for open sessions (S13-S15, ``GET /admin/analytics/sessions``)."""
 
+    async def transcript(self, endpoint: str, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
+        """The conversation's lines from ``since`` on, oldest first, at most the last ``limit``:
+        its user messages and postbacks with a text (inbox rows, by arrival time) and the
+        messages sent to it (outbox rows in state ``sent``, by creation time). Lines of the same
+        time: user first. Rows already pruned are not in it."""
+
     # -- outbox ------------------------------------------------------------------------------
-    async def pending_outbox(self) -> list[OutboundMessage]:
-        """Messages not yet sent, skipped or dead, in id order."""
+    async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:
+        """Messages not yet sent, skipped or dead, in id order; none of ``skip_channels`` (the
+        channels that keep messages for the user, read per conversation when it connects)."""
+
+    async def pending_outbox_of(self, endpoint: str, conversation: str) -> list[OutboundMessage]:
+        """The pending messages of one conversation, in id order (a web chat conversation's
+        kept messages, read when it reconnects)."""
 
     async def record_parts_sent(self, message_id: int, parts_sent: int) -> None:
         """Commit that the platform accepted the first ``parts_sent`` parts of a split message;
@@ -94,8 +114,20 @@ class Store(Protocol):
 
     async def delete_override(self, scope: str) -> None: ...
 
+    # -- conversations the gateway issues (web chat) --------------------------------------------
+    async def add_conversation_secret(
+        self, endpoint: str, conversation: str, secret_hash: str, created_at: float
+    ) -> None:
+        """Record a conversation the gateway issued and the hash of its secret (the token
+        itself is never stored), durably: a client resumes it after a restart."""
+
+    async def conversation_secret(self, endpoint: str, conversation: str) -> str | None:
+        """The secret hash recorded for the conversation; None when it was never issued (or
+        pruned)."""
+
     # -- retention ---------------------------------------------------------------------------
     async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
-        """Drop handled inbound events (their dedup ids) older than ``before``, and messages
-        still pending from then for a channel of ``holding_channels`` (channels that keep a
-        message until the user connects: web chat); returns how many rows went."""
+        """Drop handled inbound events (their dedup ids) older than ``before``, messages still
+        pending from then for a channel of ``holding_channels`` (channels that keep a message
+        until the user connects: web chat), and issued conversations created before then that
+        never had a session; returns how many rows went."""

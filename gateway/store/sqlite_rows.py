@@ -28,6 +28,7 @@ from gateway.models import (
     Session,
     SessionState,
     StoredEvent,
+    TranscriptLine,
 )
 
 Row = tuple[Any, ...]
@@ -385,6 +386,35 @@ def select_pending_inbound(conn: sqlite3.Connection) -> list[StoredEvent]:
     """Inbound events not yet handled, in id order."""
     sql = "SELECT id, endpoint, arrival_at, payload FROM inbound WHERE state = 'pending' ORDER BY id"
     return [StoredEvent(r[0], r[1], r[2], event_from_json(r[3])) for r in conn.execute(sql)]
+
+
+# The expression must read exactly as in the index inbound_by_conversation (sqlite_schema.py).
+_TRANSCRIPT = """
+SELECT at, sender, kind, text, message_id FROM (
+    SELECT arrival_at AS at, 0 AS side, id, 'user' AS sender, json_extract(payload, '$.kind') AS kind,
+        json_extract(payload, '$.text') AS text, json_extract(payload, '$.message_id') AS message_id
+    FROM inbound WHERE endpoint = :endpoint AND json_extract(payload, '$.conversation') = :conversation
+        AND arrival_at >= :since
+    UNION ALL
+    SELECT created_at, 1, id, 'bot', kind, text, NULL FROM outbox
+    WHERE endpoint = :endpoint AND conversation = :conversation AND created_at >= :since AND state = 'sent'
+)
+WHERE kind IN ('message', 'postback', 'reply', 'closure', 'bot') AND text IS NOT NULL
+ORDER BY at DESC, side DESC, id DESC LIMIT :limit
+"""
+
+
+def select_transcript(
+    conn: sqlite3.Connection, endpoint: str, conversation: str, since: float, limit: int
+) -> list[TranscriptLine]:
+    """A conversation's user and sent lines from ``since`` on, oldest first, the last ``limit``."""
+    params = {"endpoint": endpoint, "conversation": conversation, "since": since, "limit": limit}
+    lines = [
+        TranscriptLine(at, sender, kind, text, message_id)
+        for at, sender, kind, text, message_id in conn.execute(_TRANSCRIPT, params)
+    ]
+    lines.reverse()
+    return lines
 
 
 def select_overrides(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
