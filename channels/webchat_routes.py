@@ -38,7 +38,7 @@ from channels.base import Inbox
 from channels.webchat_guard import Bucket, DropLog, address_key
 from channels.webchat_page import render_page, render_widget
 from gateway.errors import Forbidden, Overloaded, TooManyRequests
-from gateway.models import CloseReason, EventKind, InboundEvent, Session
+from gateway.models import EventKind, InboundEvent, Session
 
 if TYPE_CHECKING:
     from channels.webchat import WebChatAdapter
@@ -194,9 +194,11 @@ async def _greet(ws: web.WebSocketResponse, adapter: WebChatAdapter, inbox: Inbo
     latest: Session | None = None
     if who.resumed:
         latest = await inbox.last_session(who.conversation)
-        if latest is not None and latest.close_reason is CloseReason.REFRESH:
-            latest = None  # the user started afresh: nothing to show
         lines = await inbox.transcript(who.conversation, latest.started_at, HISTORY_LIMIT) if latest else []
+        refreshes = [n for n, line in enumerate(lines) if line.kind == EventKind.REFRESH]
+        if refreshes:  # "New conversation": the user started afresh there
+            lines = lines[refreshes[-1] + 1 :]
+            latest = None
         await ws.send_json(history_frame(lines))
     adapter.join(who.conversation, ws)
     open_id = inbox.open_session_id(who.conversation)  # after join: no change can slip between

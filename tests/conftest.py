@@ -110,12 +110,12 @@ class Gateway:
 
 @pytest.fixture
 async def start_gateway() -> AsyncIterator[Callable[..., Any]]:
-    """``await start_gateway(settings)`` -> a running ``Gateway``; stopped at teardown."""
+    """``await start_gateway(settings, port=0)`` -> a running ``Gateway``; stopped at teardown."""
     running: list[TestClient[web.Request, web.Application]] = []
 
-    async def start(settings: Settings, **overrides: Any) -> Gateway:
+    async def start(settings: Settings, *, port: int = 0, **overrides: Any) -> Gateway:
         app = create_app(settings, **overrides)
-        client = TestClient(TestServer(app, host="127.0.0.1", port=0))
+        client = TestClient(TestServer(app, host="127.0.0.1", port=port))
         await client.start_server()
         running.append(client)
         return Gateway(client, app)

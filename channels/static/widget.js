@@ -25,7 +25,7 @@
     ".launcher:hover { background: #2559c4; }" +
     ".launcher:focus-visible { outline: 3px solid #9db9f3; outline-offset: 2px; }" +
     ".launcher svg { width: 20px; height: 20px; fill: currentColor; }" +
-    ".panel { position: fixed; right: 20px; bottom: 88px; z-index: 2147483000; width: 380px;" +
+    ".panel { position: fixed; right: 20px; bottom: 88px; z-index: 2147483000; width: 400px;" +
     " height: min(640px, calc(100vh - 108px)); height: min(640px, calc(100dvh - 108px));" +
     " border-radius: 14px; overflow: hidden; background: #fff; box-shadow: 0 8px 32px rgba(20, 30, 50, .28); }" +
     ".panel[hidden] { display: none; }" +

@@ -85,9 +85,9 @@ class Store(Protocol):
 
     async def transcript(self, endpoint: str, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
         """The conversation's lines from ``since`` on, oldest first, at most the last ``limit``:
-        its user messages and postbacks with a text (inbox rows, by arrival time) and the
-        messages sent to it (outbox rows in state ``sent``, by creation time). Lines of the same
-        time: user first. Rows already pruned are not in it."""
+        its user messages and postbacks with a text and its refreshes (kind ``refresh``, empty
+        text) from the inbox, by arrival time, and the messages sent to it (outbox rows in state
+        ``sent``), by creation time. Lines of the same time: user first. Pruned rows are gone."""
 
     # -- outbox ------------------------------------------------------------------------------
     async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:

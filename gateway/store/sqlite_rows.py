@@ -399,7 +399,7 @@ SELECT at, sender, kind, text, message_id FROM (
     SELECT created_at, 1, id, 'bot', kind, text, NULL FROM outbox
     WHERE endpoint = :endpoint AND conversation = :conversation AND created_at >= :since AND state = 'sent'
 )
-WHERE kind IN ('message', 'postback', 'reply', 'closure', 'bot') AND text IS NOT NULL
+WHERE (kind IN ('message', 'postback', 'reply', 'closure', 'bot') AND text IS NOT NULL) OR kind = 'refresh'
 ORDER BY at DESC, side DESC, id DESC LIMIT :limit
 """
 
@@ -410,7 +410,7 @@ def select_transcript(
     """A conversation's user and sent lines from ``since`` on, oldest first, the last ``limit``."""
     params = {"endpoint": endpoint, "conversation": conversation, "since": since, "limit": limit}
     lines = [
-        TranscriptLine(at, sender, kind, text, message_id)
+        TranscriptLine(at, sender, kind, text or "", message_id)
         for at, sender, kind, text, message_id in conn.execute(_TRANSCRIPT, params)
     ]
     lines.reverse()
