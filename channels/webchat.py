@@ -96,9 +96,6 @@ class WebChatAdapter:
                 if not group:
                     del sockets[conversation]
 
-    def connected(self, conversation: str) -> bool:
-        return bool(self._ready.get(conversation))
-
     async def send(self, message: OutboundMessage, progress: Progress | None = None) -> None:
         """One frame with the whole text (no parts: a socket takes any length)."""
         kind = "closure" if message.kind is MessageKind.CLOSURE else "reply"

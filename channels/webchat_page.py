@@ -12,7 +12,7 @@ import json
 from importlib import resources
 from typing import Any
 
-from channels.webchat_strings import page_strings
+from channels.page_strings import page_strings
 from gateway.settings import EndpointSettings
 
 PAGE_CONFIG = "/*WEBCHAT_CONFIG*/null"  # replaced in both files by the endpoint's JSON

@@ -37,7 +37,7 @@ from aiohttp.typedefs import Handler
 from channels.base import Inbox
 from channels.webchat_guard import Bucket, DropLog, address_key
 from channels.webchat_page import render_page, render_widget
-from gateway.errors import Forbidden, Overloaded, TooManyRequests
+from gateway.errors import BadPayload, Forbidden, Overloaded, TooManyRequests
 from gateway.models import EventKind, InboundEvent, Session
 
 if TYPE_CHECKING:
@@ -216,11 +216,13 @@ def socket_handler(adapter: WebChatAdapter, inbox: Inbox) -> Handler:
     max_frame = max(4096, 6 * settings.max_text_chars + 1024)
 
     async def socket(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_frame)
+        if not ws.can_prepare(request).ok:  # checked first: a plain GET issues no conversation
+            raise BadPayload("this route takes a WebSocket upgrade")
         if not adapter.origins.allows(request):
             adapter.refusals.count("origin")
             raise Forbidden("this origin may not use the chat")
         who = await _identify(request, adapter, inbox)
-        ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_frame)
         await ws.prepare(request)
         address = adapter.client_address(request)
         drops = DropLog(log, f"web chat {adapter.endpoint.name}: socket of {who.conversation} from {address}")

@@ -9,8 +9,8 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
+from channels.page_strings import DEFAULT_STRINGS
 from channels.registry import Channel, credentials_of, is_hosted
-from channels.webchat_strings import DEFAULT_STRINGS
 from gateway.config_reader import (
     FAILED,
     Converter,
@@ -135,7 +135,7 @@ def _origins(r: Reader, value: object, key: str) -> tuple[str, ...]:
 
 
 def _strings(r: Reader, value: object, key: str) -> dict[str, str]:
-    """Overrides of the page's texts, by the keys of ``channels.webchat_strings``."""
+    """Overrides of the page's texts, by the keys of ``channels.page_strings``."""
     if value is None:
         return {}
     if not isinstance(value, dict):

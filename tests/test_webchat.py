@@ -378,6 +378,8 @@ async def test_new_conversations_per_address_are_limited_resumes_are_not(
 ) -> None:
     settings = make_settings(tmp_path, [webchat_endpoint(webchat={"max_new_conversations_per_hour": 3})])
     gateway = await start_gateway(settings)
+    for _ in range(5):  # plain GETs are no hellos: 400, nothing issued, nothing charged
+        assert (await gateway.client.get("/webchat/web/ws")).status == 400
     chats = [await open_chat(gateway, f"v{n}") for n in range(3)]
     for params in ({}, {"conversation": chats[0].conversation, "token": "wrong"}):
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:

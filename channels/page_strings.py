@@ -1,4 +1,4 @@
-"""Every visible text of the web chat page and its widget, in one table.
+"""Every visible text of the web chat page and its widget, in one table (``webchat.strings``).
 
 A deployment translates or rewords them with the endpoint's ``webchat.strings`` (unknown keys
 are configuration errors, so a typo never passes silently). Plain data: the configuration
