@@ -206,7 +206,10 @@ async def _greet(ws: web.WebSocketResponse, adapter: WebChatAdapter, inbox: Inbo
         await ws.send_json({"type": "session", "state": "open", "session_id": open_id})
     elif latest is not None:
         await ws.send_json({"type": "session", "state": "closed", "session_id": latest.id})
-    inbox.wake(who.conversation, lambda: adapter.ready(who.conversation, ws))
+    if who.resumed:
+        inbox.wake(who.conversation, lambda: adapter.ready(who.conversation, ws))
+    else:  # nobody else knows the id yet: nothing can be kept for it
+        adapter.ready(who.conversation, ws)
 
 
 def socket_handler(adapter: WebChatAdapter, inbox: Inbox) -> Handler:

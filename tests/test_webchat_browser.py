@@ -87,9 +87,17 @@ async def test_visitor_types_sees_the_echo_with_speaker_labels_and_the_transcrip
     await expect(lines(page, "reply")).to_have_text(["Assistant: hello from the browser"], timeout=WAIT_MS)
     await expect(lines(page, "user")).to_have_text(["You: hello from the browser"])
     await expect(page.get_by_test_id("status")).to_have_text("Conversation open")
-    # Speaker labels are there for assistive technology only; the transcript is a live log.
-    assert await page.locator("li.msg.user .sr-only").first.is_hidden() is False  # in the a11y tree
-    assert await page.get_by_role("log").count() == 1
+    # What assistive technology gets: a log (a live region) whose lines name their speaker,
+    # the labels visually hidden; a status line; a labelled input.
+    await expect(page.get_by_role("log", name="Conversation")).to_match_aria_snapshot(
+        '- log "Conversation":\n'
+        '  - listitem: "You: hello from the browser"\n'
+        '  - listitem: "Assistant: hello from the browser"'
+    )
+    label = await page.locator("li.msg.user .sr-only").first.bounding_box()
+    assert label is not None and label["width"] <= 1 and label["height"] <= 1  # not on screen
+    await expect(page.get_by_role("status")).to_have_text("Conversation open")
+    await expect(page.get_by_role("textbox", name="Message")).to_be_visible()
     assert await page.get_by_test_id("input").evaluate("e => getComputedStyle(e).fontSize") == "16px"
     assert "100dvh" in await page.evaluate("Array.from(document.styleSheets[0].cssRules).map(r => r.cssText).join(' ')")
     await say(page, "a second line")
