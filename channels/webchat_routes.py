@@ -38,7 +38,7 @@ from channels.base import Inbox
 from channels.webchat_guard import Bucket, DropLog, address_key
 from channels.webchat_page import render_page, render_widget
 from gateway.errors import BadPayload, Forbidden, Overloaded, TooManyRequests
-from gateway.models import EventKind, InboundEvent, Session
+from gateway.models import CloseReason, EventKind, InboundEvent, Session, TranscriptLine
 
 if TYPE_CHECKING:
     from channels.webchat import WebChatAdapter
@@ -109,7 +109,8 @@ def parse_client_frame(conversation: str, data: str, max_text_chars: int) -> Cli
     return ClientFrame(None, refused="malformed")
 
 
-def history_frame(lines: list[Any]) -> dict[str, Any]:
+def history_frame(lines: list[TranscriptLine]) -> dict[str, Any]:
+    """The ``history`` frame: user lines with the client's id, bot lines as ``reply`` or ``closure``."""
     messages: list[dict[str, Any]] = []
     for line in lines:
         if line.sender == "user":
@@ -194,6 +195,8 @@ async def _greet(ws: web.WebSocketResponse, adapter: WebChatAdapter, inbox: Inbo
     latest: Session | None = None
     if who.resumed:
         latest = await inbox.last_session(who.conversation)
+        if latest is not None and latest.close_reason is CloseReason.REFRESH:
+            latest = None  # the user started afresh (also once the refresh's own row is pruned)
         lines = await inbox.transcript(who.conversation, latest.started_at, HISTORY_LIMIT) if latest else []
         refreshes = [n for n, line in enumerate(lines) if line.kind == EventKind.REFRESH]
         if refreshes:  # "New conversation": the user started afresh there
@@ -246,7 +249,7 @@ def socket_handler(adapter: WebChatAdapter, inbox: Inbox) -> Handler:
                     ws, inbox, drops, parse_client_frame(who.conversation, message.data, settings.max_text_chars)
                 ):
                     break
-        except (ConnectionError, RuntimeError):
+        except ConnectionError:
             pass  # the client went away mid-greeting
         finally:
             adapter.leave(who.conversation, ws)
