@@ -9,7 +9,8 @@ platform accepted (``OutboundMessage.parts_sent``), and ``send_parts`` resumes a
 part is not sent again by a retry or after a restart.
 
 Conversation ids (DESIGN.md): messenger the PSID; line the userId, groupId or roomId; slack
-``<channel>`` or ``<channel>:<thread_ts>``; twilio the user's E.164 number; webchat the client's id.
+``<channel>`` or ``<channel>:<thread_ts>``; twilio the user's E.164 number; webchat the id the
+server issued in its hello.
 
 What a platform needs and how it is served is its ``ChannelSpec`` (``channels.registry``). This
 module imports nothing heavy at run time (aiohttp only for type checking), so configuration
@@ -23,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
-from gateway.models import InboundEvent, OutboundMessage
+from gateway.models import InboundEvent, OutboundMessage, Session, TranscriptLine
 
 if TYPE_CHECKING:
     import aiohttp
@@ -186,16 +187,31 @@ class WebhookChannel(ChannelAdapter, Protocol):
 
 
 class Inbox(Protocol):
-    """The core as a ``HostedChannel`` sees it: one endpoint's sessions and outbox."""
+    """The core as a ``HostedChannel`` sees it: one endpoint's sessions, outbox and the
+    conversations the gateway issued."""
 
     def open_session_id(self, conversation: str) -> str | None:
         """The id of the conversation's open session, None when none is open."""
 
-    async def accept(self, event: InboundEvent) -> None:
-        """Commit ``event`` of this endpoint. Raises ``Overloaded`` when it is not accepted."""
+    async def last_session(self, conversation: str) -> Session | None:
+        """The conversation's open session, else its most recent closed one, else None."""
 
-    def wake(self, conversation: str) -> None:
-        """The conversation can receive again: send the messages kept for it, in order."""
+    async def transcript(self, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
+        """The conversation's lines from ``since`` on (``Store.transcript``)."""
+
+    async def accept(self, event: InboundEvent) -> None:
+        """Commit ``event`` of this endpoint; returns once it is durable (a redelivery of a
+        ``dedup_key`` seen before too). Raises ``Overloaded`` when it is not accepted."""
+
+    def wake(self, conversation: str, ready: Callable[[], None]) -> None:
+        """The conversation can receive again: its kept messages are read from the store and
+        queued in order, then ``ready()`` is called; from then on it gets every later message."""
+
+    async def add_conversation(self, conversation: str, secret_hash: str) -> None:
+        """Record a conversation the gateway issued, with the hash of its secret, durably."""
+
+    async def conversation_secret(self, conversation: str) -> str | None:
+        """The secret hash of an issued conversation; None for an id never issued."""
 
 
 @runtime_checkable

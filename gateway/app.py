@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from channels.base import ChannelAdapter, HostedChannel, SessionListener
-from channels.registry import create_adapter, entry_path, holding_channels
+from channels.registry import create_adapter, entry_path, holding_channels, is_hosted
 from gateway import admin, admin_delivery, admin_openapi, admin_settings, admin_ui
 from gateway.close_scripts import CloseScripts
 from gateway.errors import ConfigError, StoreError
@@ -139,6 +139,7 @@ async def _outbox_context(app: web.Application) -> AsyncIterator[None]:
         clock=app[CLOCK],
         retry=RetryPolicy.from_settings(settings.delivery),
         limiter=RateLimiter.for_endpoints(settings.endpoints),
+        holding_channels=holding_channels(),
     )
     app[OUTBOX] = outbox
     await outbox.start()
@@ -159,6 +160,7 @@ def _manager_context(flow: Flow, scripts: CloseScripts) -> Callable[[web.Applica
             clock=app[CLOCK],
             error_reply=settings.flow.error_reply,
             max_pending_events=settings.server.max_pending_events,
+            own_budgets=[e.name for e in settings.endpoints if is_hosted(e.channel)],
             scripts=scripts,
         )
         manager.listeners.append(_session_frames(app[ADAPTERS]))

@@ -8,7 +8,9 @@ from __future__ import annotations
 import re
 import string
 from typing import Any
+from urllib.parse import urlsplit
 
+from channels.page_strings import DEFAULT_STRINGS
 from channels.registry import Channel, credential_formats, credentials_of, is_hosted
 from gateway.config_reader import (
     FAILED,
@@ -18,6 +20,7 @@ from gateway.config_reader import (
     choice,
     fmt_number,
     http_url,
+    integer,
     kind,
     number,
     optional,
@@ -35,6 +38,7 @@ from gateway.settings import (
     OrganisationSessionSettings,
     RateLimitSettings,
     SessionMode,
+    WebChatSettings,
 )
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -108,6 +112,47 @@ def _credentials(r: Reader, value: object, key: str) -> dict[str, Any]:
     return {str(name): r.read(raw, f"{key}.{name}", secret) for name, raw in value.items()}
 
 
+def _origin(r: Reader, value: object, key: str) -> str:
+    """A web origin as browsers send it: ``scheme://host[:port]``, lower case, nothing after."""
+    origin = text(r, value, key).strip().lower()
+    try:
+        parts = urlsplit(origin)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise Invalid(f"{origin!r} is not an origin like https://shop.example.com") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or origin != f"{parts.scheme}://{parts.netloc}":
+        raise Invalid(f"{origin!r} is not an origin like https://shop.example.com (no path, no trailing slash)")
+    if (parts.scheme, parts.port) in (("http", 80), ("https", 443)):
+        return f"{parts.scheme}://{parts.netloc.rsplit(':', 1)[0]}"  # browsers leave the default port out
+    return origin
+
+
+def _origins(r: Reader, value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise Invalid(f"must be a list of origins, not {kind(value)}")
+    origins = [r.read(item, f"{key}[{i}]", _origin) for i, item in enumerate(value)]
+    if any(origin is FAILED for origin in origins):
+        raise Invalid()
+    return tuple(dict.fromkeys(origins))
+
+
+def _strings(r: Reader, value: object, key: str) -> dict[str, str]:
+    """Overrides of the page's texts, by the keys of ``channels.page_strings``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Invalid(f"must be a mapping of text name -> text, not {kind(value)}")
+    result: dict[str, str] = {}
+    for name, raw in value.items():
+        if name not in DEFAULT_STRINGS:
+            r.problem(f"{key}.{name}", r.unknown(name, DEFAULT_STRINGS))
+            continue
+        converted = r.read(raw, f"{key}.{name}", text)
+        if converted is not FAILED:
+            result[str(name)] = converted
+    return result
+
+
 def bounded_minutes(low: float, high: float) -> Converter:
     """Minutes >= 0; a non-zero value must lie within the organisation bounds (S5, 0 = never)."""
     base = number(minimum=0.0)
@@ -154,6 +199,8 @@ def _check_on_close(r: Reader, key: str, values: dict[str, Any]) -> None:
 
 def _check_endpoint(r: Reader, key: str, values: dict[str, Any]) -> None:
     name, channel = values.get("name"), values.get("channel")
+    if "webchat" in values and isinstance(channel, Channel) and channel is not Channel.WEBCHAT:
+        r.problem(f"{key}.webchat", f"only for channel webchat (this endpoint is {channel})")
     if "path" not in values and isinstance(name, str):
         values["path"] = f"/webhooks/{name}"
     credentials = values.get("credentials", {})
@@ -189,6 +236,15 @@ _ON_CLOSE: dict[str, Converter] = {
     "script": optional(_script),
     "script_timeout_seconds": number(minimum=0.0, strict=True),
 }
+_WEBCHAT: dict[str, Converter] = {
+    "allowed_origins": _origins,
+    "max_messages_per_minute": integer(1),
+    "max_new_conversations_per_hour": integer(1),
+    "max_text_chars": integer(1, 100_000),
+    "max_kept_messages": integer(0, 100_000),
+    "title": optional(text),
+    "strings": _strings,
+}
 _DISCARD: dict[str, Converter] = {
     "words": _messages,
     "all_words": _messages,
@@ -216,6 +272,7 @@ def _endpoint_table(org: OrganisationSessionSettings) -> dict[str, Converter]:
         "credentials": _credentials,
         "session": section(endpoint_session_table(org), EndpointSessionSettings),
         "rate_limit": section(_RATE_LIMIT, RateLimitSettings),
+        "webchat": section(_WEBCHAT, WebChatSettings),
     }
 
 

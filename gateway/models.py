@@ -180,6 +180,22 @@ class OutboundMessage:
     parts_sent: int = 0
 
 
+@dataclass(slots=True, frozen=True)
+class TranscriptLine:
+    """One line of a conversation as its user saw it: a user message, or a message sent to them.
+
+    ``sender`` is ``user`` or ``bot``; ``kind`` is the event kind of a user line (``message``,
+    ``postback``) and the ``MessageKind`` of a bot line; ``message_id`` is the platform's (or
+    the web chat client's) id of a user message.
+    """
+
+    at: float
+    sender: str
+    kind: str
+    text: str
+    message_id: str | None = None
+
+
 @dataclass(slots=True)
 class Change:
     """One atomic unit of work for the store: everything in it commits together or not at all.

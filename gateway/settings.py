@@ -146,6 +146,21 @@ class EndpointSessionSettings:
 
 
 @dataclass(slots=True, frozen=True)
+class WebChatSettings:
+    """The ``webchat:`` block of a web chat endpoint: who may embed it and its limits."""
+
+    # Origins (``https://shop.example.com``) whose pages may open the socket and frame the page;
+    # empty: only the gateway's own origin.
+    allowed_origins: tuple[str, ...] = ()
+    max_messages_per_minute: int = 30  # per socket; excess frames get an error frame
+    max_new_conversations_per_hour: int = 20  # per client address; excess hellos get 429
+    max_text_chars: int = 2000
+    max_kept_messages: int = 100  # per conversation while no socket is connected; older dropped
+    title: str | None = None  # page header; None: the endpoint name
+    strings: dict[str, str] = field(default_factory=dict)  # overrides of the page's visible texts
+
+
+@dataclass(slots=True, frozen=True)
 class EndpointSettings:
     name: str
     channel: str  # a channels.registry.Channel value; the core never branches on it
@@ -155,6 +170,7 @@ class EndpointSettings:
     credentials: dict[str, Secret] = field(default_factory=dict)
     session: EndpointSessionSettings = field(default_factory=EndpointSessionSettings)
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    webchat: WebChatSettings = field(default_factory=WebChatSettings)  # channel webchat only
 
     def credential(self, key: str) -> str:
         """The plain value of credential ``key`` ('' when absent)."""

@@ -35,9 +35,20 @@ ADMIN_TOKEN = "test-admin-token"
 pytest_plugins = ["tests.browser"]  # the `browser` fixture (headless Chromium)
 
 
-def webchat_endpoint(name: str = "web", minutes: float = 0.01, **session: Any) -> dict[str, Any]:
-    """A web chat endpoint entry for ``write_config``."""
-    return {"name": name, "channel": "webchat", "session": {"expiration_minutes": minutes, **session}}
+# Tests open many conversations from 127.0.0.1; the per-address limit has tests of its own.
+TEST_WEBCHAT = {"max_new_conversations_per_hour": 100_000}
+
+
+def webchat_endpoint(
+    name: str = "web", minutes: float = 0.01, *, webchat: dict[str, Any] | None = None, **session: Any
+) -> dict[str, Any]:
+    """A web chat endpoint entry for ``write_config``; ``webchat`` merges into its ``webchat:`` block."""
+    return {
+        "name": name,
+        "channel": "webchat",
+        "session": {"expiration_minutes": minutes, **session},
+        "webchat": {**TEST_WEBCHAT, **(webchat or {})},
+    }
 
 
 def write_config(directory: Path, endpoints: list[dict[str, Any]], **sections: Any) -> Path:
@@ -111,13 +122,13 @@ class Gateway:
 
 
 @pytest.fixture
-async def serve_app() -> AsyncIterator[Callable[[web.Application], Awaitable[Gateway]]]:
+async def serve_app() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     """``await serve_app(app)`` -> a running ``Gateway`` for an app built by the test itself;
     stopped at teardown."""
     running: list[TestClient[web.Request, web.Application]] = []
 
-    async def serve(app: web.Application) -> Gateway:
-        client = TestClient(TestServer(app, host="127.0.0.1", port=0))
+    async def serve(app: web.Application, *, port: int = 0) -> Gateway:
+        client = TestClient(TestServer(app, host="127.0.0.1", port=port))
         await client.start_server()
         running.append(client)
         return Gateway(client, app)
@@ -128,11 +139,11 @@ async def serve_app() -> AsyncIterator[Callable[[web.Application], Awaitable[Gat
 
 
 @pytest.fixture
-def start_gateway(serve_app: Callable[[web.Application], Awaitable[Gateway]]) -> Callable[..., Any]:
-    """``await start_gateway(settings, **create_app_overrides)`` -> a running ``Gateway``."""
+def start_gateway(serve_app: Callable[..., Awaitable[Gateway]]) -> Callable[..., Any]:
+    """``await start_gateway(settings, port=0, **create_app_overrides)`` -> a running ``Gateway``."""
 
-    async def start(settings: Settings, **overrides: Any) -> Gateway:
-        return await serve_app(create_app(settings, **overrides))
+    async def start(settings: Settings, *, port: int = 0, **overrides: Any) -> Gateway:
+        return await serve_app(create_app(settings, **overrides), port=port)
 
     return start
 
@@ -192,7 +203,10 @@ async def gateway(kit: Kit, api: FakePlatform, tmp_path: Path, start_gateway: Ca
 
 @dataclass
 class ChatClient:
-    """One browser tab of the web chat: sends frames, collects what the server sends."""
+    """One browser tab of the web chat: sends frames, collects what the server sends.
+
+    ``conversation`` and ``token`` come from the server's hello (``wait_hello``).
+    """
 
     ws: aiohttp.ClientWebSocketResponse
     frames: list[dict[str, Any]] = field(default_factory=list)
@@ -208,18 +222,41 @@ class ChatClient:
                 self.frames.append(json.loads(message.data))
                 async with self._changed:
                     self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
 
-    async def say(self, text: str) -> None:
-        await self.ws.send_json({"type": "message", "text": text})
+    async def wait_hello(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        await self.wait_for(lambda frames: any(f["type"] == "hello" for f in frames), timeout_s)
+        return self.of_type("hello")[0]
+
+    @property
+    def conversation(self) -> str:
+        return str(self.of_type("hello")[0]["conversation"])
+
+    @property
+    def token(self) -> str:
+        return str(self.of_type("hello")[0]["token"])
+
+    async def say(self, text: str, id: str | None = None) -> None:
+        frame = {"type": "message", "text": text}
+        if id is not None:
+            frame["id"] = id
+        await self.ws.send_json(frame)
 
     async def refresh(self) -> None:
         await self.ws.send_json({"type": "refresh"})
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["type"] == kind]
 
     def messages(self, kind: str | None = None) -> list[str]:
         return [f["text"] for f in self.frames if f["type"] == "message" and (kind is None or f["kind"] == kind)]
 
     def sessions(self) -> list[dict[str, Any]]:
         return [f for f in self.frames if f["type"] == "session"]
+
+    def acks(self) -> list[str]:
+        return [f["id"] for f in self.frames if f["type"] == "ack"]
 
     async def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 10.0) -> None:
         async with self._changed:
@@ -237,14 +274,22 @@ class ChatClient:
 
 @pytest.fixture
 async def open_chat() -> AsyncIterator[Callable[..., Any]]:
-    """``await open_chat(gateway, conversation, endpoint="web")`` -> a connected ChatClient."""
+    """``await open_chat(gateway, label, endpoint="web")`` -> a connected ChatClient that got
+    its hello. The first socket of a label gets a new conversation from the server; later ones
+    with the same label (also on a restarted gateway) resume it with its id and token, as the
+    page does. ``chat.conversation`` is the server's id."""
     clients: list[ChatClient] = []
+    issued: dict[tuple[str, str], tuple[str, str]] = {}
 
-    async def connect(gateway: Gateway, conversation: str, endpoint: str = "web") -> ChatClient:
-        ws = await gateway.client.ws_connect(f"/webchat/{endpoint}/ws", params={"conversation": conversation})
+    async def connect(gateway: Gateway, label: str, endpoint: str = "web", **ws_options: Any) -> ChatClient:
+        known = issued.get((endpoint, label))
+        params = {"conversation": known[0], "token": known[1]} if known else {}
+        ws = await gateway.client.ws_connect(f"/webchat/{endpoint}/ws", params=params, **ws_options)
         chat = ChatClient(ws)
         chat.start()
         clients.append(chat)
+        await chat.wait_hello()
+        issued[(endpoint, label)] = (chat.conversation, chat.token)
         return chat
 
     yield connect

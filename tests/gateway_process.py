@@ -42,11 +42,13 @@ def run_cli(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 class GatewayProcess:
-    """One ``python -m gateway.cli serve --config PATH`` process and its log file."""
+    """One ``python -m gateway.cli serve --config PATH`` process and its log file; ``module``
+    runs another module the same way (``python -m MODULE serve --config PATH``)."""
 
-    def __init__(self, config: Path, port: int) -> None:
+    def __init__(self, config: Path, port: int, *, module: str = "gateway.cli") -> None:
         self.config = config
         self.port = port
+        self.module = module
         self.log_path = config.parent / "gateway.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -66,7 +68,7 @@ class GatewayProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", self.module, "serve", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -209,7 +209,5 @@ async def test_errors_outside_admin_keep_their_shape(gateway: Gateway) -> None:
     assert set(body) == {"error"} and "WWW-Authenticate" not in rejected.headers
     no_handshake = await gateway.client.get("/webhooks/ln")
     assert await error_of(no_handshake, 400) == {"error": "no GET handshake for LINE"}
-    no_conversation = await gateway.client.get("/webchat/web/ws")
-    assert await error_of(no_conversation, 400) == {
-        "error": "conversation query parameter (1-200 characters) is required"
-    }
+    not_a_socket = await gateway.client.get("/webchat/web/ws")
+    assert await error_of(not_a_socket, 400) == {"error": "this route takes a WebSocket upgrade"}

@@ -58,7 +58,7 @@ async def test_operator_manages_sessions_settings_and_dead_letters(
         [dead_first, dead_second] = sorted(
             (await gateway.admin_get("/admin/dead-letters"))["dead_letters"], key=lambda m: m["id"]
         )
-        web_session = gateway.manager.open_session("web", "visitor")
+        web_session = gateway.manager.open_session("web", chat.conversation)
         assert web_session is not None and web_session.expires_at is not None
         armed_before = web_session.expires_at
 
@@ -84,7 +84,7 @@ async def test_operator_manages_sessions_settings_and_dead_letters(
         await expect(web_row.get_by_test_id("effective")).to_have_text("60 min", timeout=TIMEOUT_MS)
         await expect(session_row.get_by_test_id("time-left")).to_contain_text("59m", timeout=TIMEOUT_MS)
         shown = await session_row.get_by_test_id("time-left").get_attribute("data-expires-at")
-        live = gateway.manager.open_session("web", "visitor")
+        live = gateway.manager.open_session("web", chat.conversation)
         assert live is not None and live.expires_at is not None
         assert abs(live.expires_at - armed_before - 50 * 60) < 1.0
         assert shown is not None and abs(parse_iso(shown) - live.expires_at) < 0.01
@@ -96,7 +96,7 @@ async def test_operator_manages_sessions_settings_and_dead_letters(
         }
 
         # A contact's conversations and transcript, from the session's row.
-        await session_row.get_by_role("link", name="visitor").click()
+        await session_row.get_by_role("link", name=chat.conversation).click()
         transcript = page.get_by_test_id("transcript")
         await expect(transcript.locator("li.user, li.bot")).to_have_count(2, timeout=TIMEOUT_MS)
         await expect(transcript.locator("li.divider")).to_have_text([f"session {web_session.id[:8]}"])

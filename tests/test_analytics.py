@@ -50,14 +50,15 @@ async def test_s13_s14_s15_counts_by_kind_and_close_reason(tmp_path: Path, start
     ]
     gateway = await start_gateway(make_settings(tmp_path, endpoints))
     # web: a (user, then closed by admin), b (bot only), c (bot, then user), e (user, then refresh)
-    await _user_session(gateway, open_chat, "web", "a")
+    first = await _user_session(gateway, open_chat, "web", "a")
     await _bot_message(gateway, "web", "b")
-    await _bot_message(gateway, "web", "c")
-    await _user_session(gateway, open_chat, "web", "c")
+    visitor = await open_chat(gateway, "c")  # the bot writes to a conversation the server issued
+    await _bot_message(gateway, "web", visitor.conversation)
+    await _user_session(gateway, open_chat, "web", "c")  # the same conversation, resumed
     refreshed = await _user_session(gateway, open_chat, "web", "e")
     await refreshed.refresh()
     await refreshed.wait_for(lambda frames: any(f["type"] == "session" and f["state"] == "closed" for f in frames))
-    [a] = (await gateway.admin_get("/admin/contacts/web:a"))["conversations"]
+    [a] = (await gateway.admin_get(f"/admin/contacts/web:{first.conversation}"))["conversations"]
     closed = await gateway.client.post(
         f"/admin/sessions/{a['id']}/close", json={"notify": False}, headers=gateway.admin_headers()
     )

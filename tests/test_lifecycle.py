@@ -67,7 +67,7 @@ async def test_contact_view_has_the_transcript(tmp_path: Path, start_gateway: An
     await chat.say("second visit")
     await chat.wait_messages(2, "reply")
     await gateway.settle()
-    view = await gateway.admin_get("/admin/contacts/web:t1")
+    view = await gateway.admin_get(f"/admin/contacts/web:{chat.conversation}")
     newest, oldest = view["conversations"]
     lines = [(m["from"], m["kind"], m["text"], m["session_id"]) for m in view["transcript"]]
     closure = next(line for line in lines if line[1] == "closure")
@@ -93,30 +93,35 @@ async def test_erasing_a_contact_closes_silently_and_removes_everything(
         await chat.say("my secret")
         await chat.wait_messages(1, "reply")
     await gateway.settle()
+    conversation = gone.conversation
     [open_session] = [
-        s for s in (await gateway.admin_get("/admin/sessions?state=open"))["sessions"] if s["conversation"] == "gone"
+        s
+        for s in (await gateway.admin_get("/admin/sessions?state=open"))["sessions"]
+        if s["conversation"] == conversation
     ]
     db = tmp_path / "gateway.db"
-    assert rows(db, "SELECT count(*) FROM outbox WHERE conversation = 'gone'") == [(1,)]
+    assert rows(db, "SELECT count(*) FROM outbox WHERE conversation = ?", conversation) == [(1,)]
 
-    response = await gateway.client.delete("/admin/contacts/web:gone", headers=gateway.admin_headers())
+    response = await gateway.client.delete(f"/admin/contacts/web:{conversation}", headers=gateway.admin_headers())
     assert response.status == 204
     await gone.wait_for(lambda frames: any(f.get("state") == "closed" for f in frames))
     await gateway.settle()
     assert gone.messages("closure") == []  # closed silently
-    assert (await gateway.client.get("/admin/contacts/web:gone", headers=gateway.admin_headers())).status == 404
+    assert (
+        await gateway.client.get(f"/admin/contacts/web:{conversation}", headers=gateway.admin_headers())
+    ).status == 404
     missing = await gateway.client.get(f"/admin/sessions/{open_session['id']}", headers=gateway.admin_headers())
     assert missing.status == 404
-    assert rows(db, "SELECT count(*) FROM sessions WHERE contact_id = 'web:gone'") == [(0,)]
-    assert rows(db, "SELECT count(*) FROM contacts WHERE id = 'web:gone'") == [(0,)]
-    assert rows(db, "SELECT count(*) FROM outbox WHERE conversation = 'gone'") == [(0,)]
-    assert rows(db, "SELECT count(*) FROM inbound WHERE payload LIKE '%\"gone\"%'") == [(0,)]
+    assert rows(db, "SELECT count(*) FROM sessions WHERE contact_id = ?", f"web:{conversation}") == [(0,)]
+    assert rows(db, "SELECT count(*) FROM contacts WHERE id = ?", f"web:{conversation}") == [(0,)]
+    assert rows(db, "SELECT count(*) FROM outbox WHERE conversation = ?", conversation) == [(0,)]
+    assert rows(db, "SELECT count(*) FROM inbound WHERE payload LIKE ?", f'%"{conversation}"%') == [(0,)]
     # The other contact is untouched, and the erased one can come back as a new contact.
-    assert len((await gateway.admin_get("/admin/contacts/web:kept"))["conversations"]) == 1
+    assert len((await gateway.admin_get(f"/admin/contacts/web:{kept.conversation}"))["conversations"]) == 1
     await gone.say("back again")
     await gone.wait_messages(2, "reply")
     await gateway.settle()
-    view = await gateway.admin_get("/admin/contacts/web:gone")
+    view = await gateway.admin_get(f"/admin/contacts/web:{conversation}")
     assert [m["text"] for m in view["transcript"]] == ["back again", "back again"]
     again = await gateway.client.delete("/admin/contacts/web:nobody", headers=gateway.admin_headers())
     assert again.status == 404
@@ -154,7 +159,7 @@ async def test_retention_prunes_by_age_in_the_background(tmp_path: Path, start_g
     much_later = await start_gateway(settings, clock=lambda: time.time() + 91 * DAY_S)
     await eventually(lambda: _count(much_later, "SELECT count(*) FROM contacts", 2))
     assert rows(db, "SELECT endpoint, state FROM sessions") == [("keep", "open")]
-    assert sorted(rows(db, "SELECT id FROM contacts")) == [("keep:k",), ("keep:stop",)]
+    assert sorted(rows(db, "SELECT id FROM contacts")) == sorted([(f"keep:{keep.conversation}",), ("keep:stop",)])
 
 
 async def _count(gateway: Gateway, sql: str, want: int) -> bool:

@@ -54,17 +54,18 @@ def processes() -> Iterator[list[GatewayProcess]]:
         process.stop()
 
 
-async def say(url: str, conversation: str, text: str) -> None:
-    """One web chat message, answered by the echo."""
-    async with (
-        aiohttp.ClientSession() as http,
-        http.ws_connect(f"{url}/webchat/web/ws?conversation={conversation}") as ws,
-    ):
+async def say(url: str, text: str) -> str:
+    """One web chat message in a new conversation, answered by the echo; the conversation id
+    the server issued."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/webchat/web/ws") as ws:
+        hello = await ws.receive_json()
+        assert hello["type"] == "hello"
         await ws.send_json({"type": "message", "text": text})
         async for message in ws:
             frame = json.loads(message.data)
             if frame.get("type") == "message":
-                return
+                return str(hello["conversation"])
+    raise AssertionError("the socket closed before the echo")
 
 
 async def test_json_logs_with_context_and_a_sigterm_line(tmp_path: Path, processes: list[GatewayProcess]) -> None:
@@ -73,13 +74,13 @@ async def test_json_logs_with_context_and_a_sigterm_line(tmp_path: Path, process
     processes.append(gateway)
     gateway.start()
     await gateway.wait_healthy()
-    await say(gateway.url, "c-json", "hello")
+    conversation = await say(gateway.url, "hello")
     assert gateway.terminate() == 0
     lines = gateway.log_path.read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     assert all({"ts", "level", "logger", "message"} <= set(r) and r["ts"].endswith("Z") for r in records)
     opened = next(r for r in records if r["message"].startswith("session opened"))
-    assert opened["endpoint"] == "web" and opened["conversation"] == "c-json" and len(opened["session_id"]) == 32
+    assert opened["endpoint"] == "web" and opened["conversation"] == conversation and len(opened["session_id"]) == 32
     assert any(r["message"] == "received SIGTERM: shutting down" and r["level"] == "INFO" for r in records)
     assert records[-1]["message"] == "stopped"
     assert any(r["message"].startswith("serving on http://127.0.0.1:") for r in records)
@@ -169,12 +170,11 @@ async def test_backup_while_serving_and_restore(tmp_path: Path, processes: list[
     processes.append(gateway)
     gateway.start()
     await gateway.wait_healthy()
-    for n in range(5):
-        await say(gateway.url, f"c{n}", "before the backup")
+    before = [await say(gateway.url, "before the backup") for _ in range(5)]
     copy = tmp_path / "backups" / "gateway-1.db"
     copy.parent.mkdir()
     # Messages keep arriving while the copy is taken.
-    writes = asyncio.gather(*(say(gateway.url, f"d{n}", "during") for n in range(20)))
+    writes = asyncio.gather(*(say(gateway.url, "during") for _ in range(20)))
     result = await asyncio.to_thread(cli, "backup", "--config", str(path), str(copy))
     await writes
     assert result.returncode == 0, result.stderr
@@ -186,7 +186,7 @@ async def test_backup_while_serving_and_restore(tmp_path: Path, processes: list[
         conversations = {row[0] for row in conn.execute("SELECT conversation FROM sessions")}
     finally:
         conn.close()
-    assert {f"c{n}" for n in range(5)} <= conversations
+    assert set(before) <= conversations
     assert not list(copy.parent.glob("*.partial"))
     again = await asyncio.to_thread(cli, "backup", "--config", str(path), str(copy))
     assert again.returncode == 1 and "exists already" in again.stderr
@@ -200,7 +200,10 @@ async def test_backup_while_serving_and_restore(tmp_path: Path, processes: list[
     processes.append(restored)
     restored.start()
     await restored.wait_healthy()
-    async with aiohttp.ClientSession() as http, http.get(f"{restored.url}/admin/contacts/web:c0", headers=AUTH) as got:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{restored.url}/admin/contacts/web:{before[0]}", headers=AUTH) as got,
+    ):
         assert got.status == 200
         assert [m["text"] for m in (await got.json())["transcript"]] == ["before the backup"] * 2
 

@@ -325,13 +325,13 @@ async def test_s18_discard_stops_the_dialog_but_not_the_session(
     await chat.wait_messages(1)
     await chat.say(said)
     assert await chat.wait_messages(2) == ["set", reply]
-    [session] = await _sessions(gateway, "d")
+    [session] = await _sessions(gateway, chat.conversation)
     assert session.context == context  # as stored after the discard
     await chat.say("next")
     assert await chat.wait_messages(3) == ["set", reply, "next"]
     assert [t.event.text for t in flow.turns] == ["start", "next"]  # the gateway answered the discard
     await gateway.settle()
-    [session] = await _sessions(gateway, "d")
+    [session] = await _sessions(gateway, chat.conversation)
     assert session.state == "open" and session.message_count == 3
 
 
@@ -358,7 +358,7 @@ async def test_end_session_from_flow_closes_with_reason_flow_and_notice(
     await chat.say("bye")
     assert await chat.wait_messages(2) == ["goodbye", "session ended"]
     await gateway.settle()
-    [session] = await _sessions(gateway, "f")
+    [session] = await _sessions(gateway, chat.conversation)
     assert (session.state, session.close_reason, session.notice) == ("closed", "flow", "sent")
 
 
@@ -388,5 +388,5 @@ async def test_failing_http_flow_is_counted_answered_with_error_reply_and_sessio
     await chat.say("hi")
     assert await chat.wait_messages(1) == ["Sorry, try again."]
     assert gateway.metrics.value("gateway_flow_errors_total", endpoint="web") == 1
-    [session] = await _sessions(gateway, "err")
+    [session] = await _sessions(gateway, chat.conversation)
     assert session.state == "open" and session.message_count == 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from gateway.close_scripts import CloseScripts
 from gateway.errors import Overloaded, SessionNotFound, SessionNotOpen
@@ -63,6 +63,7 @@ class SessionManager:
         clock: Callable[[], float] = time.time,
         error_reply: str | None = None,
         max_pending_events: int = 10_000,
+        own_budgets: Iterable[str] = (),
         scripts: CloseScripts | None = None,
     ) -> None:
         self._store = store
@@ -73,8 +74,14 @@ class SessionManager:
         self._closing = False
         self.ready = False
         self.stats = ManagerStats()
+        # Endpoints anyone on the internet can reach (web chat) get a backlog budget of their
+        # own: their flood never makes a platform webhook answer 503 (DESIGN.md).
         self._scheduler = ConversationScheduler(
-            self._policies, handle=self._handle, on_failure=self._on_failure, close_batch=self._close_due
+            self._policies,
+            handle=self._handle,
+            on_failure=self._on_failure,
+            close_batch=self._close_due,
+            own_budgets=own_budgets,
         )
         self._timers = SessionTimers(clock, self.stats, on_due=self._scheduler.expire, metrics=self._metrics)
         self._book = SessionBook(
@@ -181,12 +188,12 @@ class SessionManager:
         """
         if self._closing:
             raise Overloaded("gateway is shutting down")
-        if self._scheduler.backlog >= self._max_pending:
+        if self._scheduler.backlog(endpoint) >= self._max_pending:
             # The backlog waits on disk, but unbounded it would only grow: say "later" (503).
             self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="overloaded")
-            raise Overloaded(f"{self._scheduler.pending_events} events wait to be handled; try again later")
+            raise Overloaded(f"{self._scheduler.backlog(endpoint)} events wait to be handled; try again later")
         arrival = self._clock() if arrival_at is None else arrival_at
-        with self._scheduler.admitting():
+        with self._scheduler.admitting(endpoint):
             stored = await self._store.add_inbound(endpoint, event, arrival)
         # Nothing awaits from here to _enqueue: the pending count takes over from admitting.
         if stored is None:

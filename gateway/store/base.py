@@ -20,6 +20,7 @@ from gateway.models import (
     SessionState,
     StoredEvent,
     TranscriptEntry,
+    TranscriptLine,
 )
 
 
@@ -83,9 +84,21 @@ class Store(Protocol):
         aggregate query: ``(endpoint, interactive, developer, close_reason, count)`` per group,
         ``close_reason`` None for open sessions (S13-S15, ``GET /admin/analytics/sessions``)."""
 
+    async def history(self, endpoint: str, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
+        """The conversation's lines as its user saw them (the web chat's history frame) from
+        ``since`` on, oldest first, at most the last ``limit``:
+        its user messages and postbacks with a text and its refreshes (kind ``refresh``, empty
+        text) from the inbox, by arrival time, and the messages sent to it (outbox rows in state
+        ``sent``), by creation time. Lines of the same time: user first. Pruned rows are gone."""
+
     # -- outbox ------------------------------------------------------------------------------
-    async def pending_outbox(self) -> list[OutboundMessage]:
-        """Messages not yet sent, skipped or dead, in id order."""
+    async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:
+        """Messages not yet sent, skipped or dead, in id order; none of ``skip_channels`` (the
+        channels that keep messages for the user, read per conversation when it connects)."""
+
+    async def pending_outbox_of(self, endpoint: str, conversation: str) -> list[OutboundMessage]:
+        """The pending messages of one conversation, in id order (a web chat conversation's
+        kept messages, read when it reconnects)."""
 
     async def record_parts_sent(self, message_id: int, parts_sent: int) -> None:
         """Commit that the platform accepted the first ``parts_sent`` parts of a split message;
@@ -117,11 +130,23 @@ class Store(Protocol):
 
     async def delete_override(self, scope: str) -> None: ...
 
+    # -- conversations the gateway issues (web chat) --------------------------------------------
+    async def add_conversation_secret(
+        self, endpoint: str, conversation: str, secret_hash: str, created_at: float
+    ) -> None:
+        """Record a conversation the gateway issued and the hash of its secret (the token
+        itself is never stored), durably: a client resumes it after a restart."""
+
+    async def conversation_secret(self, endpoint: str, conversation: str) -> str | None:
+        """The secret hash recorded for the conversation; None when it was never issued (or
+        pruned)."""
+
     # -- retention and erasure -----------------------------------------------------------------
     async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
-        """Drop handled inbound events (their dedup ids) older than ``before``, and messages
-        still pending from then for a channel of ``holding_channels`` (channels that keep a
-        message until the user connects: web chat); returns how many rows went."""
+        """Drop handled inbound events (their dedup ids) older than ``before``, messages still
+        pending from then for a channel of ``holding_channels`` (channels that keep a message
+        until the user connects: web chat), and issued conversations created before then that
+        never had a session; returns how many rows went."""
 
     async def prune_history(self, *, closed_sessions_before: float, messages_before: float) -> int:
         """Retention (``retention.closed_sessions_days``, ``messages_days``): drop sessions

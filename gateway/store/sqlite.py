@@ -33,12 +33,14 @@ from gateway.models import (
     Session,
     StoredEvent,
     TranscriptEntry,
+    TranscriptLine,
     contact_id_of,
 )
 from gateway.store import sqlite_rows as rows
 from gateway.store.base import SessionQuery
 from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
 from gateway.store.sqlite_writer import (
+    AddSecret,
     ChangeRows,
     Exec,
     GroupCommitWriter,
@@ -178,6 +180,12 @@ class SqliteStore:
         A narrow write: it cannot undo a concurrent update of the message's other columns.
         """
         await self._submit(PartsSent(message_id, parts_sent))
+
+    async def add_conversation_secret(
+        self, endpoint: str, conversation: str, secret_hash: str, created_at: float
+    ) -> None:
+        """Record an issued conversation and its secret's hash; StoreError if it exists already."""
+        await self._submit(AddSecret(endpoint, conversation, secret_hash, created_at))
 
     async def put_override(self, scope: str, value: dict[str, Any]) -> None:
         """Store the runtime settings of ``scope``, replacing earlier ones."""
@@ -333,9 +341,35 @@ class SqliteStore:
 
         return await self._read(query)
 
-    async def pending_outbox(self) -> list[OutboundMessage]:
-        """Messages still to send, in id order."""
-        return await self._read(rows.select_outbox, "WHERE state = 'pending' ORDER BY id", [])
+    async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:
+        """Messages still to send, in id order, except those of ``skip_channels``."""
+        return await self._read(
+            rows.select_outbox,
+            "WHERE state = 'pending' AND channel NOT IN (SELECT value FROM json_each(?)) ORDER BY id",
+            [json.dumps(sorted(skip_channels))],
+        )
+
+    async def pending_outbox_of(self, endpoint: str, conversation: str) -> list[OutboundMessage]:
+        """One conversation's messages still to send, in id order (index outbox_by_conversation)."""
+        return await self._read(
+            rows.select_outbox,
+            "WHERE endpoint = ? AND conversation = ? AND state = 'pending' ORDER BY id",
+            [endpoint, conversation],
+        )
+
+    async def history(self, endpoint: str, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
+        """The conversation's user lines and sent messages from ``since`` on (see ``Store``)."""
+        return await self._read(rows.select_history, endpoint, conversation, since, limit)
+
+    async def conversation_secret(self, endpoint: str, conversation: str) -> str | None:
+        """The secret hash of an issued conversation, or None."""
+
+        def query(conn: sqlite3.Connection) -> str | None:
+            sql = "SELECT secret_hash FROM conversation_secrets WHERE endpoint = ? AND conversation = ?"
+            row = conn.execute(sql, (endpoint, conversation)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._read(query)
 
     async def dead_letters(self, limit: int = 100) -> list[OutboundMessage]:
         """Messages given up on, newest first."""

@@ -29,6 +29,7 @@ from gateway.models import (
     SessionState,
     StoredEvent,
     TranscriptEntry,
+    TranscriptLine,
 )
 
 Row = tuple[Any, ...]
@@ -455,6 +456,35 @@ def select_transcript(
         entries.append(TranscriptEntry(created_at, "bot", kind, text, session_id=session_id, state=state))
     entries.sort(key=lambda entry: entry.at)
     return entries[-limit:] if limit > 0 else []
+
+
+# The expression must read exactly as in the index inbound_by_conversation (sqlite_schema.py).
+_HISTORY = """
+SELECT at, sender, kind, text, message_id FROM (
+    SELECT arrival_at AS at, 0 AS side, id, 'user' AS sender, json_extract(payload, '$.kind') AS kind,
+        json_extract(payload, '$.text') AS text, json_extract(payload, '$.message_id') AS message_id
+    FROM inbound WHERE endpoint = :endpoint AND json_extract(payload, '$.conversation') = :conversation
+        AND arrival_at >= :since
+    UNION ALL
+    SELECT created_at, 1, id, 'bot', kind, text, NULL FROM outbox
+    WHERE endpoint = :endpoint AND conversation = :conversation AND created_at >= :since AND state = 'sent'
+)
+WHERE (kind IN ('message', 'postback', 'reply', 'closure', 'bot') AND text IS NOT NULL) OR kind = 'refresh'
+ORDER BY at DESC, side DESC, id DESC LIMIT :limit
+"""
+
+
+def select_history(
+    conn: sqlite3.Connection, endpoint: str, conversation: str, since: float, limit: int
+) -> list[TranscriptLine]:
+    """A conversation's user and sent lines from ``since`` on, oldest first, the last ``limit``."""
+    params = {"endpoint": endpoint, "conversation": conversation, "since": since, "limit": limit}
+    lines = [
+        TranscriptLine(at, sender, kind, text or "", message_id)
+        for at, sender, kind, text, message_id in conn.execute(_HISTORY, params)
+    ]
+    lines.reverse()
+    return lines
 
 
 def select_overrides(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:

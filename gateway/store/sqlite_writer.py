@@ -80,7 +80,15 @@ class Exec:
     statements: tuple[tuple[str, tuple[Any, ...]], ...]
 
 
-Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent | Exec
+@dataclass(slots=True, frozen=True)
+class AddSecret:
+    endpoint: str
+    conversation: str
+    secret_hash: str
+    created_at: float
+
+
+Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent | Exec | AddSecret
 
 
 @dataclass(slots=True)
@@ -167,6 +175,13 @@ def _apply_merged(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
             results.append(next(inbound_ids))
         elif isinstance(work, PartsSent):
             results.append(None)
+        elif isinstance(work, AddSecret):
+            conn.execute(
+                "INSERT INTO conversation_secrets (endpoint, conversation, secret_hash, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (work.endpoint, work.conversation, work.secret_hash, work.created_at),
+            )
+            results.append(None)
         elif isinstance(work, SetOverride):
             if work.value is None:
                 conn.execute("DELETE FROM overrides WHERE scope = ?", (work.scope,))
@@ -216,7 +231,14 @@ def _prune_chunk(conn: sqlite3.Connection, work: Prune) -> int:
         "AND channel IN (SELECT value FROM json_each(?)) AND created_at < ? LIMIT ?)",
         (work.holding_channels, work.before, PRUNE_CHUNK),
     ).rowcount
-    return deleted + held
+    # Issued web chat conversations in which nobody ever said anything (e.g. a flood of hellos).
+    unused = conn.execute(
+        "DELETE FROM conversation_secrets WHERE rowid IN (SELECT c.rowid FROM conversation_secrets AS c "
+        "WHERE c.created_at < ? AND NOT EXISTS (SELECT 1 FROM sessions AS s "
+        "WHERE s.contact_id = c.endpoint || ':' || c.conversation) LIMIT ?)",
+        (work.before, PRUNE_CHUNK),
+    ).rowcount
+    return deleted + held + unused
 
 
 def _fail(future: asyncio.Future[Any], message: str, cause: BaseException) -> None:
