@@ -38,6 +38,25 @@ def platform_time(seconds: float | None) -> float | None:
     return seconds
 
 
+def number_or_none(value: object) -> float | None:
+    """A platform's number (an int, a float or a numeric string) as a float, None when it is
+    none of these. Never raises: an int too big for a float (``10**400``, valid JSON) becomes
+    ``inf``, which ``platform_time`` then drops."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    return None
+
+
 def whole_conversation(conversation: str) -> str:
     """The default rate-limit scope: every conversation is its own."""
     return conversation

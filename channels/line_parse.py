@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from channels.base import platform_time
+from channels.base import number_or_none, platform_time
 from gateway.models import EventKind, InboundEvent, JSONDict
 
 # A reply token lives about one minute from the webhook; keep a margin for queueing and transit.
@@ -110,10 +110,14 @@ def to_inbound(event: Mapping[str, Any], now: float) -> InboundEvent | None:
         message_id=message_id,
         text=text,
         attachments=attachments,
-        timestamp=platform_time(stamp / 1000)
-        if isinstance(stamp, int | float) and not isinstance(stamp, bool)
-        else None,
+        timestamp=_seconds(stamp),
         # A redelivered event's token may be stale already: the send falls back to push then.
         reply_token=reply_token,
         reply_token_expires_at=now + REPLY_TOKEN_TTL_S if reply_token else None,
     )
+
+
+def _seconds(stamp: Any) -> float | None:
+    """LINE's millisecond ``timestamp`` in seconds, when it is a plausible number."""
+    milliseconds = number_or_none(stamp) if isinstance(stamp, int | float) else None
+    return None if milliseconds is None else platform_time(milliseconds / 1000)

@@ -438,7 +438,6 @@ async def test_s7_s9_top_level_closure_notice_goes_to_the_channel_without_thread
         message("gone", subtype="message_deleted"),
         message("joined", subtype="channel_join"),
         message("our own echo", user=BOT_USER),
-        {"type": "app_mention", "user": "U1", "text": "<@UBOT> hi", "ts": "1.2", "channel": "C1", "event_ts": "1.2"},
         {"type": "reaction_added", "user": "U1", "reaction": "thumbsup", "event_ts": "1.2"},
     ],
     ids=[
@@ -449,7 +448,6 @@ async def test_s7_s9_top_level_closure_notice_goes_to_the_channel_without_thread
         "message_deleted",
         "channel_join",
         "own-bot-user",
-        "app_mention",
         "reaction_added",
     ],
 )
