@@ -35,7 +35,7 @@ def parse_client_frame(conversation: str, data: str) -> InboundEvent | None:
     """A client frame as an inbound event; None for anything malformed (ignored, per contract)."""
     try:
         frame: Any = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(frame, dict):
         return None

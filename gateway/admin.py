@@ -26,8 +26,9 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
         token = request.app[SETTINGS].admin.token.value
         if not token:
             raise web.HTTPNotFound()
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as bytes.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
             raise Unauthorized("missing or wrong bearer token")
     response: web.StreamResponse = await handler(request)
     return response
@@ -39,7 +40,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = await request.json()
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise BadPayload("body is not JSON") from exc
     if not isinstance(body, dict):
         raise BadPayload("body must be a JSON object")

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from channels.base import ChannelAdapter, HostedChannel, SessionListener
 from channels.registry import create_adapter, entry_path, holding_channels
-from gateway import admin, admin_delivery, admin_settings
+from gateway import admin, admin_delivery, admin_settings, log_escape
 from gateway.close_scripts import CloseScripts
 from gateway.errors import ConfigError
 from gateway.flows import Flow, create_flow
@@ -31,11 +31,11 @@ from gateway.runtime_settings import load_policies
 from gateway.sessions import SessionManager
 from gateway.settings import Settings, StorageBackend
 from gateway.store.base import Store
-from gateway.webhooks import webhook_handler
+from gateway.webhooks import DEDUP_RETENTION_S, webhook_handler
 
 log = logging.getLogger("gateway.app")
 
-RETENTION_S = 7 * 24 * 3600.0  # dedup ids and kept web chat frames (DESIGN.md)
+RETENTION_S = DEDUP_RETENTION_S  # dedup ids and kept web chat frames (DESIGN.md)
 PRUNE_EVERY_S = 3600.0
 
 
@@ -57,6 +57,7 @@ def create_app(
     flow: Flow | None = None,
 ) -> web.Application:
     """Build the gateway application. ``store`` and ``flow`` may be passed in (tests)."""
+    log_escape.install()  # user text in log lines is escaped from here on (process-wide)
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[answer_errors, admin.admin_auth])
     app[SETTINGS] = settings
     app[CLOCK] = clock

@@ -32,6 +32,7 @@ from gateway.config_reader import (
     fmt_number,
     http_url,
     integer,
+    kind,
     number,
     optional,
     parse_yaml,
@@ -41,6 +42,7 @@ from gateway.config_reader import (
     text,
 )
 from gateway.errors import ConfigError, Invalid
+from gateway.proxies import Network, parse_networks
 from gateway.settings import (
     AdminSettings,
     DeliverySettings,
@@ -103,12 +105,29 @@ def _check_bounds(r: Reader, key: str, values: dict[str, Any]) -> None:
         r.problem(f"{key}.min_minutes", f"{fmt_number(low)} is above max_minutes ({fmt_number(high)})")
 
 
+def _networks(r: Reader, value: object, key: str) -> tuple[Network, ...]:
+    """A list of addresses or CIDRs, or one comma-separated string of them (``${X:-}``)."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise Invalid(f"must be a list of IP addresses or CIDRs, not {kind(value)}")
+    try:
+        return parse_networks(value)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
 _SERVER: dict[str, Converter] = {
     "host": text,
     "port": integer(0, 65535),
     "public_url": optional(http_url),
     "max_body_bytes": integer(1),
     "max_pending_events": integer(1),
+    "trusted_proxies": _networks,
+    "max_connections": integer(1),
+    "read_timeout_seconds": number(minimum=0.0, strict=True),
 }
 _DELIVERY: dict[str, Converter] = {
     "max_attempts": integer(1),

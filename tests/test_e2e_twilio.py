@@ -246,10 +246,13 @@ async def test_query_string_of_the_registered_url_is_signed(
     assert sent(api) == ["with query"]
 
 
-async def test_without_public_url_the_forwarded_host_and_proto_are_signed(
+async def test_without_public_url_the_forwarded_host_and_proto_of_a_trusted_proxy_are_signed(
     tmp_path: Path, start_gateway: Any, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(make_settings(tmp_path, [sms_endpoint(api.url)]))
+    """From a peer in ``server.trusted_proxies`` (tests/test_hostile_input.py: from anyone else
+    X-Forwarded-* are ignored)."""
+    settings = make_settings(tmp_path, [sms_endpoint(api.url)], server={"trusted_proxies": ["127.0.0.1"]})
+    gateway = await start_gateway(settings)
     forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "bots.example.com"}
     status, _, _ = await post(
         gateway, inbound("forwarded"), sign_url="https://bots.example.com/webhooks/sms", headers=forwarded
