@@ -12,7 +12,7 @@ import sys
 
 from channels.registry import entry_path
 from gateway.config import load_settings
-from gateway.config_reader import fmt_number
+from gateway.config_reader import fmt_number, mask_passwords
 from gateway.errors import ConfigError, StoreError
 from gateway.settings import Settings, StorageBackend, effective_expiration_minutes
 
@@ -51,7 +51,7 @@ def _summary(settings: Settings) -> list[str]:
         expiry = "never expires" if minutes == 0 else f"expires after {fmt_number(minutes)} min"
         url = entry_path(endpoint)
         lines.append(f"  {endpoint.name}: {endpoint.channel} {url}, {expiry} ({endpoint.session.mode})")
-    return lines
+    return [mask_passwords(line) for line in lines]  # a URL's password never prints
 
 
 def _load(path: str) -> Settings | None:

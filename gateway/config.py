@@ -63,6 +63,7 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TOP_LEVEL = ("server", "storage", "admin", "organisation", "flow", "delivery", "endpoints", "logging")
 _ORG_DEFAULTS = OrganisationSessionSettings()
+MAX_MINUTES = 525_600.0  # a year (DESIGN.md "Hostile input")
 _NO_BOUNDS = OrganisationSessionSettings(min_minutes=0.0, max_minutes=math.inf)
 
 
@@ -141,10 +142,21 @@ _STORAGE: dict[str, Converter] = {
     "url": optional(_redis_url),
 }
 _ADMIN: dict[str, Converter] = {"token": secret}
+
+
+def _max_minutes(r: Reader, value: object, key: str) -> float:
+    """The upper bound of expirations: at most a year, so every deadline is a finite time
+    that the store can hold (1e308 minutes would make it infinite)."""
+    minutes: float = number(minimum=0.0, strict=True)(r, value, key)
+    if minutes > MAX_MINUTES:
+        raise Invalid(f"{fmt_number(minutes)} is above {fmt_number(MAX_MINUTES)} (a year)")
+    return minutes
+
+
 _ORGANISATION_SESSION: dict[str, Converter] = {
     "expiration_minutes": optional(number(minimum=0.0)),
     "min_minutes": number(minimum=0.0),
-    "max_minutes": number(minimum=0.0, strict=True),
+    "max_minutes": _max_minutes,
 }
 _ORGANISATION: dict[str, Converter] = {"session": raw_value}  # read by _read_organisation
 _FLOW: dict[str, Converter] = {
@@ -246,6 +258,6 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
     top = parse_yaml(reader, source)
     settings = _read_settings(reader, top, source) if top is not None else None
     if settings is None:
-        raise ConfigError(reader.problems)
+        raise ConfigError(reader.scrubbed_problems())
     _warn_capped(settings)
     return settings
