@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from channels.base import ChannelAdapter, HostedChannel, SessionListener
 from channels.registry import create_adapter, entry_path, holding_channels
@@ -20,6 +21,7 @@ from gateway import admin, admin_delivery, admin_settings, log_escape
 from gateway.close_scripts import CloseScripts
 from gateway.errors import ConfigError
 from gateway.flows import Flow, create_flow
+from gateway.health import StoreHealth
 from gateway.http_errors import answer_errors
 from gateway.inbox import EndpointInbox
 from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, SETTINGS, STORE
@@ -74,7 +76,7 @@ def create_app(
     app.cleanup_ctx.append(_retention_context)
     app.on_shutdown.append(_close_sockets)
 
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", healthz_handler(StoreHealth(app[STORE])))
     app.router.add_get("/metrics", metrics)
     for endpoint in settings.endpoints:
         adapter = app[ADAPTERS][endpoint.name]
@@ -197,11 +199,19 @@ async def _close_sockets(app: web.Application) -> None:
             await adapter.aclose()
 
 
-async def healthz(request: web.Request) -> web.StreamResponse:
-    manager = request.app.get(MANAGER)
-    if manager is None or not manager.ready:
-        return web.json_response({"status": "starting"}, status=503)
-    return web.json_response({"status": "ok", "open_sessions": manager.open_count})
+def healthz_handler(store_health: StoreHealth) -> Handler:
+    """``GET /healthz``: 200 once ready and while the store can write; else 503 and why."""
+
+    async def healthz(request: web.Request) -> web.StreamResponse:
+        manager = request.app.get(MANAGER)
+        if manager is None or not manager.ready:
+            return web.json_response({"status": "starting"}, status=503)
+        problem = await store_health.problem()
+        if problem is not None:
+            return web.json_response({"status": "store cannot write", "reason": problem}, status=503)
+        return web.json_response({"status": "ok", "open_sessions": manager.open_count})
+
+    return healthz
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from channels.base import WebhookChannel, WebhookRequest, WebhookResponse
-from gateway.errors import RequestRejected
+from gateway.errors import Overloaded, RequestRejected, StoreError
 from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, SETTINGS
 from gateway.log_rate import RateLimitedLog
 from gateway.models import InboundEvent
@@ -85,7 +85,12 @@ def webhook_handler(endpoint: EndpointSettings) -> Handler:
                 "gateway_events_total", len(parsed.events) - len(events), endpoint=endpoint.name, outcome="stale"
             )
         # All events of the batch are committed (group-committed together) before the 2xx.
-        await asyncio.gather(*(manager.accept(endpoint.name, event, arrival) for event in events))
+        try:
+            await asyncio.gather(*(manager.accept(endpoint.name, event, arrival) for event in events))
+        except StoreError as exc:
+            # Disk full, database gone: the platform retries a 503 later (and /healthz says 503).
+            rejections.log(logging.ERROR, "store", "webhook not stored: endpoint=%s: %s", endpoint.name, exc)
+            raise Overloaded("the gateway cannot store events now; try again later") from exc
         if parsed.ignored:
             metrics.inc("gateway_events_total", parsed.ignored, endpoint=endpoint.name, outcome="ignored")
         metrics.inc("gateway_webhook_requests_total", endpoint=endpoint.name, outcome="accepted")

@@ -99,8 +99,10 @@ async def test_unsigned_megabyte_forms_do_not_stall_the_loop_on_any_endpoint(
             headers = {**form, "X-Twilio-Signature": "forged"} if name == "sms" else form
             response = await gateway.client.post(f"/webhooks/{name}", data=flood, headers=headers)
             statuses[name] = response.status
+    # Parsing the form stalled the loop 120-450 ms per request; verifying 1 MB costs ~3 ms. The
+    # bound leaves room for a busy machine preempting the test process.
+    assert lag.max_s < 0.1, f"the loop stalled {lag.max_s * 1000:.0f} ms"
     assert statuses == {"fb": 401, "sl": 401, "ln": 401, "sms": 400}
-    assert lag.max_s < 0.06, f"the loop stalled {lag.max_s * 1000:.0f} ms"
 
 
 async def test_signed_twilio_form_with_more_than_1000_fields_is_400(

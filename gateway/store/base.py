@@ -90,6 +90,11 @@ class Store(Protocol):
 
     async def delete_override(self, scope: str) -> None: ...
 
+    # -- health ------------------------------------------------------------------------------
+    async def check_writable(self) -> str | None:
+        """None when a write can commit now; else the reason it cannot (``/healthz`` answers
+        503 with it). Cheap enough to run once a second."""
+
     # -- retention ---------------------------------------------------------------------------
     async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
         """Drop handled inbound events (their dedup ids) older than ``before``, and messages

@@ -32,6 +32,7 @@ import aiosqlite
 
 from gateway.errors import StoreError, StoreLocked
 from gateway.models import Change, Contact, InboundEvent, OutboundMessage, Session, SessionState, StoredEvent
+from gateway.store import sqlite_health as health
 from gateway.store import sqlite_rows as rows
 from gateway.store.base import SessionQuery
 
@@ -79,6 +80,7 @@ MAX_BATCH_OPS = 2000  # writes per transaction
 READ_CHUNK = 5000  # sessions per hop while streaming open_sessions
 PRUNE_CHUNK = 5000  # rows per table per delete, so a big prune never holds the writer long
 BUSY_TIMEOUT_MS = 5000
+PROBE_TIMEOUT_S = 2.0  # check_writable's write
 
 
 P = ParamSpec("P")
@@ -135,7 +137,12 @@ class _Prune:
     holding_channels: str  # a JSON list
 
 
-_Work = _ChangeRows | _InboundRow | _SetOverride | _Prune
+@dataclass(slots=True, frozen=True)
+class _Probe:
+    """A write that changes nothing: rewrites the header page (``user_version``) and commits."""
+
+
+_Work = _ChangeRows | _InboundRow | _SetOverride | _Prune | _Probe
 
 
 @dataclass(slots=True)
@@ -216,8 +223,12 @@ def _apply_merged(conn: sqlite3.Connection, works: list[_Work]) -> list[Any]:
             else:
                 conn.execute("INSERT OR REPLACE INTO overrides (scope, value) VALUES (?, ?)", (work.scope, work.value))
             results.append(None)
-        else:
+        elif isinstance(work, _Prune):
             results.append(_prune_chunk(conn, work))
+        else:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            conn.execute(f"PRAGMA user_version = {version}")  # dirties page 1: a real write
+            results.append(None)
     return results
 
 
@@ -345,6 +356,7 @@ class SqliteStore:
         self._closing: asyncio.Future[None] | None = None
         self.batches_committed = 0
         self.ops_committed = 0
+        self._identity: health.FileIdentity | None = None  # the file opened (gone? replaced?)
 
     def __repr__(self) -> str:
         return f"<SqliteStore {str(self._path)!r} {self._state.value} batches={self.batches_committed}>"
@@ -363,6 +375,7 @@ class SqliteStore:
             await _run(self._writer, _prepare_writer)
             self._reader = await self._connect()
             await _run(self._reader, _prepare_reader)
+            self._identity = await asyncio.to_thread(health.FileIdentity.of, self._path)
         except BaseException:
             await self.aclose()
             raise
@@ -476,6 +489,24 @@ class SqliteStore:
     async def delete_override(self, scope: str) -> None:
         """Drop the runtime settings of ``scope`` (no error when there are none)."""
         await self._submit(_SetOverride(scope, None))
+
+    async def check_writable(self, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+        """None when a write commits now; else why not (the file is gone or replaced, the disk
+        is full, the probe write failed or took longer than ``timeout_s``)."""
+        problem = await asyncio.to_thread(self._file_and_space_problem)
+        if problem is not None:
+            return problem
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._submit(_Probe())
+        except TimeoutError:
+            return f"a write took longer than {timeout_s} s"
+        except StoreError as exc:
+            return str(exc)
+        return None
+
+    def _file_and_space_problem(self) -> str | None:
+        return health.file_problem(self._path, self._identity) or health.space_problem(self._path)
 
     async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
         """Delete handled inbound events and messages still pending for ``holding_channels``
