@@ -36,7 +36,7 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body ({} when there is none); ``BadPayload`` (400) otherwise."""
-    if not request.can_read_body:
+    if not request.body_exists:  # (read already by gateway.serving.read_in_time: can_read_body is False)
         return {}
     try:
         body = await request.json()

@@ -30,6 +30,7 @@ from gateway.models import Session
 from gateway.outbox import Outbox, RetryPolicy
 from gateway.ratelimit import RateLimiter
 from gateway.runtime_settings import load_policies
+from gateway.serving import raise_open_files_limit, read_in_time, run
 from gateway.sessions import SessionManager
 from gateway.settings import Settings, StorageBackend
 from gateway.store.base import Store
@@ -60,7 +61,10 @@ def create_app(
 ) -> web.Application:
     """Build the gateway application. ``store`` and ``flow`` may be passed in (tests)."""
     log_escape.install()  # user text in log lines is escaped from here on (process-wide)
-    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[answer_errors, admin.admin_auth])
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[answer_errors, read_in_time(settings.server.read_timeout_seconds), admin.admin_auth],
+    )
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[METRICS] = Metrics()
@@ -220,6 +224,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 def serve(settings: Settings) -> int:
     """Run the gateway until SIGINT/SIGTERM; returns the process exit code."""
+    raise_open_files_limit(settings.server.max_connections)
     app = create_app(settings)
     host, port = settings.server.host, settings.server.port
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
@@ -238,5 +243,5 @@ def serve(settings: Settings) -> int:
         gc.freeze()
 
     app.on_startup.append(announce)
-    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=10.0)
+    run(app, settings.server)  # web.run_app, with the connection limits of gateway.serving
     return 0
