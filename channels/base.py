@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from gateway.models import InboundEvent, OutboundMessage
 
@@ -55,6 +55,20 @@ def number_or_none(value: object) -> float | None:
         except OverflowError:
             return math.inf if value > 0 else -math.inf
     return None
+
+
+MAX_CARRIED_DEPTH = 16  # nesting kept of platform JSON carried on an event (real payloads: a few)
+
+
+def shallow(value: Any, depth: int = MAX_CARRIED_DEPTH) -> Any:
+    """A copy of platform JSON to carry on an event (attachments, postback payloads), with
+    nesting deeper than ``depth`` cut off: JSON that parsed could otherwise fail to serialise
+    again later (inbox row, flow call) when it is done deeper in the call stack."""
+    if isinstance(value, dict):
+        return {key: shallow(item, depth - 1) for key, item in value.items()} if depth > 0 else None
+    if isinstance(value, list):
+        return [shallow(item, depth - 1) for item in value] if depth > 0 else None
+    return value
 
 
 def whole_conversation(conversation: str) -> str:

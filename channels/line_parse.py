@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from channels.base import number_or_none, platform_time
+from channels.base import number_or_none, platform_time, shallow
 from gateway.models import EventKind, InboundEvent, JSONDict
 
 # A reply token lives about one minute from the webhook; keep a margin for queueing and transit.
@@ -59,14 +59,14 @@ def dedup_key_of(event: Mapping[str, Any]) -> str:
     message = event.get("message")
     if isinstance(message, Mapping) and message.get("id") not in (None, ""):
         return f"{message['id']}"
-    stable = {k: v for k, v in event.items() if k != "deliveryContext"}
+    stable = {k: shallow(v) for k, v in event.items() if k != "deliveryContext"}
     return hashlib.sha256(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def attachment_of(message: Mapping[str, Any]) -> JSONDict:
     """A non-text message as an attachment: every field LINE gave, except one-use tokens."""
     attachment: JSONDict = {"type": message.get("type")}
-    attachment.update({k: v for k, v in message.items() if k != "type" and not k.endswith("Token")})
+    attachment.update({k: shallow(v) for k, v in message.items() if k != "type" and not k.endswith("Token")})
     return attachment
 
 
@@ -98,7 +98,7 @@ def to_inbound(event: Mapping[str, Any], now: float) -> InboundEvent | None:
         text = data if isinstance(data, str) else None
         attachment: JSONDict = {"type": "postback", "data": text}
         if isinstance(postback.get("params"), Mapping):
-            attachment["params"] = dict(postback["params"])
+            attachment["params"] = shallow(dict(postback["params"]))
         attachments = (attachment,)
     stamp = event.get("timestamp")
     token = event.get("replyToken")

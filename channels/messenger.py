@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, number_or_none, platform_time
+from channels.base import ParsedWebhook, WebhookRequest, WebhookResponse, number_or_none, platform_time, shallow
 from channels.text import retry_after_s, split_text
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped, Forbidden
 from gateway.models import EventKind, InboundEvent, JSONDict, MessageKind, OutboundMessage
@@ -285,7 +285,7 @@ def _event_of(item: Mapping[str, Any]) -> InboundEvent | None:
             dedup_key=mid or f"postback:{psid}:{item.get('timestamp')}",
             message_id=mid,
             text=_str_or_none(postback.get("title")),
-            attachments=({"type": "postback", "payload": postback.get("payload")},),
+            attachments=({"type": "postback", "payload": shallow(postback.get("payload"))},),
             timestamp=platform_time(timestamp),
         )
     message: Mapping[str, Any] = item["message"]
@@ -294,12 +294,12 @@ def _event_of(item: Mapping[str, Any]) -> InboundEvent | None:
         return None
     raw_attachments = message.get("attachments")
     raw_attachments = raw_attachments if isinstance(raw_attachments, list) else []
-    attachments = [dict(att) for att in raw_attachments if isinstance(att, dict)]
+    attachments = [shallow(att) for att in raw_attachments if isinstance(att, dict)]
     for attachment in attachments:
         attachment.setdefault("type", "unknown")
     quick_reply = message.get("quick_reply")
     if isinstance(quick_reply, dict):
-        attachments.append({"type": "quick_reply", "payload": quick_reply.get("payload")})
+        attachments.append({"type": "quick_reply", "payload": shallow(quick_reply.get("payload"))})
     return InboundEvent(
         conversation=psid,
         kind=EventKind.MESSAGE,

@@ -76,10 +76,12 @@ def is_user_message(event: Mapping[str, Any], bot_user_id: str | None) -> bool:
     Not: other event types, messages of any bot (``bot_id``), our own user's messages, and
     subtypes other than ``USER_MESSAGE_SUBTYPES``.
     """
-    if event.get("type") not in USER_EVENT_TYPES or event.get("bot_id"):
+    kind = event.get("type")
+    if not isinstance(kind, str) or kind not in USER_EVENT_TYPES or event.get("bot_id"):
         return False
     subtype = event.get("subtype")
-    if subtype is not None and subtype not in USER_MESSAGE_SUBTYPES:
+    # (a list is unhashable: look it up only as a string)
+    if subtype is not None and (not isinstance(subtype, str) or subtype not in USER_MESSAGE_SUBTYPES):
         return False
     user = event.get("user")
     if not isinstance(user, str) or not user or (bot_user_id and user == bot_user_id):
