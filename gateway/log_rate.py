@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 EVERY_S = 1.0
 MAX_KINDS = 1024  # kinds remembered; past it the oldest are forgotten (a kind names a cause)
@@ -39,7 +40,7 @@ class RateLimitedLog:
     def warning(self, kind: str, msg: str, *args: object) -> None:
         self.log(logging.WARNING, kind, msg, *args)
 
-    def log(self, level: int, kind: str, msg: str, *args: object) -> None:
+    def log(self, level: int, kind: str, msg: str, *args: object, exc_info: Any = None) -> None:
         now = self._clock()
         state = self._kinds.get(kind)
         if state is not None and now - state.last_at < self._every_s:
@@ -55,9 +56,11 @@ class RateLimitedLog:
         left_out = state.left_out
         self._reset(state, now)
         if left_out:
-            self._logger.log(level, msg + " (and %d more like it in the last second)", *args, left_out)
+            self._logger.log(
+                level, msg + " (and %d more like it in the last second)", *args, left_out, exc_info=exc_info
+            )
         else:
-            self._logger.log(level, msg, *args)
+            self._logger.log(level, msg, *args, exc_info=exc_info)
 
     def _flush(self, kind: str) -> None:
         state = self._kinds.get(kind)

@@ -22,6 +22,7 @@ from enum import Enum
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.log_rate import RateLimitedLog
@@ -152,6 +153,31 @@ class GuardedProtocol(asyncio.Protocol):
         self._transport.abort()
 
 
+class ServerLog:
+    """The logger given to aiohttp's request handlers. Every malformed request (too many or too
+    long headers, a broken request line) was logged with its traceback: one flood of bad
+    requests filled the disk. Errors are logged at most once a second per kind, with a count;
+    a client's bad HTTP without its traceback."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._limited = RateLimitedLog(logger)
+
+    def debug(self, msg: str, *args: object, **kwargs: Any) -> None:
+        self._logger.debug(msg, *args, **kwargs)
+
+    def exception(self, msg: str, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else None
+        if isinstance(exc, HttpProcessingError):
+            reason = str(exc.message).splitlines()[0][:100] if exc.message else ""
+            self._limited.warning(
+                f"bad http {type(exc).__name__}", "bad HTTP request (%s: %s)", type(exc).__name__, reason
+            )
+            return
+        kind = f"error {type(exc).__name__ if exc is not None else msg}"
+        self._limited.log(logging.ERROR, kind, msg, *args, exc_info=exc_info)
+
+
 def read_in_time(read_timeout_s: float) -> Middleware:
     """Tell the connection's guard (if any) where the request begins and ends, and read the
     body within ``read_timeout_s``: a body that trickles in slower is cut, connection and all."""
@@ -228,6 +254,7 @@ async def start_serving(app: web.Application, server: ServerSettings, *, handle_
         app,
         handle_signals=handle_signals,
         access_log=None,
+        logger=ServerLog(logging.getLogger("aiohttp.server")),
         keepalive_timeout=KEEPALIVE_TIMEOUT_S,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
