@@ -116,7 +116,8 @@ class WebhookRequest:
     """A platform's HTTP request, as the web layer received it.
 
     ``public_url`` is the URL the platform called (``server.public_url`` + path + query, or
-    rebuilt from X-Forwarded-* / Host): Twilio signs it.
+    rebuilt from Host, or from X-Forwarded-* of a trusted proxy; "" for a malformed host; see
+    ``gateway.proxies``): Twilio signs it.
     """
 
     method: str
@@ -126,7 +127,9 @@ class WebhookRequest:
     headers: Mapping[str, str]  # case-insensitive (a CIMultiDictProxy)
     body: bytes
     content_type: str = ""
-    form: Mapping[str, str] | None = None  # parsed form fields (a MultiDict) for form posts
+    # Parsed form fields (a MultiDict). The web layer leaves it None: it parses no body, the
+    # Twilio adapter reads its form itself after the signature header (DESIGN.md "Hostile input").
+    form: Mapping[str, str] | None = None
 
 
 @dataclass(slots=True, frozen=True)

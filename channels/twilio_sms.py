@@ -1,10 +1,13 @@
 """Twilio Programmable Messaging (SMS): signed form webhooks in, REST API sends out.
 
 Inbound: ``X-Twilio-Signature`` is verified with the SDK's ``RequestValidator`` over the public
-URL and every form parameter (a MultiDict, so repeated parameters count) before the form is read.
-Status callbacks and Twilio's opt-out / opt-in keywords are housekeeping (S16): callbacks are
-counted and dropped, keywords become ``OPT_OUT`` / ``OPT_IN`` events. The conversation id is the
-user's number exactly as Twilio sent it in ``From`` (E.164).
+URL and every form parameter (a MultiDict, so repeated parameters count) before the form's
+fields are used. The signature covers the fields, so this is the one adapter that parses a form,
+and only once the request carries a signature and at most ``MAX_FORM_FIELDS`` fields. Status
+callbacks (with or without ``Body``), ``OptOutType=HELP`` and Twilio's opt-out / opt-in keywords
+are housekeeping (S16): callbacks and HELP are counted and dropped, keywords (``OptOutType``
+when present) become ``OPT_OUT`` / ``OPT_IN`` events. The conversation id is the user's number
+exactly as Twilio sent it in ``From`` (E.164).
 
 Outbound: ``twilio.rest.Client`` over ``AsyncTwilioHttpClient`` (aiohttp, never the blocking
 requests client). Facts about twilio 9.13 this module relies on or works around:
