@@ -43,8 +43,10 @@ class Pace:
         await asyncio.sleep(max(0.0, self._next - time.monotonic()))
 
 
-async def slowloris(port: int, until: float, counts: Counter[str]) -> None:
-    """Open a connection, send a partial head, add one byte every half second; again when cut."""
+async def slowloris(port: int, until: float, counts: Counter[str], start_after_s: float) -> None:
+    """Open a connection, send a partial head, add one byte every half second; again when cut.
+    Connections start spread over ``start_after_s`` (as they would arrive from many sources)."""
+    await asyncio.sleep(start_after_s)
     while time.monotonic() < until:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -121,7 +123,7 @@ async def main(port: int, seconds: float) -> dict[str, int]:
     counts: Counter[str] = Counter()
     until = time.monotonic() + seconds
     async with aiohttp.ClientSession() as http:
-        tasks = [slowloris(port, until, counts) for _ in range(SLOWLORIS)]
+        tasks = [slowloris(port, until, counts, 2.0 * n / SLOWLORIS) for n in range(SLOWLORIS)]
         tasks += [form_flood(http, port, until, counts) for _ in range(FORM_FLOODERS)]
         tasks += [header_flood(port, until, counts) for _ in range(HEADER_FLOODERS)]
         tasks += [unsigned_flood(http, port, until, counts) for _ in range(UNSIGNED_FLOODERS)]

@@ -297,3 +297,37 @@ async def test_events_older_than_the_dedup_retention_are_200_and_ignored(
     assert gateway.metrics.value("gateway_events_total", endpoint="ln", outcome="stale") == 1
     listed = await gateway.admin_get("/admin/sessions")
     assert [s["conversation"] for s in listed["sessions"]] == ["PSID-RECENT"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Host: [::1",
+        b"Host: a:99999",
+        b"Host: \xff\xfe",
+        b"Host: 127.0.0.1\r\nX-Forwarded-Host: \xff\xfe:abc",
+        b"Host: 127.0.0.1\r\nX-Forwarded-For: \xff, [::1, 999.1.1.1",
+        b"Host: 127.0.0.1\r\nX-Forwarded-Proto: \xff\r\nOrigin: \xfe",
+    ],
+    ids=["ipv6-unclosed", "port-out-of-range", "host-not-utf8", "xfh-not-utf8", "xff-garbage", "proto-origin"],
+)
+async def test_malformed_host_and_forwarded_headers_are_never_5xx_on_any_route(
+    tmp_path: Path, start_gateway: Any, api: FakePlatform, header: bytes
+) -> None:
+    settings = make_settings(
+        tmp_path, [*all_endpoints(api.url), webchat_endpoint()], server={"trusted_proxies": ["127.0.0.0/8"]}
+    )
+    gateway = await start_gateway(settings)
+    routes = [
+        (b"GET", b"/healthz"),
+        (b"GET", b"/metrics"),
+        (b"GET", b"/webchat/web"),
+        (b"GET", b"/admin/sessions"),
+        (b"GET", b"/webhooks/fb?hub.mode=subscribe&hub.verify_token=x&hub.challenge=1"),
+        (b"POST", b"/webhooks/fb"),
+        (b"POST", b"/webhooks/sms"),
+    ]
+    for method, path in routes:
+        head = method + b" " + path + b" HTTP/1.1\r\nContent-Type: application/json\r\n" + header
+        status = await raw_request(gateway, head, b"{}" if method == b"POST" else b"")
+        assert status < 500, (method, path, status)

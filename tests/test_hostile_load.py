@@ -1,7 +1,7 @@
 """Hostile clients beside a signed-webhook client (issue #11): slowloris connections, unsigned
 1 MB form floods on every webhook, header floods and unsigned request floods, from another
 process, against a real ``chat-gateway serve`` on 127.0.0.1, while signed Messenger webhooks
-arrive 25 times a second. The signed client's p99 stays under 100 ms and the log stays small
+arrive 50 times a second. The signed client's p99 stays under 100 ms and the log stays small
 (rejections are logged at most once a second per kind). About 15 s, bounded in count and time.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from tests.test_e2e_slack import slack_endpoint
 from tests.test_e2e_twilio import sms_endpoint
 
 SECONDS = 8.0
-SIGNED_PER_SECOND = 25
+SIGNED_PER_SECOND = 50
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -87,14 +88,16 @@ async def test_signed_webhooks_stay_fast_beside_hostile_clients_and_the_log_stay
     try:
         await gateway.wait_healthy()
         log_before = gateway.log_path.stat().st_size
+        # Niced: in the field the attackers' CPU is not the gateway's; here they share 2 cores.
         hostile = subprocess.Popen(
             [sys.executable, "-m", "tests.hostile_clients", str(port), str(SECONDS)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=lambda: os.nice(19),
         )
-        await asyncio.sleep(1.0)  # the hostile clients are at full strength
-        latencies, statuses = await signed_client(gateway.url, SECONDS - 2.0)
+        await asyncio.sleep(2.0)  # the hostile clients are at full strength
+        latencies, statuses = await signed_client(gateway.url, SECONDS - 3.0)
         out, _ = await asyncio.to_thread(hostile.communicate, timeout=30)
         counts: dict[str, Any] = json.loads(out)
         log_bytes = gateway.log_path.stat().st_size - log_before
