@@ -24,7 +24,7 @@ from aiohttp import web
 
 from channels import webchat_routes
 from channels.base import Inbox, Progress
-from channels.webchat_guard import ClientAddress, DropLog, KeyedBuckets, OriginPolicy, peer_address
+from channels.webchat_guard import DropLog, KeyedBuckets, OriginPolicy
 from gateway.errors import DeliveryDeferred
 from gateway.models import MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings
@@ -39,8 +39,7 @@ class WebChatAdapter:
 
     A socket *joins* its conversation after the hello (it gets session frames from then on) and
     is *ready* once the outbox has queued the conversation's kept messages ahead of it (it gets
-    messages from then on, so nothing overtakes them). ``client_address`` gives the address the
-    per-address limit counts.
+    messages from then on, so nothing overtakes them).
     """
 
     channel = "webchat"
@@ -50,10 +49,8 @@ class WebChatAdapter:
         endpoint: EndpointSettings,
         *,
         clock: Callable[[], float] = time.time,
-        client_address: ClientAddress = peer_address,
     ) -> None:
         self.endpoint = endpoint
-        self.client_address = client_address
         self.origins = OriginPolicy(endpoint.webchat.allowed_origins)
         self.new_conversations = KeyedBuckets(endpoint.webchat.max_new_conversations_per_hour, 3600.0)
         self.refusals = DropLog(log, f"web chat {endpoint.name}: connections")

@@ -18,15 +18,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-ClientAddress = Callable[[web.Request], str]
-
 DROP_LOG_INTERVAL_S = 60.0
-
-
-def peer_address(request: web.Request) -> str:
-    """The client address the per-address limit counts: the socket's peer for now."""
-    # Behind a proxy: gateway.proxies.client_address(request, server.trusted_proxies) (issue #11).
-    return request.remote or "unknown"
 
 
 def address_key(address: str) -> str:

@@ -83,7 +83,7 @@ def parse_client_frame(conversation: str, data: str, max_text_chars: int) -> Cli
     conversation (a resend is a redelivery), else a random one."""
     try:
         frame: Any = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ClientFrame(None, refused="malformed")
     client_id = frame_id(frame)
     if not isinstance(frame, dict) or ("id" in frame and client_id is None):
@@ -171,7 +171,7 @@ async def _identify(request: web.Request, adapter: WebChatAdapter, inbox: Inbox)
         stored = await inbox.conversation_secret(conversation)
         if stored is not None and hmac.compare_digest(stored, secret_hash(token)):
             return _Identity(conversation, token, resumed=True)
-    if not adapter.new_conversations.take(address_key(adapter.client_address(request))):
+    if not adapter.new_conversations.take(address_key(inbox.client_address(request))):
         adapter.refusals.count("new_conversation_limit")
         raise TooManyRequests("too many new conversations from this address; try again later")
     conversation, token = new_identity()
@@ -230,7 +230,7 @@ def socket_handler(adapter: WebChatAdapter, inbox: Inbox) -> Handler:
             raise Forbidden("this origin may not use the chat")
         who = await _identify(request, adapter, inbox)
         await ws.prepare(request)
-        address = adapter.client_address(request)
+        address = inbox.client_address(request)
         drops = DropLog(log, f"web chat {adapter.endpoint.name}: socket of {who.conversation} from {address}")
         frames = Bucket.full(settings.max_messages_per_minute, 60.0, time.monotonic())
         try:

@@ -43,8 +43,9 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
             raise web.HTTPNotFound()
         if request.path == UI_PATH:
             return await handler(request)
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as bytes.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
             raise Unauthorized("missing or wrong bearer token")
     response: web.StreamResponse = await handler(request)
     return response
@@ -52,11 +53,11 @@ async def admin_auth(request: web.Request, handler: Handler) -> web.StreamRespon
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body ({} when there is none); ``BadPayload`` (400) otherwise."""
-    if not request.can_read_body:
+    if not request.body_exists:  # (read already by gateway.serving.read_in_time: can_read_body is False)
         return {}
     try:
         body = await request.json()
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise BadPayload("body is not JSON") from exc
     if not isinstance(body, dict):
         raise BadPayload("body must be a JSON object")

@@ -19,13 +19,15 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from channels.base import ChannelAdapter, HostedChannel, SessionListener
 from channels.registry import create_adapter, entry_path, holding_channels, is_hosted
-from gateway import admin, admin_delivery, admin_openapi, admin_settings, admin_ui
+from gateway import admin, admin_delivery, admin_openapi, admin_settings, admin_ui, log_escape
 from gateway.close_scripts import CloseScripts
 from gateway.errors import ConfigError, StoreError
 from gateway.flows import Flow, create_flow
+from gateway.health import StoreHealth
 from gateway.http_errors import answer_errors
 from gateway.inbox import EndpointInbox
 from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, SETTINGS, STORE
@@ -35,6 +37,7 @@ from gateway.models import Session
 from gateway.outbox import Outbox, RetryPolicy
 from gateway.ratelimit import RateLimiter
 from gateway.runtime_settings import load_policies
+from gateway.serving import GuardedSite, log_loop_exceptions, make_runner, raise_open_files_limit, read_in_time
 from gateway.sessions import SessionManager
 from gateway.settings import Settings, StorageBackend
 from gateway.store.base import Store
@@ -65,7 +68,11 @@ def create_app(
     flow: Flow | None = None,
 ) -> web.Application:
     """Build the gateway application. ``store`` and ``flow`` may be passed in (tests)."""
-    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[answer_errors, admin.admin_auth])
+    log_escape.install()  # user text in log lines is escaped from here on (process-wide)
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[answer_errors, read_in_time(settings.server.read_timeout_seconds), admin.admin_auth],
+    )
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[METRICS] = Metrics()
@@ -83,7 +90,7 @@ def create_app(
     app.cleanup_ctx.append(_retention_context)
     app.on_shutdown.append(_close_sockets)
 
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", healthz_handler(StoreHealth(app[STORE])))
     app.router.add_get("/metrics", metrics)
     for endpoint in settings.endpoints:
         adapter = app[ADAPTERS][endpoint.name]
@@ -222,11 +229,19 @@ async def _close_sockets(app: web.Application) -> None:
             await adapter.aclose()
 
 
-async def healthz(request: web.Request) -> web.StreamResponse:
-    manager = request.app.get(MANAGER)
-    if manager is None or not manager.ready:
-        return web.json_response({"status": "starting"}, status=503)
-    return web.json_response({"status": "ok", "open_sessions": manager.open_count})
+def healthz_handler(store_health: StoreHealth) -> Handler:
+    """``GET /healthz``: 200 once ready and while the store can write; else 503 and why."""
+
+    async def healthz(request: web.Request) -> web.StreamResponse:
+        manager = request.app.get(MANAGER)
+        if manager is None or not manager.ready:
+            return web.json_response({"status": "starting"}, status=503)
+        problem = await store_health.problem()
+        if problem is not None:
+            return web.json_response({"status": "store cannot write", "reason": problem}, status=503)
+        return web.json_response({"status": "ok", "open_sessions": manager.open_count})
+
+    return healthz
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
@@ -243,6 +258,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 def serve(settings: Settings) -> int:
     """Run the gateway until SIGINT/SIGTERM; returns the process exit code: 0 after a clean
     stop, 1 when it could not start (port in use, database locked: one logged line)."""
+    raise_open_files_limit(settings.server.max_connections)
     return asyncio.run(_serve(settings))
 
 
@@ -276,7 +292,9 @@ async def _serve(settings: Settings) -> int:
     except BaseException:
         sock.close()
         raise
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(log_loop_exceptions)
+    runner = make_runner(app)
     try:
         await runner.setup()
     except StoreError as exc:  # e.g. StoreLocked: another process has the database
@@ -285,11 +303,10 @@ async def _serve(settings: Settings) -> int:
         await runner.cleanup()
         return 1
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _stop, signum, stopping)
     try:
-        await web.SockSite(runner, sock).start()
+        await GuardedSite(runner, settings.server, sock=sock).start()
         _announce(runner.app, settings, host, port)
         await stopping.wait()
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from channels.registry import entry_path
 from gateway.config import load_settings
-from gateway.config_reader import fmt_number
+from gateway.config_reader import fmt_number, mask_passwords
 from gateway.errors import ConfigError, StoreError
 from gateway.logs import HeldRecords, configure_logging
 from gateway.settings import LogFormat, Settings, StorageBackend, effective_expiration_minutes
@@ -90,7 +90,7 @@ def _summary(settings: Settings) -> list[str]:
         expiry = "never expires" if minutes == 0 else f"expires after {fmt_number(minutes)} min"
         url = entry_path(endpoint)
         lines.append(f"  {endpoint.name}: {endpoint.channel} {url}, {expiry} ({endpoint.session.mode})")
-    return lines
+    return [mask_passwords(line) for line in lines]  # a URL's password never prints
 
 
 def _retention_days(settings: Settings) -> tuple[float, float, float]:

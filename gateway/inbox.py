@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway.keys import CLOCK, MANAGER, OUTBOX, STORE
+from gateway.keys import CLOCK, MANAGER, OUTBOX, SETTINGS, STORE
 from gateway.models import InboundEvent, Session, TranscriptLine, contact_id_of
+from gateway.proxies import client_address
 
 
 class EndpointInbox:
@@ -32,6 +33,9 @@ class EndpointInbox:
 
     async def transcript(self, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
         return await self._app[STORE].history(self._endpoint, conversation, since, limit)
+
+    def client_address(self, request: web.Request) -> str:
+        return client_address(request, self._app[SETTINGS].server.trusted_proxies) or "unknown"
 
     async def accept(self, event: InboundEvent) -> None:
         await self._app[MANAGER].accept(self._endpoint, event)

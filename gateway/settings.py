@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 DEFAULT_EXPIRATION_MINUTES = 30.0  # S2
@@ -59,6 +60,10 @@ class ServerSettings:
     max_body_bytes: int = 1_048_576
     # Accepted events not yet handled; past this, webhooks answer 503 (back-pressure).
     max_pending_events: int = 10_000
+    # Peers whose X-Forwarded-For/-Proto/-Host are believed (gateway.proxies); empty: nobody.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    max_connections: int = 2048  # open at once; past it new connections are closed at once
+    read_timeout_seconds: float = 15.0  # a request's headers, and then its body, must arrive within
 
 
 @dataclass(slots=True, frozen=True)

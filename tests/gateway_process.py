@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +65,16 @@ class GatewayProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def start(self, preexec_fn: Callable[[], None] | None = None) -> None:
+        """Start it; ``preexec_fn`` runs in the child first (e.g. to lower its resource limits)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
                 [sys.executable, "-m", self.module, "serve", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
+                preexec_fn=preexec_fn,
             )
 
     async def wait_healthy(self, timeout_s: float = 20.0) -> None:

@@ -205,9 +205,9 @@ def test_repeated_yaml_key_is_refused() -> None:
     assert lines[0].startswith("config.yaml: line 3, column 3: invalid YAML: duplicate key 'port'")
 
 
-def test_yaml_merge_keys_are_not_repeats() -> None:
-    # A merge followed by an override of a merged key is legitimate YAML, not a repeated key.
-    settings = load(
+def test_yaml_merge_keys_need_aliases_which_are_refused() -> None:
+    # DESIGN.md "Hostile input": YAML aliases are refused, merge keys (<<: *x) with them.
+    lines = problems(
         """
         endpoints:
           - &web {name: a, channel: webchat}
@@ -215,7 +215,8 @@ def test_yaml_merge_keys_are_not_repeats() -> None:
             name: b
         """
     )
-    assert [e.name for e in settings.endpoints] == ["a", "b"]
+    assert len(lines) == 1
+    assert lines[0].endswith("invalid YAML: YAML aliases are not allowed")
 
 
 @pytest.mark.parametrize(

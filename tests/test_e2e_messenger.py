@@ -324,3 +324,16 @@ async def test_permanent_send_api_errors_on_the_notice_are_not_retried_and_recor
     assert session["notice"].startswith(notice_prefix)
     assert PAGE_TOKEN not in session["notice"]
     assert len(api.to(SEND_PATH)) == 2  # the reply and one attempt at the notice
+
+
+@pytest.mark.parametrize("body", list(MESSENGER.unhandled_items.values()), ids=list(MESSENGER.unhandled_items))
+async def test_an_item_the_gateway_cannot_handle_is_200_counted_and_opens_nothing(
+    gateway: Gateway, api: FakePlatform, body: bytes
+) -> None:
+    """DESIGN.md "Platform payloads as they really come": each messaging item stands alone."""
+    ack = await MESSENGER.post(gateway, body)
+    assert ack.status == 200
+    await gateway.settle()
+    assert gateway.metrics.value("gateway_events_total", endpoint="fb", outcome="ignored") == 1
+    assert (await gateway.admin_get("/admin/sessions"))["sessions"] == []
+    assert api.requests == []

@@ -77,7 +77,12 @@ async def test_query_string_of_the_registered_url_is_signed(gateway: Gateway, ap
     assert sent(api) == ["with query"]
 
 
-async def test_without_public_url_the_forwarded_host_and_proto_are_signed(gateway: Gateway, api: FakePlatform) -> None:
+async def test_without_public_url_the_forwarded_host_and_proto_of_a_trusted_proxy_are_signed(
+    tmp_path: Path, start_gateway: Any, api: FakePlatform
+) -> None:
+    """From a peer in ``server.trusted_proxies`` (tests/test_hostile_input.py: from anyone else
+    X-Forwarded-* are ignored)."""
+    gateway = await start_gateway(TWILIO.settings(tmp_path, api, server={"trusted_proxies": ["127.0.0.1"]}))
     forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "bots.example.com"}
     ack = await TWILIO.post(
         gateway,

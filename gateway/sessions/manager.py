@@ -27,6 +27,7 @@ from gateway.metrics import Metrics
 from gateway.models import CloseReason, InboundEvent, Session, StoredEvent
 from gateway.policy import EndpointPolicy
 from gateway.sessions.book import SessionBook, SessionListener
+from gateway.sessions.clockwatch import ClockWatch
 from gateway.sessions.closing import SessionCloser
 from gateway.sessions.scheduler import ConversationScheduler
 from gateway.sessions.state import (
@@ -108,6 +109,7 @@ class SessionManager:
             error_reply=error_reply,
         )
         self._metrics.gauge("gateway_open_sessions", lambda: float(self._book.open_count))
+        self._clock_watch = ClockWatch(clock, lambda _step: self.rearm_all())
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -140,6 +142,7 @@ class SessionManager:
                 if armed % _RESTORE_YIELD_EVERY == 0:
                     await asyncio.sleep(0)
         self.ready = True
+        self._clock_watch.start()
         log.info("restored %d open sessions, %d pending events re-queued", loaded, self.pending_events)
 
     async def aclose(self) -> None:
@@ -148,6 +151,7 @@ class SessionManager:
             return
         self._closing = True
         self.ready = False
+        await self._clock_watch.aclose()
         self._closer.stop()
         self._timers.stop()
         for slot in self._scheduler.slots():
@@ -310,6 +314,16 @@ class SessionManager:
             if session.expires_at is None or policy.mode is SessionMode.LAZY:
                 self._timers.disarm(slot)
             elif not self._scheduler.is_held(slot):
+                self._book.arm(slot)
+
+    async def rearm_all(self) -> None:
+        """Re-arm every open session's timer for its wall-clock deadline (after the wall clock
+        stepped): handles now due too late move earlier, early ones re-arm themselves when they
+        fire. Yields every few thousand sessions."""
+        for done, slot in enumerate(self._scheduler.slots(), start=1):
+            if done % _RESTORE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            if slot.session is not None and not self._scheduler.is_held(slot):
                 self._book.arm(slot)
 
     def policy(self, endpoint: str) -> EndpointPolicy | None:

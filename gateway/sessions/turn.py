@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.errors import Conflict
 from gateway.flows import Flow, FlowResult, FlowTurn
 from gateway.logs import log_context
 from gateway.metrics import Metrics
@@ -174,6 +175,9 @@ class MessageTurn:
         else:
             # Lazy mode never sends a notice: nothing happened at the deadline (S8).
             notify = policy.mode is SessionMode.PROACTIVE and policy.on_close.notify
+        # Lazy mode, a flow that reported no intent: the message opens a new session and is
+        # still the first one after the deadline (DESIGN.md, "Flows": after_expiry).
+        after_expiry = policy.mode is SessionMode.LAZY and session.intent is None
         closed.append(
             self._closer.close_into(
                 change,
@@ -185,7 +189,7 @@ class MessageTurn:
                 now=now,
             )
         )
-        return _Resumed(None)
+        return _Resumed(None, after_expiry=after_expiry)
 
     async def _answer(
         self,
@@ -252,6 +256,11 @@ class MessageTurn:
         """A bot-initiated message; opens a non-interactive session when none is open (S13)."""
         policy = self._policies[slot.endpoint]
         now = self._clock()
+        # In the conversation's queue, so an opt-out accepted before this message is seen.
+        contact = await self._store.get_contact(contact_id_of(slot.endpoint, slot.conversation))
+        if contact is not None and contact.opted_out:
+            item.done.set_exception(Conflict("contact opted out", detail=f"{contact.id} opted out"))
+            return
         session = slot.session
         opened = None
         if session is None:
@@ -261,7 +270,6 @@ class MessageTurn:
         message = self._book.message(session, MessageKind.BOT, item.text, f"bot:{uuid.uuid4().hex}")
         # Platform windows (Messenger's 24 h) count from the user's last message, whatever
         # session it was in: the contact knows it.
-        contact = await self._store.get_contact(contact_id_of(slot.endpoint, slot.conversation))
         message.user_last_seen_at = contact.last_user_message_at if contact is not None else None
         change.outbox.append(message)
         await self._book.commit(slot, change, opened=opened)

@@ -130,6 +130,11 @@ class Store(Protocol):
 
     async def delete_override(self, scope: str) -> None: ...
 
+    # -- health ------------------------------------------------------------------------------
+    async def check_writable(self) -> str | None:
+        """None when a write can commit now; else the reason it cannot (``/healthz`` answers
+        503 with it). Cheap enough to run once a second."""
+
     # -- conversations the gateway issues (web chat) --------------------------------------------
     async def add_conversation_secret(
         self, endpoint: str, conversation: str, secret_hash: str, created_at: float

@@ -36,6 +36,7 @@ from gateway.models import (
     TranscriptLine,
     contact_id_of,
 )
+from gateway.store import sqlite_health as health
 from gateway.store import sqlite_rows as rows
 from gateway.store.base import SessionQuery
 from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
@@ -46,12 +47,14 @@ from gateway.store.sqlite_writer import (
     GroupCommitWriter,
     InboundRow,
     PartsSent,
+    Probe,
     Prune,
     SetOverride,
     Work,
 )
 
 READ_CHUNK = 5000  # sessions per hop while streaming open_sessions
+PROBE_TIMEOUT_S = 2.0  # check_writable's write
 DELETE_CHUNK = 2000  # rows per write while pruning history: other writes interleave
 
 P = ParamSpec("P")
@@ -79,6 +82,7 @@ class SqliteStore:
         self._reader: aiosqlite.Connection | None = None
         self._writer: GroupCommitWriter | None = None
         self._closing: asyncio.Future[None] | None = None
+        self._identity: health.FileIdentity | None = None  # the file opened (gone? replaced?)
 
     def __repr__(self) -> str:
         return f"<SqliteStore {str(self._path)!r} {self._state.value} batches={self.batches_committed}>"
@@ -105,6 +109,7 @@ class SqliteStore:
             await run(self._writer_conn, prepare_writer)
             self._reader = await self._connect()
             await run(self._reader, prepare_reader)
+            self._identity = await asyncio.to_thread(health.FileIdentity.of, self._path)
         except BaseException:
             await self.aclose()
             raise
@@ -198,6 +203,24 @@ class SqliteStore:
     async def delete_override(self, scope: str) -> None:
         """Drop the runtime settings of ``scope`` (no error when there are none)."""
         await self._submit(SetOverride(scope, None))
+
+    async def check_writable(self, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+        """None when a write commits now; else why not (the file is gone or replaced, the disk
+        is full, the probe write failed or took longer than ``timeout_s``)."""
+        problem = await asyncio.to_thread(self._file_and_space_problem)
+        if problem is not None:
+            return problem
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._submit(Probe())
+        except TimeoutError:
+            return f"a write took longer than {timeout_s} s"
+        except StoreError as exc:
+            return str(exc)
+        return None
+
+    def _file_and_space_problem(self) -> str | None:
+        return health.file_problem(self._path, self._identity) or health.space_problem(self._path)
 
     async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
         """Delete handled inbound events and messages still pending for ``holding_channels``

@@ -88,7 +88,12 @@ class AddSecret:
     created_at: float
 
 
-Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent | Exec | AddSecret
+@dataclass(slots=True, frozen=True)
+class Probe:
+    """A write that changes nothing: rewrites the header page (``user_version``) and commits."""
+
+
+Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent | Exec | AddSecret | Probe
 
 
 @dataclass(slots=True)
@@ -190,8 +195,12 @@ def _apply_merged(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
             results.append(None)
         elif isinstance(work, Exec):
             results.append(sum(conn.execute(sql, params).rowcount for sql, params in work.statements))
-        else:
+        elif isinstance(work, Prune):
             results.append(_prune_chunk(conn, work))
+        else:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            conn.execute(f"PRAGMA user_version = {version}")  # dirties page 1: a real write
+            results.append(None)
     return results
 
 
