@@ -64,5 +64,5 @@ async def test_a_step_back_then_forward_still_closes_on_the_wall_clock_deadline(
     corrected_at = time.monotonic()
     await chat.wait_messages(1, "closure", timeout_s=6.0)
     assert time.monotonic() - corrected_at < 5.0
-    [session] = await gateway.store.contact_sessions("web:back")
+    [session] = await gateway.store.contact_sessions(f"web:{chat.conversation}")
     assert session.close_reason == "inactivity"

@@ -310,6 +310,8 @@ webchat_frame = fields(
 @given(frame=webchat_frame, raw=st.one_of(st.none(), st.none(), texts))
 def test_fuzz_webchat_frames(frame: Any, raw: str | None) -> None:
     data = raw if raw is not None else json.dumps(frame)
-    event = parse_client_frame("conversation-1", data)
-    if event is not None:
-        passes_on(event)
+    parsed = parse_client_frame("conversation-1", data, max_text_chars=2000)
+    if parsed.event is not None:
+        passes_on(parsed.event)
+    else:
+        assert parsed.refused in ("malformed", "too_long")
