@@ -18,7 +18,8 @@ import pytest
 from tests.conftest import make_settings
 from tests.fakeplatform import Answer, FakePlatform
 from tests.gateway_process import free_port
-from tests.test_restart import SEND_PATH, messenger_body, messenger_endpoint, post_messenger
+from tests.kits.messenger import MESSENGER, SEND_PATH
+from tests.test_restart import messenger_endpoint
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -95,18 +96,20 @@ async def test_redis_down_means_503_with_retry_after_then_it_reconnects(
         )
         gateway = await start_gateway(settings)
         base = str(gateway.client.make_url(""))
-        webhook = f"{base}/webhooks/fb"
+        path = "/webhooks/fb"
+        webhook = base + path
         async with aiohttp.ClientSession() as http:
             await wait_status(http, f"{base}/healthz", 200)
-            assert await post_messenger(http, webhook, messenger_body("U1", "before", "m-before")) == 200
+            before = MESSENGER.text("before", user="U1", event_id="m-before")
+            assert await MESSENGER.post_to(http, base, before, path=path) == 200
             await api.wait_for(1, SEND_PATH)
             await gateway.outbox.drain()  # its "sent" mark is stored before Redis goes
 
             private_redis.stop()
-            body = messenger_body("U1", "during", "m-during")
-            signed_status = await post_messenger(http, webhook, body)
-            assert signed_status == 503  # not stored, so never a 2xx
-            async with http.post(webhook, data=body, headers=_signed(body)) as response:
+            during = MESSENGER.text("during", user="U1", event_id="m-during")
+            assert await MESSENGER.post_to(http, base, during, path=path) == 503  # not stored: never a 2xx
+            headers = {"Content-Type": MESSENGER.content_type, **MESSENGER.sign(during.body, webhook)}
+            async with http.post(webhook, data=during.body, headers=headers) as response:
                 assert response.status == 503
                 assert response.headers["Retry-After"] == "5"
             await wait_status(http, f"{base}/healthz", 503)
@@ -114,17 +117,8 @@ async def test_redis_down_means_503_with_retry_after_then_it_reconnects(
             await private_redis.start()  # back (empty: this one keeps nothing on disk)
             await wait_status(http, f"{base}/healthz", 200)
             # The platform's redelivery of the refused event is now stored and answered.
-            assert await post_messenger(http, webhook, body) == 200
+            assert await MESSENGER.post_to(http, base, during, path=path) == 200
             await api.wait_for(2, SEND_PATH)
             texts = [r.json()["message"]["text"] for r in api.to(SEND_PATH)]
             assert texts == ["before", "during"]
 
-
-def _signed(body: bytes) -> dict[str, str]:
-    import hashlib
-    import hmac
-
-    from tests.test_restart import APP_SECRET
-
-    signature = "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
-    return {"X-Hub-Signature-256": signature, "Content-Type": "application/json"}

@@ -28,8 +28,9 @@ import redis.asyncio as aioredis
 from tests.conftest import ADMIN_TOKEN, write_config
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
 from tests.gateway_process import GatewayProcess, free_port
+from tests.kits.messenger import MESSENGER, SEND_PATH
 from tests.redis_kit import REDIS_URL
-from tests.test_restart import SEND_PATH, messenger_body, messenger_endpoint, post_messenger
+from tests.test_restart import messenger_endpoint
 
 ENDPOINT = "fb"
 BYE = f"closed {ENDPOINT}"
@@ -125,7 +126,8 @@ class Recipient:
 
 
 async def post(http: aiohttp.ClientSession, node: GatewayProcess, psid: str, text: str) -> None:
-    status = await post_messenger(http, f"{node.url}/webhooks/{ENDPOINT}", messenger_body(psid, text, f"{psid}-{text}"))
+    inbound = MESSENGER.text(text, user=psid, event_id=f"{psid}-{text}")
+    status = await MESSENGER.post_to(http, node.url, inbound, path=f"/webhooks/{ENDPOINT}")
     assert status == 200
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from gateway.close_scripts import CloseScripts
 from gateway.errors import SessionNotOpen
+from gateway.logs import log_context
 from gateway.metrics import Metrics
 from gateway.models import Change, CloseReason, Contact, MessageKind, Session, contact_id_of
 from gateway.policy import EndpointPolicy
@@ -31,7 +32,7 @@ from gateway.session_rules import (
 )
 from gateway.sessions.book import SessionBook, include_contact
 from gateway.sessions.scheduler import ConversationScheduler
-from gateway.sessions.state import ClearProfilesItem, CloseItem, Conversation, ExpireItem
+from gateway.sessions.state import ClearProfilesItem, CloseItem, Conversation, EraseItem, ExpireItem
 from gateway.sessions.timers import SessionTimers
 from gateway.store.base import Store
 from gateway.wire import session_json
@@ -130,6 +131,13 @@ class SessionCloser:
             item.done.set_result(session)
         else:
             item.done.set_exception(SessionNotOpen(item.session_id))
+
+    async def handle_erase(self, slot: Conversation, item: EraseItem) -> None:
+        """Close the open session silently (reason ``admin``), then erase the contact."""
+        session = slot.session
+        if session is not None:
+            await self._close_now(slot, session, reason=CloseReason.ADMIN, notify=False)
+        item.done.set_result(await self._store.erase_contact(slot.endpoint, slot.conversation))
 
     async def _close_now(self, slot: Conversation, session: Session, *, reason: CloseReason, notify: bool) -> bool:
         """Close one session in its own commit (a close claim: nothing else of it changed since
@@ -253,7 +261,12 @@ class SessionCloser:
             names = await scripts.run(ref, timeout_s, session_json(session), profiles)
         except Exception as exc:
             self._metrics.inc("gateway_close_script_errors_total", endpoint=session.endpoint)
-            log.warning("close script for session %s failed: %s", session.id, exc)
+            log.warning(
+                "close script for session %s failed: %s",
+                session.id,
+                exc,
+                extra=log_context(session.endpoint, session.conversation, session.id),
+            )
             return
         log.info("close script ran for session %s; auth profiles to clear: %s", session.id, names or "none")
         if names and not self._stopped:

@@ -17,15 +17,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from gateway.close_scripts import CloseScripts
 from gateway.errors import LeaseLost, Overloaded, SessionNotFound, SessionNotOpen
 from gateway.flows import Flow
+from gateway.logs import log_context
 from gateway.metrics import Metrics
 from gateway.models import CloseReason, InboundEvent, Session, StoredEvent
 from gateway.policy import EndpointPolicy
 from gateway.sessions.book import SessionBook, SessionListener
+from gateway.sessions.clockwatch import ClockWatch
 from gateway.sessions.closing import SessionCloser
 from gateway.sessions.ownership import Ownership, SoleOwner
 from gateway.sessions.scheduler import ConversationScheduler
@@ -33,6 +35,7 @@ from gateway.sessions.state import (
     BotMessageItem,
     CloseItem,
     Conversation,
+    EraseItem,
     ExpireItem,
     ManagerStats,
     OutboxSink,
@@ -62,6 +65,7 @@ class SessionManager:
         clock: Callable[[], float] = time.time,
         error_reply: str | None = None,
         max_pending_events: int = 10_000,
+        own_budgets: Iterable[str] = (),
         scripts: CloseScripts | None = None,
         ownership: Ownership | None = None,
     ) -> None:
@@ -74,14 +78,17 @@ class SessionManager:
         self._closing = False
         self.ready = False
         self.stats = ManagerStats()
+        # Endpoints anyone on the internet can reach (web chat) get a backlog budget of their
+        # own: their flood never makes a platform webhook answer 503 (DESIGN.md).
         self._scheduler = ConversationScheduler(
             self._policies,
             handle=self._handle,
             on_failure=self._on_failure,
             close_batch=self._close_due,
             on_forget=None if self._ownership.owns_everything else self._forgotten,
+            own_budgets=own_budgets,
         )
-        self._timers = SessionTimers(clock, self.stats, on_due=self._scheduler.expire)
+        self._timers = SessionTimers(clock, self.stats, on_due=self._scheduler.expire, metrics=self._metrics)
         self._book = SessionBook(
             store, outbox, self._timers, self._policies, metrics=self._metrics, stats=self.stats, clock=clock
         )
@@ -106,6 +113,7 @@ class SessionManager:
             error_reply=error_reply,
         )
         self._metrics.gauge("gateway_open_sessions", lambda: float(self._book.open_count))
+        self._clock_watch = ClockWatch(clock, lambda _step: self.rearm_all())
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -118,6 +126,7 @@ class SessionManager:
         self._scheduler.start()
         if not self._ownership.owns_everything:
             self.ready = True
+            self._clock_watch.start()
             return
         removed: list[Session] = []
         loaded = 0
@@ -144,6 +153,7 @@ class SessionManager:
                 if armed % _RESTORE_YIELD_EVERY == 0:
                     await asyncio.sleep(0)
         self.ready = True
+        self._clock_watch.start()
         log.info("restored %d open sessions, %d pending events re-queued", loaded, self.pending_events)
 
     async def aclose(self) -> None:
@@ -152,6 +162,7 @@ class SessionManager:
             return
         self._closing = True
         self.ready = False
+        await self._clock_watch.aclose()
         self._closer.stop()
         self._timers.stop()
         for slot in self._scheduler.slots():
@@ -192,15 +203,15 @@ class SessionManager:
         """
         if self._closing:
             raise Overloaded("gateway is shutting down")
-        if self._scheduler.backlog >= self._max_pending:
+        if self._scheduler.backlog(endpoint) >= self._max_pending:
             # The backlog waits on disk, but unbounded it would only grow: say "later" (503).
             self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="overloaded")
-            raise Overloaded(f"{self._scheduler.pending_events} events wait to be handled; try again later")
+            raise Overloaded(f"{self._scheduler.backlog(endpoint)} events wait to be handled; try again later")
         arrival = self._clock() if arrival_at is None else arrival_at
         policy = self._policies.get(endpoint)
         extends_to = policy.deadline(arrival) if policy is not None and event.is_interaction else None
         admitted: list[StoredEvent] = []
-        with self._scheduler.admitting():
+        with self._scheduler.admitting(endpoint):
             stored = await self._store.add_inbound(endpoint, event, arrival, extends_to=extends_to)
             if stored is not None and stored.owner is None and not self._ownership.owns_everything:
                 admitted = await self._ownership.admit(stored)
@@ -216,6 +227,7 @@ class SessionManager:
             event.kind,
             stored.id,
             "" if stored.owner is None else f" (to instance {stored.owner})",
+            extra=log_context(endpoint, event.conversation),
         )
         if stored.owner is not None:
             return True  # another instance owns the conversation: the store woke it
@@ -257,6 +269,8 @@ class SessionManager:
             await self._closer.handle_close(slot, item)
         elif isinstance(item, BotMessageItem):
             await self._turn.handle_bot_message(slot, item)
+        elif isinstance(item, EraseItem):
+            await self._closer.handle_erase(slot, item)
         else:
             await self._closer.handle_clear_profiles(slot, item)
 
@@ -264,12 +278,12 @@ class SessionManager:
         if isinstance(exc, LeaseLost):
             # Another instance took the conversation over: its events stay pending for it.
             for lost in [item, *self._scheduler.discard_work(slot)]:
-                if isinstance(lost, CloseItem | BotMessageItem) and not lost.done.done():
+                if isinstance(lost, CloseItem | BotMessageItem | EraseItem) and not lost.done.done():
                     lost.done.set_exception(exc)
             self._book.forget(slot)
             log.warning("conversation %s/%s moved to another instance", slot.endpoint, slot.conversation)
             return
-        if isinstance(item, CloseItem | BotMessageItem) and not item.done.done():
+        if isinstance(item, CloseItem | BotMessageItem | EraseItem) and not item.done.done():
             item.done.set_exception(exc)
         if isinstance(item, StoredEvent):
             await self._turn.give_up_on(item)
@@ -341,7 +355,17 @@ class SessionManager:
             raise SessionNotOpen(session_id)
         done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         slot = self._scheduler.slot(session.endpoint, session.conversation)
-        self._scheduler.push(slot, CloseItem(session_id, reason, notify, done))
+        self._scheduler.push(slot, CloseItem(session_id, reason=reason, notify=notify, done=done))
+        return await done
+
+    async def erase_contact(self, endpoint: str, conversation: str) -> int:
+        """Erase a contact: its open session is closed silently, then the store deletes the
+        contact, its sessions and messages (``Store.erase_contact``), in the conversation's
+        queue, so no turn of it runs in between. Returns the number of rows deleted."""
+        if endpoint not in self._policies:  # no open session can exist: closed at start
+            return await self._store.erase_contact(endpoint, conversation)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._scheduler.push(self._scheduler.slot(endpoint, conversation), EraseItem(done))
         return await done
 
     async def send_bot_message(self, endpoint: str, conversation: str, text: str) -> Session:
@@ -383,6 +407,16 @@ class SessionManager:
             if session.expires_at is None or policy.mode is SessionMode.LAZY:
                 self._timers.disarm(slot)
             elif not self._scheduler.is_held(slot):
+                self._book.arm(slot)
+
+    async def rearm_all(self) -> None:
+        """Re-arm every open session's timer for its wall-clock deadline (after the wall clock
+        stepped): handles now due too late move earlier, early ones re-arm themselves when they
+        fire. Yields every few thousand sessions."""
+        for done, slot in enumerate(self._scheduler.slots(), start=1):
+            if done % _RESTORE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            if slot.session is not None and not self._scheduler.is_held(slot):
                 self._book.arm(slot)
 
     def policy(self, endpoint: str) -> EndpointPolicy | None:

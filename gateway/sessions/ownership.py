@@ -20,7 +20,7 @@ The session manager asks:
 - ``deadlines_moved(deadlines)``: a changed setting moves these open sessions' deadlines.
 
 The application starts it before the outbox and the session manager, ``bind``s them once they
-run, asks ``healthy`` for ``/healthz``, says ``settings_changed`` after an admin change, and
+run, asks ``problem`` for ``/healthz``, says ``settings_changed`` after an admin change, and
 closes it after them.
 """
 
@@ -70,8 +70,9 @@ class Ownership(Protocol):
     async def aclose(self) -> None:
         """Leave: other instances take this one's conversations over. Idempotent."""
 
-    async def healthy(self) -> bool:
-        """Whether this instance can do its part now (for ``/healthz``)."""
+    def problem(self) -> str | None:
+        """None while this instance can do its part (``/healthz``; the store's own health is
+        ``Store.check_writable``), else why it cannot."""
         ...
 
     async def admit(self, stored: StoredEvent) -> list[StoredEvent]:
@@ -124,8 +125,8 @@ class SoleOwner:
     async def aclose(self) -> None:
         pass
 
-    async def healthy(self) -> bool:
-        return True
+    def problem(self) -> str | None:
+        return None
 
     async def admit(self, stored: StoredEvent) -> list[StoredEvent]:
         return [stored]

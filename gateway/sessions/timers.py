@@ -16,6 +16,7 @@ import asyncio
 import contextvars
 from collections.abc import Callable
 
+from gateway.metrics import Metrics
 from gateway.models import Session
 from gateway.sessions.state import Conversation, ManagerStats
 
@@ -33,8 +34,10 @@ class SessionTimers:
         stats: ManagerStats,
         *,
         on_due: Callable[[Conversation, Session], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self._clock = clock
+        self._metrics = metrics
         self._stats = stats
         self._on_due = on_due
         self._stopped = False
@@ -78,6 +81,10 @@ class SessionTimers:
             self._stats.timer_rearms += 1
             self.arm(slot)
             return
-        if self._stats.record_lags and session.expires_at is not None:
-            self._stats.fire_lags_s.append(self._clock() - session.expires_at)
+        if session.expires_at is not None:
+            lag_s = self._clock() - session.expires_at
+            if self._metrics is not None:
+                self._metrics.observe("gateway_timer_fire_lag_seconds", max(0.0, lag_s), slot.endpoint)
+            if self._stats.record_lags:
+                self._stats.fire_lags_s.append(lag_s)
         self._on_due(slot, session)

@@ -46,7 +46,7 @@ RETENTION_S = 7 * 24 * 3600  # dedup ids and handled events (DESIGN.md retention
 CLOSE_TOLERANCE_S = 0.0005  # a close claim accepts a deadline this far ahead (timers.EARLY_TOLERANCE_S)
 SOCKET_TIMEOUT_S = 2.0  # a slower Redis is "down": webhooks get 503 rather than hang
 CONNECT_TIMEOUT_S = 1.0
-HEALTH_EVERY_S = 1.0
+PROBE_TTL_MS = 10_000  # check_writable's key expires by itself
 MAX_CONNECTIONS = 32
 
 __all__ = ["ConversationState", "RedisStore", "redis_client"]
@@ -101,9 +101,6 @@ class RedisStore(RedisReads):
         self._state = _State.NEW
         self._redis: aioredis.Redis | None = None
         self._writer: RedisWriter | None = None
-        self._health_checked_at = -math.inf
-        self._health = False
-        self._health_lock = asyncio.Lock()
 
     def __repr__(self) -> str:  # the URL may hold a password: never shown
         return f"<RedisStore prefix={self.keys.prefix!r} {self._state.value}>"
@@ -142,18 +139,20 @@ class RedisStore(RedisReads):
         if self._redis is not None:
             await self._redis.aclose()
 
-    async def healthy(self) -> bool:
-        """Whether Redis answered a PING within the socket timeout, checked at most once a second."""
+    async def check_writable(self, timeout_s: float = SOCKET_TIMEOUT_S) -> str | None:
+        """None when Redis takes a write now; else why not (not open, down, read-only, or
+        slower than ``timeout_s``). The probe is one small ``SET`` with a short TTL: cheap
+        enough for ``/healthz`` once a second from every instance."""
         if self._state is not _State.OPEN or self._redis is None:
-            return False
-        async with self._health_lock:
-            if time.monotonic() - self._health_checked_at >= HEALTH_EVERY_S:
-                try:
-                    self._health = bool(await self._redis.ping())
-                except (RedisError, OSError):
-                    self._health = False
-                self._health_checked_at = time.monotonic()
-        return self._health
+            return "redis store is not open"
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._call(self._redis.set(self.keys.probe, "1", px=PROBE_TTL_MS))
+        except TimeoutError:
+            return f"redis took longer than {timeout_s:g} s to take a write"
+        except StoreError as exc:
+            return str(exc)
+        return None
 
     def _write(self, script: AsyncScript, args: list[str]) -> asyncio.Future[Any]:
         """A state-changing script, through the writer: applied in submission order."""

@@ -22,6 +22,7 @@
     {P}:opending                zset    pending outbox ids;  {P}:odead  zset  dead letters
     {P}:opend:{contact_id}      set     the conversation's pending outbox ids
     {P}:overrides               hash    runtime settings: scope -> JSON
+    {P}:probe                   string  check_writable's write (expires after 10 s)
     -- several instances (gateway/store/redis_ownership.py) --
     {P}:instances               zset    live instances, scored by their last heartbeat (Redis ms)
     {P}:lease:{contact_id}      hash    the conversation's owner: owner (instance id), token
@@ -100,6 +101,10 @@ class Keys:
     @property
     def overrides(self) -> str:
         return f"{self.prefix}:overrides"
+
+    @property
+    def probe(self) -> str:
+        return f"{self.prefix}:probe"
 
     @property
     def instances(self) -> str:

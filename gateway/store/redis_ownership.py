@@ -144,10 +144,13 @@ class RedisOwnership(OperatorCalls):
         if self._blocking is not None:
             await self._blocking.aclose()
 
-    async def healthy(self) -> bool:
-        """The heartbeat is fresh and Redis answers."""
-        fresh = asyncio.get_running_loop().time() - self._beat_at < LEASE_TTL_MS / 1000
-        return fresh and await self._store.healthy()
+    def problem(self) -> str | None:
+        """Why this instance cannot do its part: its heartbeat is stale (others may be taking
+        its conversations over). Redis itself is probed by ``RedisStore.check_writable``."""
+        age = asyncio.get_running_loop().time() - self._beat_at
+        if age < LEASE_TTL_MS / 1000:
+            return None
+        return f"this instance's heartbeat is {age:.1f} s old (lease {LEASE_TTL_MS / 1000:g} s)"
 
     def _spawn(self, work: Awaitable[None], name: str) -> None:
         self._tasks.append(asyncio.ensure_future(work))
