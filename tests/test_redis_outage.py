@@ -121,4 +121,3 @@ async def test_redis_down_means_503_with_retry_after_then_it_reconnects(
             await api.wait_for(2, SEND_PATH)
             texts = [r.json()["message"]["text"] for r in api.to(SEND_PATH)]
             assert texts == ["before", "during"]
-

@@ -29,9 +29,9 @@ from gateway.models import (
     OutboxState,
     Session,
     SessionState,
+    TranscriptEntry,
 )
-from gateway.store import redis as redis_module
-from gateway.store import redis_reads, sqlite_rows, sqlite_writer
+from gateway.store import redis_lifecycle, redis_reads, sqlite_rows, sqlite_writer
 from gateway.store import sqlite as sqlite_module
 from gateway.store.base import SessionQuery, Store
 from gateway.store.redis import RedisStore
@@ -508,11 +508,12 @@ async def test_overrides(store: Store, db_path: Path) -> None:
 
 
 async def test_prune(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Old kept web chat messages go; sent ones and other channels' stay. SQLite deletes handled
-    inbound rows (their dedup ids) by arrival time; Redis lets them expire by TTL (7 days from
-    when they were stored), so there an old dedup id is still known."""
+    """Old handled inbound events and kept web chat messages go; pending events, sent messages
+    and other channels' stay. SQLite's dedup ids are the inbox rows, so they go too; Redis's
+    expire by their own TTL (``retention.dedup_days`` after acceptance, in real time), so there
+    an old dedup id is still known."""
     monkeypatch.setattr(sqlite_writer, "PRUNE_CHUNK", 2)  # several rounds
-    monkeypatch.setattr(redis_module, "CHUNK", 1)
+    monkeypatch.setattr(redis_lifecycle, "DELETE_CHUNK", 2)
     cutoff = T0 + 100
     old_done = [await store.add_inbound("web", make_event(f"old{i}"), T0 + i) for i in range(5)]
     old_pending = await store.add_inbound("web", make_event("old-pending"), T0)
@@ -527,7 +528,7 @@ async def test_prune(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     await store.commit(Change(outbox_updates=[sent_web_old]))
 
     sqlite = isinstance(store, SqliteStore)
-    assert await store.prune(cutoff, holding_channels={"webchat"}) == (6 if sqlite else 1)
+    assert await store.prune(cutoff, holding_channels={"webchat"}) == 6
     assert await store.prune(cutoff, holding_channels={"webchat"}) == 0
     assert [e.event.dedup_key for e in await store.pending_inbound()] == ["old-pending"]
     assert old_pending is not None
@@ -622,3 +623,213 @@ async def test_lock_of_a_killed_process_is_released(db_path: Path) -> None:
     store = SqliteStore(db_path)
     await store.open()
     await store.aclose()
+
+
+# -- the public web chat and the data lifecycle (#12, #13): the same contract on both backends --
+
+
+def conversation_message(
+    conversation: str, key: str, text: str, at: float, *, channel: str = "webchat", state: OutboxState | None = None
+) -> OutboundMessage:
+    message = dataclasses.replace(
+        make_message(key, channel=channel, created_at=at, text=text),
+        conversation=conversation,
+        kind=MessageKind.CLOSURE if key.startswith("close") else MessageKind.REPLY,
+    )
+    if state is not None:
+        message.state = state
+    return message
+
+
+def user_event(conversation: str, key: str, text: str | None, kind: EventKind = EventKind.MESSAGE) -> InboundEvent:
+    return InboundEvent(conversation=conversation, kind=kind, dedup_key=key, message_id=key, text=text)
+
+
+async def test_issued_conversations_persist_and_unused_ones_are_pruned(store: Store, db_path: Path) -> None:
+    await store.add_conversation_secret("web", "used", "h1", T0)
+    await store.add_conversation_secret("web", "unused", "h2", T0)
+    await store.add_conversation_secret("web", "recent", "h3", T0 + 100)
+    with pytest.raises(StoreError):  # an id is issued once
+        await store.add_conversation_secret("web", "used", "other", T0)
+    await store.commit(Change(sessions=[make_session(1, conversation="used", started_at=T0)]))
+    assert await store.prune(T0 + 50, holding_channels=["webchat"]) == 1
+    assert await store.conversation_secret("web", "used") == "h1"  # it had a session
+    assert await store.conversation_secret("web", "unused") is None  # nobody ever wrote
+    assert await store.conversation_secret("web", "recent") == "h3"  # not old enough
+    assert await store.conversation_secret("other", "used") is None
+    store = await reopen(store, db_path)
+    try:
+        assert await store.conversation_secret("web", "used") == "h1"
+    finally:
+        await store.aclose()
+
+
+async def test_pending_messages_of_one_conversation_and_without_the_holding_channels(store: Store) -> None:
+    kept = [conversation_message("c1", f"reply:{n}", f"t{n}", T0 + n) for n in range(3)]
+    other = conversation_message("c2", "reply:9", "other", T0)
+    slack = conversation_message("C1", "reply:s", "slack", T0, channel="slack")
+    await store.commit(Change(outbox=[*kept, other, slack]))
+    kept[1].state = OutboxState.SENT
+    await store.commit(Change(outbox_updates=[kept[1]]))
+    assert [m.text for m in await store.pending_outbox_of("web", "c1")] == ["t0", "t2"]
+    assert [m.text for m in await store.pending_outbox(skip_channels=["webchat"])] == ["slack"]
+    assert len(await store.pending_outbox()) == 4
+
+
+async def test_history_is_user_lines_and_sent_messages_from_a_time_on(store: Store) -> None:
+    await store.add_inbound("web", user_event("c1", "old", "before the session"), T0 - 10)
+    await store.add_inbound("web", user_event("c1", "u1", "hello"), T0)
+    await store.add_inbound("web", user_event("c1", "img", None), T0 + 1)  # no text: not a line
+    await store.add_inbound("web", user_event("c1", "r", None, EventKind.REFRESH), T0 + 2)
+    await store.add_inbound("web", user_event("c1", "u2", "again"), T0 + 3)
+    await store.add_inbound("web", user_event("c2", "x", "someone else"), T0 + 1)
+    replies = [
+        conversation_message("c1", "reply:1", "hello", T0 + 0.5),
+        conversation_message("c1", "close:s", "bye", T0 + 4),
+    ]
+    same_time = conversation_message("c1", "reply:3", "at once", T0 + 3)  # after the user line of its time
+    unsent = conversation_message("c1", "reply:2", "not yet", T0 + 3.5)
+    await store.commit(Change(outbox=[*replies, same_time, unsent]))
+    for sent in (*replies, same_time):
+        sent.state = OutboxState.SENT
+    await store.commit(Change(outbox_updates=[*replies, same_time]))
+    lines = await store.history("web", "c1", T0, 10)
+    assert [(line.sender, line.kind, line.text, line.message_id) for line in lines] == [
+        ("user", "message", "hello", "u1"),
+        ("bot", "reply", "hello", None),
+        ("user", "refresh", "", "r"),
+        ("user", "message", "again", "u2"),
+        ("bot", "reply", "at once", None),
+        ("bot", "closure", "bye", None),
+    ]
+    assert [line.at for line in lines] == [T0, T0 + 0.5, T0 + 2, T0 + 3, T0 + 3, T0 + 4]
+    assert [line.text for line in await store.history("web", "c1", T0, 2)] == ["at once", "bye"]  # the last 2
+
+
+async def test_transcript_has_user_messages_and_every_outbox_message_in_a_time_range(store: Store) -> None:
+    await store.add_inbound("web", user_event("c1", "early", "too early"), T0 - 1)
+    handled = await store.add_inbound("web", user_event("c1", "u1", "hello"), T0)
+    image = dataclasses.replace(user_event("c1", "img", None), attachments=({"type": "image", "url": "u"},))
+    await store.add_inbound("web", image, T0 + 1)  # still pending: listed too
+    await store.add_inbound("web", user_event("c1", "pb", "BUTTON", EventKind.POSTBACK), T0 + 2)
+    await store.add_inbound("web", user_event("c1", "r", None, EventKind.REFRESH), T0 + 2.5)  # not a message
+    await store.add_inbound("web", user_event("c2", "x", "someone else"), T0 + 1)
+    assert handled is not None
+    dead = conversation_message("c1", "reply:d", "failed", T0 + 3)
+    pending = conversation_message("c1", "reply:p", "waiting", T0 + 4)
+    await store.commit(Change(outbox=[dead, pending], handled_events=[handled.id]))
+    dead.state = OutboxState.DEAD
+    await store.commit(Change(outbox_updates=[dead]))
+    await store.commit(Change(outbox=[conversation_message("c1", "reply:late", "too late", T0 + 10)]))
+
+    entries = await store.transcript("web", "c1", T0, T0 + 4, 100)
+    assert [(e.at, e.sender, e.kind, e.text, e.state, e.attachments) for e in entries] == [
+        (T0, "user", "message", "hello", None, ()),
+        (T0 + 1, "user", "message", None, None, ("image",)),
+        (T0 + 2, "user", "postback", "BUTTON", None, ()),
+        (T0 + 3, "bot", "reply", "failed", "dead", ()),
+        (T0 + 4, "bot", "reply", "waiting", "pending", ()),
+    ]
+    assert [e.text for e in await store.transcript("web", "c1", T0, T0 + 4, 2)] == ["failed", "waiting"]
+    assert await store.transcript("web", "c1", T0, T0 + 4, 0) == []
+
+
+async def test_dead_letters_are_counted_and_only_they_are_deleted(store: Store) -> None:
+    dead, pending = make_message("reply:d", created_at=T0), make_message("reply:p", created_at=T0)
+    await store.commit(Change(outbox=[dead, pending]))
+    assert await store.count_dead_letters() == 0
+    dead.state = OutboxState.DEAD
+    await store.commit(Change(outbox_updates=[dead]))
+    assert await store.count_dead_letters() == 1
+    assert await store.delete_dead_letter(pending.id) is False  # a pending message is never dropped
+    assert await store.delete_dead_letter(dead.id) is True
+    assert await store.delete_dead_letter(dead.id) is False  # gone already
+    assert await store.get_outbound(dead.id) is None
+    assert await store.count_dead_letters() == 0
+    assert [m.key for m in await store.pending_outbox()] == ["reply:p"]
+
+
+async def test_erasing_a_contact_deletes_its_sessions_messages_and_handled_events(store: Store) -> None:
+    contact = Contact(id="web:c1", endpoint="web", conversation="c1", created_at=T0, display_name="Ann")
+    other = Contact(id="web:c2", endpoint="web", conversation="c2", created_at=T0)
+    closed = make_session(1, conversation="c1", state=SessionState.CLOSED)
+    still = make_session(2, conversation="c2")
+    done = await store.add_inbound("web", user_event("c1", "u1", "mine"), T0)
+    waiting = await store.add_inbound("web", user_event("c1", "u2", "pending"), T0 + 1)
+    elsewhere = await store.add_inbound("web", user_event("c2", "u3", "theirs"), T0)
+    assert done is not None and waiting is not None and elsewhere is not None
+    messages = [conversation_message("c1", "reply:1", "a", T0), conversation_message("c2", "reply:2", "b", T0)]
+    await store.commit(
+        Change(
+            sessions=[closed, still], contacts=[contact, other], outbox=messages, handled_events=[done.id, elsewhere.id]
+        )
+    )
+
+    # one session, the contact, one message, one handled event; the pending event stays to be handled
+    assert await store.erase_contact("web", "c1") == 4
+    assert await store.get_contact("web:c1") is None
+    assert await store.get_session(closed.id) is None
+    assert await store.contact_sessions("web:c1") == []
+    assert await store.transcript("web", "c1", T0 - 1, T0 + 10, 100) == [
+        TranscriptEntry(T0 + 1, "user", "message", "pending")
+    ]
+    assert [e.event.dedup_key for e in await store.pending_inbound()] == ["u2"]
+    assert await store.erase_contact("web", "c1") == 0
+    assert await store.get_contact("web:c2") == other
+    assert fields(await store.get_session(still.id)) == fields(still)
+    assert [m.text for m in await store.pending_outbox()] == ["b"]
+    sessions, _ = await store.list_sessions(SessionQuery())
+    assert [s.id for s in sessions] == [still.id]
+
+
+async def test_retention_of_sessions_contacts_and_messages(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_lifecycle, "DELETE_CHUNK", 2)  # several rounds
+    monkeypatch.setattr(sqlite_module, "DELETE_CHUNK", 2)
+    cutoff = T0 + 1000
+    old_closed = [make_session(n, conversation=f"old{n}", state=SessionState.CLOSED) for n in range(3)]
+    recent_closed = make_session(5, conversation="recent", started_at=T0 + 990, state=SessionState.CLOSED)
+    old_open = make_session(6, conversation="open", started_at=T0)
+    contacts = [Contact(id=f"web:old{n}", endpoint="web", conversation=f"old{n}", created_at=T0) for n in range(3)] + [
+        Contact(id="web:optout", endpoint="web", conversation="optout", created_at=T0, opted_out=True),
+        Contact(id="web:open", endpoint="web", conversation="open", created_at=T0),
+        Contact(id="web:talked", endpoint="web", conversation="talked", created_at=T0, last_user_message_at=cutoff + 1),
+    ]
+    states = [OutboxState.SENT, OutboxState.SKIPPED, OutboxState.PENDING, OutboxState.DEAD, OutboxState.SENT]
+    messages = [
+        conversation_message("c1", f"reply:{n}", f"m{n}", T0 if n < 4 else cutoff + 1, state=state)
+        for n, state in enumerate(states)
+    ]
+    await store.commit(Change(sessions=[*old_closed, recent_closed, old_open], contacts=contacts, outbox=messages))
+
+    removed = await store.prune_history(closed_sessions_before=cutoff, messages_before=cutoff)
+    assert removed == 3 + 3 + 2  # old closed sessions, their contacts, old sent and skipped messages
+    assert await store.prune_history(closed_sessions_before=cutoff, messages_before=cutoff) == 0
+    sessions, _ = await store.list_sessions(SessionQuery())
+    assert sorted(s.id for s in sessions) == sorted([recent_closed.id, old_open.id])
+    kept_contacts = await store.get_contacts([c.id for c in contacts])
+    assert sorted(kept_contacts) == ["web:open", "web:optout", "web:talked"]
+    assert [await store.get_outbound(m.id) is not None for m in messages] == [False, False, True, True, True]
+    assert await store.contact_sessions("web:old0") == []
+
+
+async def test_parts_sent_is_a_narrow_write_that_survives_a_reopen(store: Store, db_path: Path) -> None:
+    first, second = make_message("reply:1:0"), make_message("reply:2:0")
+    await store.commit(Change(outbox=[first, second]))
+    stored = await store.get_outbound(first.id)
+    assert stored is not None and stored.parts_sent == 0
+    # In one batch: the progress of one message and a full update of both, whose snapshot
+    # still says 0 parts: the update does not undo the progress, nor the progress the update.
+    first.attempts, second.state = 3, OutboxState.DEAD
+    await asyncio.gather(
+        store.record_parts_sent(first.id, 2),
+        store.commit(Change(outbox_updates=[first, second])),
+        store.record_parts_sent(second.id, 1),
+        store.record_parts_sent(second.id, 4),  # the last one wins
+    )
+    store = await reopen(store, db_path)
+    try:
+        got = {m.key: m for m in [await store.get_outbound(first.id), await store.get_outbound(second.id)] if m}
+    finally:
+        await store.aclose()
+    assert (got["reply:1:0"].parts_sent, got["reply:1:0"].attempts) == (2, 3)
+    assert (got["reply:2:0"].parts_sent, got["reply:2:0"].state) == (4, OutboxState.DEAD)

@@ -31,14 +31,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from gateway.errors import StoreError
 from gateway.models import Change, InboundEvent, StoredEvent, contact_id_of
 from gateway.store import redis_codec as codec
 from gateway.store import redis_scripts as lua
 from gateway.store.redis_keys import Keys
-from gateway.store.redis_reads import CHUNK, ConversationState, RedisReads
+from gateway.store.redis_lifecycle import RedisLifecycle
+from gateway.store.redis_reads import CHUNK, ConversationState
 from gateway.store.redis_writer import RedisWriter
 from gateway.store.sqlite_rows import event_to_json
 
@@ -76,7 +76,7 @@ def redis_client(
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
-class RedisStore(RedisReads):
+class RedisStore(RedisLifecycle):
     """The ``Store`` on the Redis at ``url``, under ``key_prefix``.
 
     ``instance_id`` (set by the ownership layer when several instances run) makes
@@ -123,6 +123,7 @@ class RedisStore(RedisReads):
         self._writer = RedisWriter(self._redis)
         self._set_deadlines = self._redis.register_script(lua.SET_DEADLINES)
         self._prune_held = self._redis.register_script(lua.PRUNE_HELD)
+        self._register_lifecycle_scripts(self._redis)
         try:
             await self._call(self._redis.ping())
         except StoreError:
@@ -304,13 +305,7 @@ class RedisStore(RedisReads):
         """Drop the runtime settings of ``scope`` (no error when there are none)."""
         await self._call(self.client.hdel(self.keys.overrides, scope))
 
-    async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
-        """Drop messages still pending for ``holding_channels`` created before ``before``; dedup
-        ids and handled events expire by themselves (TTL). Returns the messages dropped."""
-        total = 0
-        while True:
-            args = [self.keys.prefix, codec.number(before), str(CHUNK), *sorted(holding_channels)]
-            removed = int(await self._call(self._prune_held(keys=[], args=args)))
-            total += removed
-            if removed < CHUNK:
-                return total
+    def _prune_held_chunk(self, before: float, holding_channels: Collection[str], limit: int) -> asyncio.Future[Any]:
+        """At most ``limit`` messages still pending for ``holding_channels`` created before ``before``."""
+        args = [self.keys.prefix, codec.number(before), str(limit), *sorted(holding_channels)]
+        return self._write(self._prune_held, args)

@@ -12,7 +12,7 @@
     {P}:c:{contact_id}          string  a contact as JSON
     {P}:seq:in / {P}:seq:out    counter ids of inbound events / outbox messages
     {P}:in:{id}                 hash    an inbound event: endpoint, contact, payload, arrival_at,
-                                        state (pending|done), seq; a done one expires with retention
+                                        state (pending|done), seq; a done one is pruned (retention)
     {P}:dedup:{endpoint}:{key}  string  a dedup id, SET NX with the retention TTL (7 days)
     {P}:cseq:{contact_id}       counter the conversation's acceptance sequence (StoredEvent.seq)
     {P}:pending:{contact_id}    list    the conversation's pending inbound ids, in acceptance order
@@ -22,6 +22,15 @@
     {P}:opending                zset    pending outbox ids;  {P}:odead  zset  dead letters
     {P}:opend:{contact_id}      set     the conversation's pending outbox ids
     {P}:overrides               hash    runtime settings: scope -> JSON
+    -- history and retention --
+    {P}:cin:{contact_id}        zset    the conversation's inbound ids by arrival_at (transcripts)
+    {P}:cout:{contact_id}       zset    the conversation's outbox ids by created_at (transcripts)
+    {P}:done                    zset    handled inbound ids by arrival_at (pruned after dedup_days)
+    {P}:odone                   zset    sent and skipped outbox ids by created_at (messages_days)
+    {P}:closed                  zset    closed session ids by closed_at (closed_sessions_days)
+    {P}:contacts                set     every contact id (idle contacts are pruned)
+    {P}:secret:{contact_id}     string  an issued web chat conversation's secret hash
+    {P}:secrets                 zset    issued conversations (contact ids) by creation time
     {P}:probe                   string  check_writable's write (expires after 10 s)
     -- several instances (gateway/store/redis_ownership.py) --
     {P}:instances               zset    live instances, scored by their last heartbeat (Redis ms)
@@ -101,6 +110,19 @@ class Keys:
     @property
     def overrides(self) -> str:
         return f"{self.prefix}:overrides"
+
+    def conversation_inbound(self, contact_id: str) -> str:
+        return f"{self.prefix}:cin:{contact_id}"
+
+    def conversation_outbound(self, contact_id: str) -> str:
+        return f"{self.prefix}:cout:{contact_id}"
+
+    @property
+    def contacts(self) -> str:
+        return f"{self.prefix}:contacts"
+
+    def secret(self, contact_id: str) -> str:
+        return f"{self.prefix}:secret:{contact_id}"
 
     @property
     def probe(self) -> str:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,13 +12,25 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.errors import LeaseLost, StoreError
-from gateway.models import Contact, OutboundMessage, Session, StoredEvent, contact_id_of
+from gateway.models import (
+    Contact,
+    EventKind,
+    OutboundMessage,
+    OutboxState,
+    Session,
+    StoredEvent,
+    TranscriptEntry,
+    TranscriptLine,
+    contact_id_of,
+)
 from gateway.store import redis_codec as codec
 from gateway.store.base import SessionQuery
 from gateway.store.redis_keys import Keys
 from gateway.store.sqlite_rows import decode_cursor, encode_cursor, event_from_json
 
 CHUNK = 1000  # ids per pipelined read
+_USER_KINDS = (EventKind.MESSAGE.value, EventKind.POSTBACK.value)
+_BOT_KINDS = ("reply", "closure", "bot")
 
 
 @dataclass(slots=True)
@@ -172,9 +184,81 @@ class RedisReads:
             found += [codec.outbound_from(raw) for raw in await self._call(pipe.execute()) if raw]
         return found
 
-    async def pending_outbox(self) -> list[OutboundMessage]:
-        """Messages still to send, in id order."""
-        return await self._outbound(await self._call(self.client.zrange(self.keys.outbox_pending, 0, -1)))
+    async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:
+        """Messages still to send, in id order; none of ``skip_channels``."""
+        found = await self._outbound(await self._call(self.client.zrange(self.keys.outbox_pending, 0, -1)))
+        return [m for m in found if m.channel not in skip_channels] if skip_channels else found
+
+    async def pending_outbox_of(self, endpoint: str, conversation: str) -> list[OutboundMessage]:
+        """The conversation's pending messages, in id order."""
+        ids = await self._call(
+            self.client.smembers(self.keys.conversation_outbox(contact_id_of(endpoint, conversation)))
+        )
+        found = await self._outbound(sorted(ids, key=int))
+        return [m for m in found if m.state is OutboxState.PENDING]
+
+    async def count_dead_letters(self) -> int:
+        return int(await self._call(self.client.zcard(self.keys.outbox_dead)))
+
+    async def _conversation_rows(
+        self, endpoint: str, conversation: str, low: str, high: str
+    ) -> tuple[list[tuple[int, dict[str, str]]], list[OutboundMessage]]:
+        """The conversation's inbound hashes (with ids) by arrival and outbox messages by
+        creation, both with their time in ``[low, high]`` (Redis score bounds)."""
+        contact = contact_id_of(endpoint, conversation)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrangebyscore(self.keys.conversation_inbound(contact), low, high)
+        pipe.zrangebyscore(self.keys.conversation_outbound(contact), low, high)
+        inbound_ids, outbound_ids = await self._call(pipe.execute())
+        inbound: list[tuple[int, dict[str, str]]] = []
+        for start in range(0, len(inbound_ids), CHUNK):
+            chunk = inbound_ids[start : start + CHUNK]
+            pipe = self.client.pipeline(transaction=False)
+            for event_id in chunk:
+                pipe.hgetall(self.keys.inbound(event_id))
+            inbound += [(int(i), raw) for i, raw in zip(chunk, await self._call(pipe.execute()), strict=True) if raw]
+        return inbound, await self._outbound(outbound_ids)
+
+    async def history(self, endpoint: str, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
+        """The conversation's user lines and sent messages from ``since`` on, oldest first, the
+        last ``limit`` (as ``sqlite_rows.select_history``: same time, user first)."""
+        inbound, outbound = await self._conversation_rows(endpoint, conversation, codec.number(since), "+inf")
+        keyed: list[tuple[float, int, int, TranscriptLine]] = []
+        for event_id, raw in inbound:
+            event = json.loads(raw["payload"])
+            kind, text = event["kind"], event.get("text")
+            if (kind in _USER_KINDS and text is not None) or kind == EventKind.REFRESH.value:
+                at = float(raw["arrival_at"])
+                keyed.append((at, 0, event_id, TranscriptLine(at, "user", kind, text or "", event.get("message_id"))))
+        for m in outbound:
+            if m.state is OutboxState.SENT and m.kind.value in _BOT_KINDS:
+                keyed.append((m.created_at, 1, m.id, TranscriptLine(m.created_at, "bot", m.kind.value, m.text)))
+        keyed.sort(key=lambda k: k[:3])
+        return [line for *_, line in keyed[-limit:]] if limit > 0 else []
+
+    async def transcript(
+        self, endpoint: str, conversation: str, since: float, until: float, limit: int
+    ) -> list[TranscriptEntry]:
+        """The conversation's messages in ``[since, until]``, oldest first, the newest ``limit``
+        (as ``sqlite_rows.select_transcript``)."""
+        inbound, outbound = await self._conversation_rows(
+            endpoint, conversation, codec.number(since), codec.number(until)
+        )
+        entries: list[TranscriptEntry] = []
+        for _, raw in inbound:
+            event = json.loads(raw["payload"])
+            if event["kind"] not in _USER_KINDS:
+                continue
+            types = tuple(str(a.get("type", "file")) for a in event.get("attachments") or () if isinstance(a, dict))
+            entries.append(
+                TranscriptEntry(float(raw["arrival_at"]), "user", event["kind"], event.get("text"), attachments=types)
+            )
+        for m in outbound:
+            entries.append(
+                TranscriptEntry(m.created_at, "bot", m.kind.value, m.text, session_id=m.session_id, state=m.state.value)
+            )
+        entries.sort(key=lambda entry: entry.at)
+        return entries[-limit:] if limit > 0 else []
 
     async def dead_letters(self, limit: int = 100) -> list[OutboundMessage]:
         """Messages given up on, newest first."""

@@ -30,6 +30,7 @@ redis.call('HSET', P..':in:'..id, 'endpoint', ARGV[2], 'contact', contact, 'payl
   'arrival_at', ARGV[6], 'state', 'pending', 'seq', seq)
 redis.call('RPUSH', P..':pending:'..contact, id)
 redis.call('ZADD', P..':pending', id, id)
+redis.call('ZADD', P..':cin:'..contact, ARGV[6], id)
 if ARGV[7] == '1' and ARGV[8] ~= '' then
   local sid = redis.call('GET', P..':open:'..contact)
   if sid then
@@ -99,6 +100,18 @@ for _, s in ipairs(c.sessions) do
   end
 end
 
+local function closed_index(key, sid)
+  local at = redis.call('HGET', key, 'closed_at')
+  if at then redis.call('ZADD', P..':closed', at, sid) end
+end
+local function done_index(okey, id, state)
+  if state == 'sent' or state == 'skipped' then
+    redis.call('ZADD', P..':odone', redis.call('HGET', okey, 'created_at'), id)
+  else
+    redis.call('ZREM', P..':odone', id)
+  end
+end
+
 local refused = {}
 local skip = {}
 for _, s in ipairs(c.closes) do
@@ -123,6 +136,7 @@ for _, s in ipairs(c.closes) do
     if redis.call('GET', okey) == s.id then redis.call('DEL', okey) end
     redis.call('ZREM', P..':deadlines', s.id)
     redis.call('SREM', P..':open_ids', s.id)
+    closed_index(key, s.id)
   end
 end
 
@@ -155,11 +169,15 @@ for _, s in ipairs(c.sessions) do
       redis.call('ZREM', P..':deadlines', s.id)
       redis.call('SREM', P..':open_ids', s.id)
       redis.call('HDEL', key, 'accepted_deadline')
+      closed_index(key, s.id)
     end
   end
 end
 
-for _, k in ipairs(c.contacts) do redis.call('SET', P..':c:'..k[1], k[2]) end
+for _, k in ipairs(c.contacts) do
+  redis.call('SET', P..':c:'..k[1], k[2])
+  redis.call('SADD', P..':contacts', k[1])
+end
 
 local ids = {}
 for i, m in ipairs(c.outbox) do
@@ -171,7 +189,10 @@ for i, m in ipairs(c.outbox) do
     if not id then
       id = redis.call('INCR', P..':seq:out')
       redis.call('SET', kk, id)
-      redis.call('HSET', P..':o:'..id, 'id', id, 'contact', m.contact, unpack(m.set))
+      local okey = P..':o:'..id
+      redis.call('HSET', okey, 'id', id, 'contact', m.contact, unpack(m.set))
+      redis.call('ZADD', P..':cout:'..m.contact, redis.call('HGET', okey, 'created_at'), id)
+      done_index(okey, id, m.state)
       if m.state == 'pending' then
         redis.call('ZADD', P..':opending', id, id)
         redis.call('SADD', P..':opend:'..m.contact, id)
@@ -188,7 +209,7 @@ for _, id in ipairs(c.handled) do
   local contact = redis.call('HGET', ekey, 'contact')
   if contact then
     redis.call('HSET', ekey, 'state', 'done')
-    redis.call('EXPIRE', ekey, c.retention)
+    redis.call('ZADD', P..':done', redis.call('HGET', ekey, 'arrival_at'), id)
     redis.call('LREM', P..':pending:'..contact, 1, id)
   end
   redis.call('ZREM', P..':pending', id)
@@ -208,6 +229,7 @@ for _, u in ipairs(c.updates) do
       redis.call('SREM', P..':opend:'..contact, u.id)
     end
     if u.state == 'dead' then redis.call('ZADD', P..':odead', u.id, u.id) else redis.call('ZREM', P..':odead', u.id) end
+    done_index(okey, u.id, u.state)
   end
 end
 
@@ -251,7 +273,8 @@ return out
 """
 
 # prune: web chat messages still pending (nobody came back for them) created before ARGV[2], for
-# channels ARGV[4..]; at most ARGV[3] per call. Inbound events and dedup ids expire by TTL.
+# channels ARGV[4..]; at most ARGV[3] per call. Dedup ids expire by TTL; handled inbound events,
+# issued conversations and history go by redis_retention_scripts.
 PRUNE_HELD = """
 local P = ARGV[1]
 local before = tonumber(ARGV[2])
@@ -268,6 +291,7 @@ for _, id in ipairs(ids) do
     redis.call('DEL', key, P..':okey:'..f[4])
     redis.call('ZREM', P..':opending', id)
     redis.call('SREM', P..':opend:'..f[3], id)
+    redis.call('ZREM', P..':cout:'..f[3], id)
     removed = removed + 1
   end
 end
