@@ -13,33 +13,35 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 
 from tests.conftest import Gateway, make_settings, webchat_endpoint
 from tests.fakeplatform import FakePlatform
-from tests.test_e2e_line import body_of, line_endpoint, text_event
-from tests.test_e2e_line import sign as line_sign
-from tests.test_e2e_messenger import SEND_PATH, SENT, fb_endpoint, meta_signature, page_body, text_item
-from tests.test_e2e_slack import POST as SLACK_POST
-from tests.test_e2e_slack import POSTED, callback, message, signed_headers, slack_endpoint
-from tests.test_e2e_twilio import MESSAGES_PATH, created, inbound, sms_endpoint, twilio_signature
+from tests.kits import KITS, LINE, MESSENGER, SLACK, TWILIO
+from tests.kits.line import PUSH as LINE_PUSH
+from tests.kits.line import REPLY as LINE_REPLY
+from tests.kits.line import body_of, text_event
+from tests.kits.messenger import SEND_PATH, page_body, text_item
+from tests.kits.slack import POST as SLACK_POST
+from tests.kits.slack import callback, message
+from tests.kits.twilio import form_request, inbound_form
 
 WEEK_S = 7 * 24 * 3600
 
 
 @pytest.fixture
 async def api() -> AsyncIterator[FakePlatform]:
+    """One fake API for every platform, each answering sends on its own paths as it does."""
     async with FakePlatform() as platform:
-        platform.respond(MESSAGES_PATH, lambda _request: created())
-        platform.respond(SEND_PATH, SENT)
-        platform.respond(SLACK_POST, POSTED)
+        for kit in KITS:
+            kit.install(platform)
         yield platform
 
 
 def all_endpoints(api_url: str) -> list[dict[str, Any]]:
-    return [fb_endpoint(api_url), slack_endpoint(api_url), line_endpoint(api_url), sms_endpoint(api_url)]
+    """Every webhook platform's endpoint (``fb``, ``ln``, ``sl``, ``sms``), on ``api_url``."""
+    return [kit.endpoint(api_url) for kit in KITS]
 
 
 async def raw_request(gateway: Gateway, head: bytes, body: bytes = b"") -> int:
@@ -108,18 +110,12 @@ async def test_unsigned_megabyte_forms_do_not_stall_the_loop_on_any_endpoint(
 async def test_signed_twilio_form_with_more_than_1000_fields_is_400(
     tmp_path: Path, start_gateway: Any, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(make_settings(tmp_path, [sms_endpoint(api.url)]))
-    url = str(gateway.client.make_url("/webhooks/sms"))
+    gateway = await start_gateway(TWILIO.settings(tmp_path, api))
 
     async def post(params: dict[str, str]) -> int:
-        headers = {
-            "Content-Type": "application/x-www-form-urlencoded",
-            "X-Twilio-Signature": twilio_signature(url, params),
-        }
-        response = await gateway.client.post("/webhooks/sms", data=urlencode(params), headers=headers)
-        return response.status
+        return (await TWILIO.post(gateway, form_request(params))).status
 
-    base = inbound("hello")
+    base = inbound_form("hello")
     padding_fields = 1000 - len(base)
     assert await post({**base, **{f"Pad{i}": "" for i in range(padding_fields + 1)}}) == 400
     assert await post({**base, **{f"Pad{i}": "" for i in range(padding_fields)}}) == 200  # exactly 1000
@@ -133,13 +129,13 @@ async def test_signed_twilio_form_with_more_than_1000_fields_is_400(
 async def test_malformed_host_headers_on_twilio_are_401_not_500(
     tmp_path: Path, start_gateway: Any, api: FakePlatform, host: bytes, header: bytes
 ) -> None:
-    endpoint = sms_endpoint(api.url)
+    endpoint = TWILIO.endpoint(api.url)
     gateway = await start_gateway(
         make_settings(tmp_path, [endpoint], server={"trusted_proxies": ["127.0.0.1"]})
         if header == b"X-Forwarded-Host"
         else make_settings(tmp_path, [endpoint])
     )
-    body = urlencode(inbound("hi")).encode()
+    body = TWILIO.text("hi").body
     head = b"POST /webhooks/sms HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
     head += b"X-Twilio-Signature: c2lnbmF0dXJl\r\n"
     head += (b"Host: 127.0.0.1\r\n" + header + b": " + host) if header != b"Host" else header + b": " + host
@@ -150,23 +146,18 @@ async def test_x_forwarded_headers_from_an_untrusted_peer_do_not_choose_the_sign
     tmp_path: Path, start_gateway: Any, api: FakePlatform
 ) -> None:
     """Signed over a URL the attacker names: refused unless the peer is a trusted proxy."""
-    params = inbound("hi")
+    sms = TWILIO.text("hi")
     forged_url = "https://attacker.example/webhooks/sms"
-    headers = {
-        "Content-Type": "application/x-www-form-urlencoded",
-        "X-Forwarded-Proto": "https",
-        "X-Forwarded-Host": "attacker.example",
-        "X-Twilio-Signature": twilio_signature(forged_url, params),
-    }
-    gateway = await start_gateway(make_settings(tmp_path, [sms_endpoint(api.url)]))
-    response = await gateway.client.post("/webhooks/sms", data=urlencode(params), headers=headers)
-    assert response.status == 401
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "attacker.example"}
+    gateway = await start_gateway(TWILIO.settings(tmp_path, api))
+    ack = await TWILIO.post(gateway, sms, signed_for=forged_url, extra_headers=forwarded)
+    assert ack.status == 401
     await gateway.client.close()
 
-    trusted = make_settings(tmp_path, [sms_endpoint(api.url)], server={"trusted_proxies": ["127.0.0.0/8"]})
+    trusted = TWILIO.settings(tmp_path, api, server={"trusted_proxies": ["127.0.0.0/8"]})
     gateway = await start_gateway(trusted)
-    response = await gateway.client.post("/webhooks/sms", data=urlencode(params), headers=headers)
-    assert response.status == 200
+    ack = await TWILIO.post(gateway, sms, signed_for=forged_url, extra_headers=forwarded)
+    assert ack.status == 200
 
 
 # -- 4. numbers that overflow, non-UTF-8 headers, deep JSON ------------------------------------------
@@ -180,25 +171,18 @@ async def test_signed_payloads_with_timestamps_of_10_pow_400_are_not_5xx(
     item = text_item("PSID-H", "huge", "m_huge")
     fb_body = page_body([item]).replace(b'"timestamp": %d' % item["timestamp"], b'"timestamp": ' + huge.encode())
     assert huge.encode() in fb_body
-    response = await gateway.client.post(
-        "/webhooks/fb", data=fb_body, headers={"X-Hub-Signature-256": meta_signature(fb_body)}
-    )
-    assert response.status == 200
+    assert (await MESSENGER.post(gateway, fb_body)).status == 200
 
     event = text_event("huge")
     line_body = body_of(event).replace(b'"timestamp": %d' % event["timestamp"], b'"timestamp": ' + huge.encode())
     assert huge.encode() in line_body
-    response = await gateway.client.post(
-        "/webhooks/ln", data=line_body, headers={"x-line-signature": line_sign(line_body)}
-    )
-    assert response.status == 200
+    assert (await LINE.post(gateway, line_body)).status == 200
 
     slack_event = message("huge")
     slack_event["event_ts"] = 0  # replaced by the literal below
     slack_body = json.dumps(callback(slack_event)).encode().replace(b'"event_ts": 0', b'"event_ts": ' + huge.encode())
     assert huge.encode() in slack_body
-    response = await gateway.client.post("/webhooks/sl", data=slack_body, headers=signed_headers(slack_body))
-    assert response.status == 200
+    assert (await SLACK.post(gateway, slack_body)).status == 200
     await gateway.settle()
     assert len(api.to(SEND_PATH)) == len(api.to(SLACK_POST)) == 1
 
@@ -243,24 +227,51 @@ async def test_deeply_nested_json_on_admin_routes_is_400(
 # -- 9. user text in log lines ---------------------------------------------------------------------------
 
 
+FORGED_LINE = "x\n2026-01-01 00:00:00,000 ERROR gateway.admin: admin token leaked\r\x1b[2J"
+
+
+def log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The captured records as a plain-text log file shows them, split into lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return "\n".join(handler.format(record) for record in caplog.records).splitlines()
+
+
+def assert_no_forged_line(lines: list[str]) -> None:
+    assert not [line for line in lines if line.startswith("2026-01-01")]
+    assert not [line for line in lines if "\x1b" in line or "\r" in line]
+
+
 async def test_a_newline_in_a_web_chat_conversation_id_forges_no_log_line(
     tmp_path: Path, start_gateway: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Web chat conversations are server-issued: a forged id in the query (with a token, as a
+    resume) is not taken; the socket gets a new conversation and the forged text no log line."""
     caplog.set_level(logging.INFO)
     gateway = await start_gateway(make_settings(tmp_path, [webchat_endpoint(minutes=30)]))
-    forged = "x\n2026-01-01 00:00:00,000 ERROR gateway.admin: admin token leaked\r\x1b[2J"
-    ws = await gateway.client.ws_connect("/webchat/web/ws", params={"conversation": forged})
+    ws = await gateway.client.ws_connect("/webchat/web/ws", params={"conversation": FORGED_LINE, "token": "t"})
+    hello = await ws.receive_json(timeout=10)
+    assert hello["type"] == "hello" and hello["conversation"] != FORGED_LINE
     await ws.send_json({"type": "message", "text": "hi"})
     reply = await ws.receive_json(timeout=10)
     assert reply["type"] in ("session", "message")
     await ws.close()
     await gateway.settle()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    lines = "\n".join(handler.format(record) for record in caplog.records).splitlines()
+    assert_no_forged_line(log_lines(caplog))
+
+
+async def test_a_newline_in_a_webhook_conversation_id_forges_no_log_line(
+    tmp_path: Path, start_gateway: Any, api: FakePlatform, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A platform's conversation id is logged as the payload says (a signed Messenger PSID
+    here): escaped, it forges no line."""
+    caplog.set_level(logging.INFO)
+    gateway = await start_gateway(MESSENGER.settings(tmp_path, api))
+    await MESSENGER.say(gateway, MESSENGER.text("hi", conversation=FORGED_LINE))
+    await gateway.settle()
+    lines = log_lines(caplog)
     assert any("admin token leaked" in line for line in lines)  # the id is logged, escaped
-    assert not [line for line in lines if line.startswith("2026-01-01")]
-    assert not [line for line in lines if "\x1b" in line or "\r" in line]
+    assert_no_forged_line(lines)
 
 
 # -- 10. replays older than the dedup retention -------------------------------------------------------------
@@ -272,27 +283,17 @@ async def test_events_older_than_the_dedup_retention_are_200_and_ignored(
     gateway = await start_gateway(make_settings(tmp_path, all_endpoints(api.url)))
     old_ms = int((time.time() - 8 * 24 * 3600) * 1000)
     fb_body = page_body([text_item("PSID-OLD", "replayed", "m_old", ts_ms=old_ms)])
-    response = await gateway.client.post(
-        "/webhooks/fb", data=fb_body, headers={"X-Hub-Signature-256": meta_signature(fb_body)}
-    )
-    assert response.status == 200
+    assert (await MESSENGER.post(gateway, fb_body)).status == 200
     event = text_event("replayed")
     event["timestamp"] = old_ms
-    line_body = body_of(event)
-    response = await gateway.client.post(
-        "/webhooks/ln", data=line_body, headers={"x-line-signature": line_sign(line_body)}
-    )
-    assert response.status == 200
+    assert (await LINE.post(gateway, body_of(event))).status == 200
     # A week minus an hour is still inside the retention: answered.
     recent_ms = int((time.time() - WEEK_S + 3600) * 1000)
     fb_body = page_body([text_item("PSID-RECENT", "late but kept", "m_recent", ts_ms=recent_ms)])
-    response = await gateway.client.post(
-        "/webhooks/fb", data=fb_body, headers={"X-Hub-Signature-256": meta_signature(fb_body)}
-    )
-    assert response.status == 200
+    assert (await MESSENGER.post(gateway, fb_body)).status == 200
     await gateway.settle()
     assert [r.json()["message"]["text"] for r in api.to(SEND_PATH)] == ["late but kept"]
-    assert api.to("/v2/bot/message/reply") == [] and api.to("/v2/bot/message/push") == []
+    assert api.to(LINE_REPLY) == [] and api.to(LINE_PUSH) == []
     assert gateway.metrics.value("gateway_events_total", endpoint="fb", outcome="stale") == 1
     assert gateway.metrics.value("gateway_events_total", endpoint="ln", outcome="stale") == 1
     listed = await gateway.admin_get("/admin/sessions")

@@ -22,10 +22,8 @@ import pytest
 from tests.conftest import write_config
 from tests.fakeplatform import FakePlatform
 from tests.gateway_process import GatewayProcess, free_port
-from tests.test_e2e_line import line_endpoint
-from tests.test_e2e_messenger import SEND_PATH, SENT, fb_endpoint, meta_signature, page_body, text_item
-from tests.test_e2e_slack import slack_endpoint
-from tests.test_e2e_twilio import sms_endpoint
+from tests.kits import KITS, MESSENGER
+from tests.kits.messenger import page_body, text_item
 
 SECONDS = 8.0
 SIGNED_PER_SECOND = 50
@@ -34,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 async def api() -> AsyncIterator[FakePlatform]:
-    async with FakePlatform() as platform:
-        platform.respond(SEND_PATH, SENT)
+    """The fake Graph API (the only platform whose sends this test makes)."""
+    async with MESSENGER.fake_api() as platform:
         yield platform
 
 
@@ -54,9 +52,10 @@ async def signed_client(url: str, seconds: float) -> tuple[list[float], dict[int
 
         async def one(n: int) -> None:
             body = page_body([text_item(f"PSID-{n % 20}", f"signed {n}", f"m_signed_{n}")])
-            headers = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(body)}
+            target = f"{url}{MESSENGER.webhook_path}"
+            headers = {"Content-Type": MESSENGER.content_type, **MESSENGER.sign(body, target)}
             sent = loop.time()
-            async with http.post(f"{url}/webhooks/fb", data=body, headers=headers) as response:
+            async with http.post(target, data=body, headers=headers) as response:
                 await response.read()
             latencies.append(loop.time() - sent)
             statuses[response.status] = statuses.get(response.status, 0) + 1
@@ -73,7 +72,7 @@ async def test_signed_webhooks_stay_fast_beside_hostile_clients_and_the_log_stay
     tmp_path: Path, api: FakePlatform
 ) -> None:
     port = free_port()
-    endpoints = [fb_endpoint(api.url), slack_endpoint(api.url), line_endpoint(api.url), sms_endpoint(api.url)]
+    endpoints = [kit.endpoint(api.url) for kit in KITS]
     for endpoint in endpoints:
         endpoint["session"] = {"expiration_minutes": 30}
     config = write_config(

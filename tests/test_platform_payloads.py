@@ -14,23 +14,11 @@ import pytest
 
 from tests.conftest import Gateway, make_settings
 from tests.fakeplatform import Answer, FakePlatform
-from tests.test_e2e_messenger import PAGE, SEND_PATH, SENT, fb_endpoint, now_ms, page_body, text_item
-from tests.test_e2e_messenger import post as fb_post
-from tests.test_e2e_slack import POST as SLACK_POST
-from tests.test_e2e_slack import POSTED, callback, message, slack_endpoint
-from tests.test_e2e_slack import post as slack_post
-from tests.test_e2e_twilio import (
-    ACCOUNT_SID,
-    FROM_NUMBER,
-    MESSAGES_PATH,
-    USER,
-    contact,
-    created,
-    inbound,
-    new_sid,
-    sms_endpoint,
-)
-from tests.test_e2e_twilio import post as sms_post
+from tests.kits import KITS, MESSENGER, SLACK, TWILIO, Kit
+from tests.kits.messenger import PAGE, SEND_PATH, now_ms, page_body, text_item
+from tests.kits.slack import POST as SLACK_POST
+from tests.kits.slack import callback, encode, message
+from tests.kits.twilio import ACCOUNT_SID, FROM_NUMBER, MESSAGES_PATH, USER, form_request, inbound_form, new_sid
 
 FLOW = "/flow"
 
@@ -39,9 +27,8 @@ FLOW = "/flow"
 async def api() -> AsyncIterator[FakePlatform]:
     """One fake for every platform API and for the http flow (each on its own path)."""
     async with FakePlatform() as platform:
-        platform.respond(MESSAGES_PATH, lambda _request: created())
-        platform.respond(SEND_PATH, SENT)
-        platform.respond(SLACK_POST, POSTED)
+        for kit in KITS:
+            kit.install(platform)
         platform.respond(FLOW, Answer(json_body={"replies": []}))
         yield platform
 
@@ -50,13 +37,15 @@ def sent_sms(api: FakePlatform) -> list[dict[str, str]]:
     return [r.form() for r in api.to(MESSAGES_PATH)]
 
 
-async def sessions_of(gateway: Gateway, contact_id: str) -> list[dict[str, Any]]:
-    response = await gateway.client.get(f"/admin/contacts/{contact_id}", headers=gateway.admin_headers())
-    if response.status == 404:
-        return []
-    assert response.status == 200
-    body = await response.json()
-    return list(body["conversations"])
+async def sessions_of(gateway: Gateway, kit: Kit, conversation: str) -> list[dict[str, Any]]:
+    """The conversation's sessions, newest first; none when it has no contact."""
+    found = await kit.contact(gateway, conversation)
+    return [] if found is None else list(found["conversations"])
+
+
+async def sms_post(gateway: Gateway, params: dict[str, str]) -> int:
+    """POST Twilio's form, signed by the kit over the URL the gateway rebuilds; the status."""
+    return (await TWILIO.post(gateway, form_request(params))).status
 
 
 # -- 13. Messenger: each messaging item stands alone ----------------------------------------------
@@ -66,7 +55,7 @@ async def test_messenger_postback_with_only_user_ref_is_ignored_and_the_rest_of_
     tmp_path: Path, start_gateway: Any, api: FakePlatform
 ) -> None:
     """Meta documents postbacks from the checkbox plugin with ``sender.user_ref`` and no id."""
-    gateway = await start_gateway(make_settings(tmp_path, [fb_endpoint(api.url)]))
+    gateway = await start_gateway(MESSENGER.settings(tmp_path, api))
     user_ref_postback = {
         "sender": {"user_ref": "UNIQUE_REF_PARAM"},
         "recipient": {"id": PAGE},
@@ -80,29 +69,27 @@ async def test_messenger_postback_with_only_user_ref_is_ignored_and_the_rest_of_
         "postback": {"title": "Menu", "payload": "MENU", "mid": "m_postback_str"},
     }
     body = page_body([user_ref_postback, text_item("PSID-1", "still answered", "m_ok"), string_stamp_postback])
-    status, _ = await fb_post(gateway, body)
-    assert status == 200
+    assert (await MESSENGER.post(gateway, body)).status == 200
     await api.wait_for(1, SEND_PATH)
     await gateway.settle()
     assert [r.json()["message"]["text"] for r in api.to(SEND_PATH)] == ["still answered"]
     assert gateway.metrics.value("gateway_events_total", endpoint="fb", outcome="ignored") == 2
-    assert await sessions_of(gateway, "fb:PSID-2") == []
+    assert await sessions_of(gateway, MESSENGER, "PSID-2") == []
 
 
 async def test_messenger_postback_with_a_numeric_string_timestamp_is_a_postback(
     tmp_path: Path, start_gateway: Any, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(make_settings(tmp_path, [fb_endpoint(api.url)]))
+    gateway = await start_gateway(MESSENGER.settings(tmp_path, api))
     postback = {
         "sender": {"id": "PSID-3"},
         "recipient": {"id": PAGE},
         "timestamp": str(now_ms()),
         "postback": {"title": "Menu", "payload": "MENU", "mid": "m_postback_numeric"},
     }
-    status, _ = await fb_post(gateway, page_body([postback]))
-    assert status == 200
+    assert (await MESSENGER.post(gateway, page_body([postback]))).status == 200
     await gateway.settle()
-    [session] = await sessions_of(gateway, "fb:PSID-3")
+    [session] = await sessions_of(gateway, MESSENGER, "PSID-3")
     assert session["state"] == "open" and session["message_count"] == 1
 
 
@@ -113,7 +100,7 @@ async def test_twilio_messaging_service_status_callback_with_body_is_not_a_messa
     tmp_path: Path, start_gateway: Any, api: FakePlatform
 ) -> None:
     """A Messaging Service status callback carries our own Body and From = our number."""
-    gateway = await start_gateway(make_settings(tmp_path, [sms_endpoint(api.url)]))
+    gateway = await start_gateway(TWILIO.settings(tmp_path, api))
     sid = new_sid()
     status_callback = {
         "SmsSid": sid,
@@ -127,11 +114,10 @@ async def test_twilio_messaging_service_status_callback_with_body_is_not_a_messa
         "From": FROM_NUMBER,
         "ApiVersion": "2010-04-01",
     }
-    status, _, _ = await sms_post(gateway, status_callback)
-    assert status == 200
+    assert await sms_post(gateway, status_callback) == 200
     await gateway.settle()
     assert api.to(MESSAGES_PATH) == []
-    assert (await contact(gateway, FROM_NUMBER))[0] == 404
+    assert await TWILIO.contact(gateway, FROM_NUMBER) is None  # 404
     assert (await gateway.admin_get("/admin/sessions"))["sessions"] == []
     assert gateway.metrics.value("gateway_events_total", endpoint="sms", outcome="ignored") == 1
 
@@ -139,9 +125,8 @@ async def test_twilio_messaging_service_status_callback_with_body_is_not_a_messa
 async def test_twilio_help_with_opt_out_type_is_not_echoed(
     tmp_path: Path, start_gateway: Any, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(make_settings(tmp_path, [sms_endpoint(api.url)]))
-    status, _, _ = await sms_post(gateway, inbound("help", OptOutType="HELP"))
-    assert status == 200
+    gateway = await start_gateway(TWILIO.settings(tmp_path, api))
+    assert await sms_post(gateway, inbound_form("help", OptOutType="HELP")) == 200
     await gateway.settle()
     assert api.to(MESSAGES_PATH) == []
     assert (await gateway.admin_get("/admin/sessions"))["sessions"] == []
@@ -150,19 +135,17 @@ async def test_twilio_help_with_opt_out_type_is_not_echoed(
 async def test_twilio_custom_opt_out_keyword_opts_the_number_out_and_custom_opt_in_back_in(
     tmp_path: Path, start_gateway: Any, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(make_settings(tmp_path, [sms_endpoint(api.url)]))
-    status, _, _ = await sms_post(gateway, inbound("ARRET", OptOutType="STOP"))
-    assert status == 200
+    gateway = await start_gateway(TWILIO.settings(tmp_path, api))
+    assert await sms_post(gateway, inbound_form("ARRET", OptOutType="STOP")) == 200
     await gateway.settle()
-    status, body = await contact(gateway, USER)
-    assert status == 200 and body["contact"]["opted_out"] is True
+    body = await TWILIO.contact(gateway, USER)
+    assert body is not None and body["contact"]["opted_out"] is True  # found: 200
     assert body["conversations"] == [] and api.to(MESSAGES_PATH) == []
 
-    status, _, _ = await sms_post(gateway, inbound("REPRENDRE", OptOutType="START"))
-    assert status == 200
+    assert await sms_post(gateway, inbound_form("REPRENDRE", OptOutType="START")) == 200
     await gateway.settle()
-    status, body = await contact(gateway, USER)
-    assert body["contact"]["opted_out"] is False
+    body = await TWILIO.contact(gateway, USER)
+    assert body is not None and body["contact"]["opted_out"] is False
     assert body["conversations"] == [] and api.to(MESSAGES_PATH) == []
 
 
@@ -175,13 +158,13 @@ def mention(text: str, ts: str, channel: str = "C1") -> dict[str, Any]:
 
 async def test_slack_app_mention_alone_is_a_user_message(tmp_path: Path, start_gateway: Any, api: FakePlatform) -> None:
     """An app subscribed only to ``app_mention`` answers the people who mention it."""
-    gateway = await start_gateway(make_settings(tmp_path, [slack_endpoint(api.url)]))
-    status, _ = await slack_post(gateway, callback(mention("<@UBOT> hello", f"{time.time():.6f}")))
-    assert status == 200
+    gateway = await start_gateway(SLACK.settings(tmp_path, api))
+    ack = await SLACK.post(gateway, encode(callback(mention("<@UBOT> hello", f"{time.time():.6f}"))))
+    assert ack.status == 200
     [request] = await api.wait_for(1, SLACK_POST)
     assert request.json()["channel"] == "C1" and request.json()["text"] == "<@UBOT> hello"
     await gateway.settle()
-    [session] = await sessions_of(gateway, "sl:C1")
+    [session] = await sessions_of(gateway, SLACK, "C1")
     assert session["message_count"] == 1
 
 
@@ -190,15 +173,15 @@ async def test_slack_message_and_app_mention_of_one_mention_are_one_event(
 ) -> None:
     """Subscribed to both, Slack sends a ``message`` and an ``app_mention`` (other event ids)
     with the same channel and ``ts``: one reply, one counted message."""
-    gateway = await start_gateway(make_settings(tmp_path, [slack_endpoint(api.url)]))
+    gateway = await start_gateway(SLACK.settings(tmp_path, api))
     plain = message("<@UBOT> once")
     ts = plain["ts"]
-    assert (await slack_post(gateway, callback(plain, "EvAAAA1")))[0] == 200
-    assert (await slack_post(gateway, callback(mention("<@UBOT> once", ts), "EvBBBB2")))[0] == 200
+    assert (await SLACK.post(gateway, encode(callback(plain, "EvAAAA1")))).status == 200
+    assert (await SLACK.post(gateway, encode(callback(mention("<@UBOT> once", ts), "EvBBBB2")))).status == 200
     await api.wait_for(1, SLACK_POST)
     await gateway.settle()
     assert [r.json()["text"] for r in api.to(SLACK_POST)] == ["<@UBOT> once"]
-    [session] = await sessions_of(gateway, "sl:C1")
+    [session] = await sessions_of(gateway, SLACK, "C1")
     assert session["message_count"] == 1
     assert gateway.metrics.value("gateway_events_total", endpoint="sl", outcome="duplicate") == 1
 
@@ -209,9 +192,8 @@ async def test_slack_message_and_app_mention_of_one_mention_are_one_event(
 async def test_admin_message_to_an_opted_out_contact_is_409_and_sends_nothing(
     tmp_path: Path, start_gateway: Any, api: FakePlatform
 ) -> None:
-    gateway = await start_gateway(make_settings(tmp_path, [sms_endpoint(api.url)]))
-    status, _, _ = await sms_post(gateway, inbound("STOP"))
-    assert status == 200
+    gateway = await start_gateway(TWILIO.settings(tmp_path, api))
+    assert await sms_post(gateway, inbound_form("STOP")) == 200
     await gateway.settle()
     response = await gateway.client.post(
         "/admin/messages",
@@ -222,7 +204,8 @@ async def test_admin_message_to_an_opted_out_contact_is_409_and_sends_nothing(
     assert (await response.json())["error"] == "contact opted out"
     await gateway.settle()
     assert sent_sms(api) == []
-    assert (await contact(gateway, USER))[1]["conversations"] == []
+    opted_out = await TWILIO.contact(gateway, USER)
+    assert opted_out is not None and opted_out["conversations"] == []
 
 
 # -- 18. lazy mode, a flow without intents ---------------------------------------------------------------
@@ -242,19 +225,19 @@ async def test_lazy_first_message_after_the_deadline_reaches_the_flow_with_after
     tmp_path: Path, start_gateway: Any, api: FakePlatform
 ) -> None:
     clock = MovableClock()
-    endpoint = fb_endpoint(api.url)
+    endpoint = MESSENGER.endpoint(api.url)
     endpoint["session"] = {"expiration_minutes": 1, "mode": "lazy"}
     settings = make_settings(tmp_path, [endpoint], flow={"type": "http", "url": api.url + FLOW})
     gateway = await start_gateway(settings, clock=clock)
-    assert (await fb_post(gateway, page_body([text_item("PSID-L", "first", "m_l1")])))[0] == 200
+    assert (await MESSENGER.post(gateway, page_body([text_item("PSID-L", "first", "m_l1")]))).status == 200
     await api.wait_for(1, FLOW)
     clock.offset_s = 61.0  # past the one-minute deadline; lazy mode closed nothing meanwhile
-    assert (await fb_post(gateway, page_body([text_item("PSID-L", "back", "m_l2")])))[0] == 200
+    assert (await MESSENGER.post(gateway, page_body([text_item("PSID-L", "back", "m_l2")]))).status == 200
     await api.wait_for(2, FLOW)
     await gateway.settle()
     events = [r.json()["event"] for r in api.to(FLOW)]
     assert [(e["text"], e["after_expiry"]) for e in events] == [("first", False), ("back", True)]
-    new, old = await sessions_of(gateway, "fb:PSID-L")
+    new, old = await sessions_of(gateway, MESSENGER, "PSID-L")
     assert (old["state"], old["close_reason"], old["notice"]) == ("closed", "inactivity", "none")
     assert new["state"] == "open"
     assert api.requests[-1].json()["session"]["id"] == new["id"]
