@@ -113,6 +113,9 @@ async def test_redis_down_means_503_with_retry_after_then_it_reconnects(
                 assert response.status == 503
                 assert response.headers["Retry-After"] == "5"
             await wait_status(http, f"{base}/healthz", 503)
+            async with http.get(f"{base}/healthz") as response:  # why, through Store.check_writable
+                health = await response.json()
+            assert health["status"] == "store cannot write" and "redis" in health["reason"], health
 
             await private_redis.start()  # back (empty: this one keeps nothing on disk)
             await wait_status(http, f"{base}/healthz", 200)
