@@ -28,6 +28,7 @@ def shots_dir(tmp_path: Path) -> Path:
 async def log_in(page: Page, url: str) -> None:
     await page.goto(url)
     await expect(page.get_by_test_id("login")).to_be_visible()
+    await expect(page.get_by_test_id("sessions")).to_be_hidden()  # nothing of the app before login
     await page.get_by_test_id("token").fill("wrong")
     await page.get_by_test_id("login-button").click()
     await expect(page.get_by_test_id("login-error")).to_have_text("The token was refused.", timeout=TIMEOUT_MS)
