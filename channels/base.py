@@ -9,7 +9,8 @@ platform accepted (``OutboundMessage.parts_sent``), and ``send_parts`` resumes a
 part is not sent again by a retry or after a restart.
 
 Conversation ids (DESIGN.md): messenger the PSID; line the userId, groupId or roomId; slack
-``<channel>`` or ``<channel>:<thread_ts>``; twilio the user's E.164 number; webchat the client's id.
+``<channel>`` or ``<channel>:<thread_ts>``; twilio the user's E.164 number; webchat the id the
+server issued in its hello.
 
 What a platform needs and how it is served is its ``ChannelSpec`` (``channels.registry``). This
 module imports nothing heavy at run time (aiohttp only for type checking), so configuration
@@ -21,9 +22,9 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-from gateway.models import InboundEvent, OutboundMessage
+from gateway.models import InboundEvent, OutboundMessage, Session, TranscriptLine
 
 if TYPE_CHECKING:
     import aiohttp
@@ -45,6 +46,39 @@ def platform_time(seconds: float | None) -> float | None:
     if seconds is None or not math.isfinite(seconds) or not _EARLIEST_S <= seconds <= _LATEST_S:
         return None
     return seconds
+
+
+def number_or_none(value: object) -> float | None:
+    """A platform's number (an int, a float or a numeric string) as a float, None when it is
+    none of these. Never raises: an int too big for a float (``10**400``, valid JSON) becomes
+    ``inf``, which ``platform_time`` then drops."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    return None
+
+
+MAX_CARRIED_DEPTH = 16  # nesting kept of platform JSON carried on an event (real payloads: a few)
+
+
+def shallow(value: Any, depth: int = MAX_CARRIED_DEPTH) -> Any:
+    """A copy of platform JSON to carry on an event (attachments, postback payloads), with
+    nesting deeper than ``depth`` cut off: JSON that parsed could otherwise fail to serialise
+    again later (inbox row, flow call) when it is done deeper in the call stack."""
+    if isinstance(value, dict):
+        return {key: shallow(item, depth - 1) for key, item in value.items()} if depth > 0 else None
+    if isinstance(value, list):
+        return [shallow(item, depth - 1) for item in value] if depth > 0 else None
+    return value
 
 
 def whole_conversation(conversation: str) -> str:
@@ -85,6 +119,9 @@ class ChannelSpec:
     limits: Limits = field(default_factory=Limits)
     hosted_path: str | None = None
     holds_undelivered: bool = False
+    # credential -> (regular expression its whole value must match, what it must be), checked
+    # with the configuration (check-config and serve): a value the platform can never accept.
+    credential_formats: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True, frozen=True)
@@ -92,7 +129,8 @@ class WebhookRequest:
     """A platform's HTTP request, as the web layer received it.
 
     ``public_url`` is the URL the platform called (``server.public_url`` + path + query, or
-    rebuilt from X-Forwarded-* / Host): Twilio signs it.
+    rebuilt from Host, or from X-Forwarded-* of a trusted proxy; "" for a malformed host; see
+    ``gateway.proxies``): Twilio signs it.
     """
 
     method: str
@@ -102,7 +140,9 @@ class WebhookRequest:
     headers: Mapping[str, str]  # case-insensitive (a CIMultiDictProxy)
     body: bytes
     content_type: str = ""
-    form: Mapping[str, str] | None = None  # parsed form fields (a MultiDict) for form posts
+    # Parsed form fields (a MultiDict). The web layer leaves it None: it parses no body, the
+    # Twilio adapter reads its form itself after the signature header (DESIGN.md "Hostile input").
+    form: Mapping[str, str] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -183,16 +223,35 @@ class WebhookChannel(ChannelAdapter, Protocol):
 
 
 class Inbox(Protocol):
-    """The core as a ``HostedChannel`` sees it: one endpoint's sessions and outbox."""
+    """The core as a ``HostedChannel`` sees it: one endpoint's sessions, outbox and the
+    conversations the gateway issued."""
 
     def open_session_id(self, conversation: str) -> str | None:
         """The id of the conversation's open session, None when none is open."""
 
-    async def accept(self, event: InboundEvent) -> None:
-        """Commit ``event`` of this endpoint. Raises ``Overloaded`` when it is not accepted."""
+    async def last_session(self, conversation: str) -> Session | None:
+        """The conversation's open session, else its most recent closed one, else None."""
 
-    def wake(self, conversation: str) -> None:
-        """The conversation can receive again: send the messages kept for it, in order."""
+    async def transcript(self, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
+        """The conversation's lines from ``since`` on, as its user saw them (``Store.history``)."""
+
+    def client_address(self, request: web.Request) -> str:
+        """The client's address: the socket's peer, or behind a trusted proxy
+        (``server.trusted_proxies``) the nearest untrusted hop of ``X-Forwarded-For``."""
+
+    async def accept(self, event: InboundEvent) -> None:
+        """Commit ``event`` of this endpoint; returns once it is durable (a redelivery of a
+        ``dedup_key`` seen before too). Raises ``Overloaded`` when it is not accepted."""
+
+    def wake(self, conversation: str, ready: Callable[[], None]) -> None:
+        """The conversation can receive again: its kept messages are read from the store and
+        queued in order, then ``ready()`` is called; from then on it gets every later message."""
+
+    async def add_conversation(self, conversation: str, secret_hash: str) -> None:
+        """Record a conversation the gateway issued, with the hash of its secret, durably."""
+
+    async def conversation_secret(self, conversation: str) -> str | None:
+        """The secret hash of an issued conversation; None for an id never issued."""
 
 
 @runtime_checkable

@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from channels.base import platform_time
+from channels.base import number_or_none, platform_time, shallow
 from gateway.models import EventKind, InboundEvent, JSONDict
 
 # A reply token lives about one minute from the webhook; keep a margin for queueing and transit.
@@ -59,14 +59,14 @@ def dedup_key_of(event: Mapping[str, Any]) -> str:
     message = event.get("message")
     if isinstance(message, Mapping) and message.get("id") not in (None, ""):
         return f"{message['id']}"
-    stable = {k: v for k, v in event.items() if k != "deliveryContext"}
+    stable = {k: shallow(v) for k, v in event.items() if k != "deliveryContext"}
     return hashlib.sha256(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def attachment_of(message: Mapping[str, Any]) -> JSONDict:
     """A non-text message as an attachment: every field LINE gave, except one-use tokens."""
     attachment: JSONDict = {"type": message.get("type")}
-    attachment.update({k: v for k, v in message.items() if k != "type" and not k.endswith("Token")})
+    attachment.update({k: shallow(v) for k, v in message.items() if k != "type" and not k.endswith("Token")})
     return attachment
 
 
@@ -98,7 +98,7 @@ def to_inbound(event: Mapping[str, Any], now: float) -> InboundEvent | None:
         text = data if isinstance(data, str) else None
         attachment: JSONDict = {"type": "postback", "data": text}
         if isinstance(postback.get("params"), Mapping):
-            attachment["params"] = dict(postback["params"])
+            attachment["params"] = shallow(dict(postback["params"]))
         attachments = (attachment,)
     stamp = event.get("timestamp")
     token = event.get("replyToken")
@@ -110,10 +110,14 @@ def to_inbound(event: Mapping[str, Any], now: float) -> InboundEvent | None:
         message_id=message_id,
         text=text,
         attachments=attachments,
-        timestamp=platform_time(stamp / 1000)
-        if isinstance(stamp, int | float) and not isinstance(stamp, bool)
-        else None,
+        timestamp=_seconds(stamp),
         # A redelivered event's token may be stale already: the send falls back to push then.
         reply_token=reply_token,
         reply_token_expires_at=now + REPLY_TOKEN_TTL_S if reply_token else None,
     )
+
+
+def _seconds(stamp: Any) -> float | None:
+    """LINE's millisecond ``timestamp`` in seconds, when it is a plausible number."""
+    milliseconds = number_or_none(stamp) if isinstance(stamp, int | float) else None
+    return None if milliseconds is None else platform_time(milliseconds / 1000)

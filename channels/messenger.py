@@ -21,7 +21,16 @@ from typing import Any
 
 import aiohttp
 
-from channels.base import ParsedWebhook, Progress, WebhookRequest, WebhookResponse, platform_time, send_parts
+from channels.base import (
+    ParsedWebhook,
+    Progress,
+    WebhookRequest,
+    WebhookResponse,
+    number_or_none,
+    platform_time,
+    send_parts,
+    shallow,
+)
 from channels.text import retry_after_s, split_text
 from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkipped, Forbidden
 from gateway.models import EventKind, InboundEvent, JSONDict, MessageKind, OutboundMessage
@@ -148,13 +157,19 @@ class MessengerAdapter:
             raise BadPayload('expected an "entry" list')
         parsed = ParsedWebhook(response=WebhookResponse(200, text="EVENT_RECEIVED"))
         for entry in entries:
-            items = _messaging_items(entry)
+            if not isinstance(entry, dict):
+                parsed.ignored += 1
+                continue
             parsed.ignored += _housekeeping_count(entry)
-            for item in items:
-                if is_interaction(item):
-                    parsed.events.append(_event_of(item))
-                else:
+            # Each item stands alone: one the gateway cannot handle (a sender with only
+            # ``user_ref``, no usable timestamp, an unknown kind) is counted and dropped, and
+            # the rest of the batch is still answered (Meta would redeliver it all otherwise).
+            for item in _messaging_items(entry):
+                event = _event_of(item) if isinstance(item, dict) and is_interaction(item) else None
+                if event is None:
                     parsed.ignored += 1
+                else:
+                    parsed.events.append(event)
         # Meta does not guarantee order within or across entries.
         parsed.events.sort(key=lambda event: event.timestamp or 0.0)
         return parsed
@@ -234,14 +249,10 @@ class MessengerAdapter:
 # -- parsing helpers --------------------------------------------------------------------------
 
 
-def _messaging_items(entry: Any) -> list[Mapping[str, Any]]:
-    """The ``messaging`` items of one entry (a list of objects, possibly absent)."""
-    if not isinstance(entry, dict):
-        raise BadPayload("an entry is not an object")
+def _messaging_items(entry: Mapping[str, Any]) -> list[Any]:
+    """The ``messaging`` items of one entry (possibly absent; a non-list counts as one item)."""
     items = entry.get("messaging", [])
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        raise BadPayload('"messaging" is not a list of objects')
-    return items
+    return items if isinstance(items, list) else [items]
 
 
 def _housekeeping_count(entry: Mapping[str, Any]) -> int:
@@ -250,17 +261,18 @@ def _housekeeping_count(entry: Mapping[str, Any]) -> int:
     return sum(len(value) for key in ("standby", "changes") if isinstance(value := entry.get(key), list))
 
 
-def _event_of(item: Mapping[str, Any]) -> InboundEvent:
-    """The event of a user message or postback item; BadPayload if it lacks sender or time."""
+def _event_of(item: Mapping[str, Any]) -> InboundEvent | None:
+    """The event of a user message or postback item; None when it lacks a sender id, a
+    numeric timestamp or (for a message) a mid."""
     sender = item.get("sender")
     psid = sender.get("id") if isinstance(sender, dict) else None
     if isinstance(psid, int) and not isinstance(psid, bool):
         psid = str(psid)
     if not isinstance(psid, str) or not psid:
-        raise BadPayload("a messaging item has no sender.id")
-    timestamp_ms = item.get("timestamp")
-    if not isinstance(timestamp_ms, int | float) or isinstance(timestamp_ms, bool):
-        raise BadPayload("a messaging item has no timestamp")
+        return None  # e.g. the checkbox plugin's ``sender.user_ref``: no PSID to answer
+    timestamp_ms = number_or_none(item.get("timestamp"))
+    if timestamp_ms is None:
+        return None
     timestamp = timestamp_ms / 1000
     if is_postback(item):
         postback: Mapping[str, Any] = item["postback"]
@@ -268,24 +280,24 @@ def _event_of(item: Mapping[str, Any]) -> InboundEvent:
         return InboundEvent(
             conversation=psid,
             kind=EventKind.POSTBACK,
-            dedup_key=mid or f"postback:{psid}:{timestamp_ms}",
+            dedup_key=mid or f"postback:{psid}:{item.get('timestamp')}",
             message_id=mid,
             text=_str_or_none(postback.get("title")),
-            attachments=({"type": "postback", "payload": postback.get("payload")},),
+            attachments=({"type": "postback", "payload": shallow(postback.get("payload"))},),
             timestamp=platform_time(timestamp),
         )
     message: Mapping[str, Any] = item["message"]
     mid = _str_or_none(message.get("mid"))
     if mid is None:
-        raise BadPayload("a message has no mid")
+        return None
     raw_attachments = message.get("attachments")
     raw_attachments = raw_attachments if isinstance(raw_attachments, list) else []
-    attachments = [dict(att) for att in raw_attachments if isinstance(att, dict)]
+    attachments = [shallow(att) for att in raw_attachments if isinstance(att, dict)]
     for attachment in attachments:
         attachment.setdefault("type", "unknown")
     quick_reply = message.get("quick_reply")
     if isinstance(quick_reply, dict):
-        attachments.append({"type": "quick_reply", "payload": quick_reply.get("payload")})
+        attachments.append({"type": "quick_reply", "payload": shallow(quick_reply.get("payload"))})
     return InboundEvent(
         conversation=psid,
         kind=EventKind.MESSAGE,

@@ -61,11 +61,21 @@ _SPECS: dict[Channel, ChannelSpec] = {
         credentials=("signing_secret", "bot_token"),
         optional_credentials=("bot_user_id",),
         limits=Limits(per_conversation_per_second=1.0, scope=_slack_channel),
+        # A user token (xoxp-) or app token (xapp-) would post as someone else or not at all.
+        credential_formats={"bot_token": (r"xoxb-\S+", "a bot token starting with xoxb-")},
     ),
     Channel.TWILIO: ChannelSpec(
         adapter="channels.twilio_sms:TwilioAdapter",
         credentials=("account_sid", "auth_token", "from_number"),
         limits=Limits(per_second=1.0),
+        credential_formats={
+            # An API key SID (SK...) is not an account SID.
+            "account_sid": (r"AC[0-9A-Za-z]+", "an account SID starting with AC"),
+            "from_number": (
+                r"\+[1-9][0-9]{1,14}|MG[0-9A-Za-z]+",
+                "a number in E.164 form (+15551234567) or a Messaging Service SID (MG...)",
+            ),
+        },
     ),
     Channel.WEBCHAT: ChannelSpec(
         adapter="channels.webchat:WebChatAdapter",
@@ -84,6 +94,11 @@ def credentials_of(channel: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The credential keys ``channel`` takes: (required, optional)."""
     spec = spec_of(channel)
     return spec.credentials, spec.optional_credentials
+
+
+def credential_formats(channel: str) -> dict[str, tuple[str, str]]:
+    """Credential -> (regular expression for its whole value, what it must be), for ``channel``."""
+    return dict(spec_of(channel).credential_formats)
 
 
 def default_limits(channel: str) -> Limits:

@@ -48,7 +48,15 @@ from slack_sdk.signature import Clock, SignatureVerifier
 from slack_sdk.version import __version__ as slack_sdk_version
 from slack_sdk.web.async_client import AsyncWebClient
 
-from channels.base import ParsedWebhook, Progress, WebhookRequest, WebhookResponse, platform_time, send_parts
+from channels.base import (
+    ParsedWebhook,
+    Progress,
+    WebhookRequest,
+    WebhookResponse,
+    number_or_none,
+    platform_time,
+    send_parts,
+)
 from channels.text import retry_after_s, split_text
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, InboundEvent, JSONDict, OutboundMessage
@@ -70,6 +78,7 @@ _CONNECTION_ERRORS = (aiohttp.ServerConnectionError, aiohttp.ClientOSError)
 # reply also sent to the channel. Every other subtype (edits, deletions, joins, bot_message,
 # ...) is housekeeping (S16).
 USER_MESSAGE_SUBTYPES = frozenset({"file_share", "thread_broadcast"})
+USER_EVENT_TYPES = frozenset({"message", "app_mention"})
 # ok:false codes that a later attempt can cure; any other code is permanent (channel_not_found,
 # not_in_channel, is_archived, invalid_auth, account_inactive, token_revoked, msg_too_long, ...).
 RETRYABLE_ERRORS = frozenset({"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"})
@@ -79,17 +88,20 @@ RETRYABLE_ERRORS = frozenset({"ratelimited", "internal_error", "fatal_error", "s
 
 
 def is_user_message(event: Mapping[str, Any], bot_user_id: str | None) -> bool:
-    """A message a person wrote in a channel, DM or thread (text or files).
+    """A message a person wrote in a channel, DM or thread (text or files), or a mention of
+    our app (``app_mention``: an app subscribed only to mentions gets nothing else; one
+    subscribed to both gets a ``message`` too, with another event_id but the same channel and
+    ``ts``, which is why the dedup key is channel and ``ts``).
 
-    Not: other event types (``app_mention`` included: the same words also arrive as a
-    ``message`` event with another event_id, so handling both would answer twice), messages
-    of any bot (``bot_id``), our own user's messages, and subtypes other than
-    ``USER_MESSAGE_SUBTYPES``.
+    Not: other event types, messages of any bot (``bot_id``), our own user's messages, and
+    subtypes other than ``USER_MESSAGE_SUBTYPES``.
     """
-    if event.get("type") != "message" or event.get("bot_id"):
+    kind = event.get("type")
+    if not isinstance(kind, str) or kind not in USER_EVENT_TYPES or event.get("bot_id"):
         return False
     subtype = event.get("subtype")
-    if subtype is not None and subtype not in USER_MESSAGE_SUBTYPES:
+    # (a list is unhashable: look it up only as a string)
+    if subtype is not None and (not isinstance(subtype, str) or subtype not in USER_MESSAGE_SUBTYPES):
         return False
     user = event.get("user")
     if not isinstance(user, str) or not user or (bot_user_id and user == bot_user_id):
@@ -217,7 +229,7 @@ class SlackAdapter:
     def parse_webhook(self, request: WebhookRequest) -> ParsedWebhook:
         """Verify the signature and timestamp over the raw body, then read the one event.
 
-        Retries (``X-Slack-Retry-Num``) carry the same ``event_id``, which is the dedup key.
+        Retries (``X-Slack-Retry-Num``) carry the same event; the dedup key is channel + ``ts``.
         """
         self._verify_signature(request)
         try:
@@ -341,6 +353,11 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return next((v for k, v in headers.items() if k.lower() == lowered), None)
 
 
+def _seconds(value: Any) -> float | None:
+    """Slack's ``"1355517523.000005"`` (or a number) in seconds; None when it is not one."""
+    return number_or_none(value) if isinstance(value, str | int | float) else None
+
+
 def _event_of(event_id: str, event: Mapping[str, Any]) -> InboundEvent:
     """The MESSAGE event of a user message (``is_user_message`` holds)."""
     ts = event.get("ts")
@@ -354,24 +371,18 @@ def _event_of(event_id: str, event: Mapping[str, Any]) -> InboundEvent:
             for file in files
             if isinstance(file, dict)
         )
+    channel = event.get("channel")
     return InboundEvent(
         conversation=conversation_of(event),
         kind=EventKind.MESSAGE,
-        dedup_key=event_id,
+        # The message and the app_mention of one mention (and every retry of either) share
+        # channel and ts; event_id differs between the first two (CHANNELS.md).
+        dedup_key=f"{channel}:{message_id}" if message_id else event_id,
         message_id=message_id,
         text=text if isinstance(text, str) and text else None,
         attachments=attachments,
-        timestamp=platform_time(_float_or_none(event.get("event_ts")) or _float_or_none(ts)),
+        timestamp=platform_time(_seconds(event.get("event_ts")) or _seconds(ts)),
     )
-
-
-def _float_or_none(value: Any) -> float | None:
-    if not isinstance(value, str | int | float) or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
 
 
 def _failure_of(exc: BaseException) -> DeliveryError:

@@ -1,10 +1,13 @@
 """Twilio Programmable Messaging (SMS): signed form webhooks in, REST API sends out.
 
 Inbound: ``X-Twilio-Signature`` is verified with the SDK's ``RequestValidator`` over the public
-URL and every form parameter (a MultiDict, so repeated parameters count) before the form is read.
-Status callbacks and Twilio's opt-out / opt-in keywords are housekeeping (S16): callbacks are
-counted and dropped, keywords become ``OPT_OUT`` / ``OPT_IN`` events. The conversation id is the
-user's number exactly as Twilio sent it in ``From`` (E.164).
+URL and every form parameter (a MultiDict, so repeated parameters count) before the form's
+fields are used. The signature covers the fields, so this is the one adapter that parses a form,
+and only once the request carries a signature and at most ``MAX_FORM_FIELDS`` fields. Status
+callbacks (with or without ``Body``), ``OptOutType=HELP`` and Twilio's opt-out / opt-in keywords
+are housekeeping (S16): callbacks and HELP are counted and dropped, keywords (``OptOutType``
+when present) become ``OPT_OUT`` / ``OPT_IN`` events. The conversation id is the user's number
+exactly as Twilio sent it in ``From`` (E.164).
 
 Outbound: ``twilio.rest.Client`` over ``AsyncTwilioHttpClient`` (aiohttp, never the blocking
 requests client). Facts about twilio 9.13 this module relies on or works around:
@@ -57,6 +60,12 @@ DEFAULT_SEND_TIMEOUT_S = 15.0
 
 OPT_OUT_KEYWORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"})
 OPT_IN_KEYWORDS = frozenset({"START", "YES", "UNSTOP"})
+# ``OptOutType`` values: HELP is answered by Twilio itself, so it is housekeeping here (None).
+OPT_OUT_TYPES: dict[str, EventKind | None] = {"STOP": EventKind.OPT_OUT, "START": EventKind.OPT_IN}
+OPT_OUT_TYPE_HELP = "HELP"
+INBOUND_STATUSES = frozenset({"received", "receiving"})
+# Twilio's own webhooks carry a few dozen fields; a form with more is not Twilio's (DESIGN.md).
+MAX_FORM_FIELDS = 1000
 
 # Twilio error codes with a fixed meaning for delivery.
 CODE_UNSUBSCRIBED = 21610  # the recipient sent STOP: never retry
@@ -65,15 +74,27 @@ _PERMANENT_CODES = {21211: "invalid 'To' number", 21614: "'To' is not a mobile n
 
 
 def is_status_callback(form: Mapping[str, str]) -> bool:
-    """A delivery status callback (``MessageStatus``/``SmsStatus`` and no ``Body``), not a user message.
+    """A delivery status callback, not a user message: it carries ``MessageStatus`` (a
+    Messaging Service's callback may also carry our own ``Body``, and ``From`` = our number).
 
-    Inbound messages carry ``SmsStatus=received`` too, but always with a ``Body`` (maybe empty).
+    Inbound messages carry ``SmsStatus=received`` and no ``MessageStatus``; any other
+    ``SmsStatus`` (``sent``, ``delivered``, ...) is a callback too.
     """
-    return ("MessageStatus" in form or "SmsStatus" in form) and "Body" not in form
+    if "MessageStatus" in form:
+        return True
+    status = form.get("SmsStatus")
+    return status is not None and status.strip().lower() not in INBOUND_STATUSES
 
 
-def opt_keyword(body: str) -> EventKind | None:
-    """``OPT_OUT`` / ``OPT_IN`` when ``body`` is one of the keywords Twilio itself acts on, else None."""
+def opt_keyword(body: str, opt_out_type: str | None = None) -> EventKind | None:
+    """``OPT_OUT`` / ``OPT_IN`` for Twilio's opt-out and opt-in keywords, else None.
+
+    ``OptOutType`` is authoritative when Twilio sends it (custom keywords of Advanced Opt-Out
+    in any language); without it, or with a value we do not know, the default keywords count.
+    """
+    kind = OPT_OUT_TYPES.get((opt_out_type or "").strip().upper())
+    if kind is not None:
+        return kind
     word = body.strip().upper()
     if word in OPT_OUT_KEYWORDS:
         return EventKind.OPT_OUT
@@ -83,10 +104,16 @@ def opt_keyword(body: str) -> EventKind | None:
 
 
 def _form_of(request: WebhookRequest) -> MultiDict[str]:
+    """The form's fields, at most ``MAX_FORM_FIELDS`` (more: ``BadPayload``, counted on the raw
+    bytes before anything is decoded, so an unsigned flood of fields costs nothing)."""
     if request.form is not None:
+        if len(request.form) > MAX_FORM_FIELDS:
+            raise BadPayload(f"twilio form with more than {MAX_FORM_FIELDS} fields")
         return MultiDict(request.form.items())  # items() of a MultiDict(Proxy) keeps repeats
-    # The web layer fills ``form`` only for application/x-www-form-urlencoded; anything else is
-    # parsed here so that it is still verified (and then rejected) the same way.
+    if request.body.count(b"&") >= MAX_FORM_FIELDS:
+        raise BadPayload(f"twilio form with more than {MAX_FORM_FIELDS} fields")
+    # Whatever the Content-Type: a body that is not a form is still verified (and rejected)
+    # the same way.
     return MultiDict(parse_qsl(request.body.decode("utf-8", errors="replace"), keep_blank_values=True))
 
 
@@ -156,20 +183,31 @@ class TwilioAdapter:
         raise BadPayload("twilio webhooks have no GET handshake")
 
     def parse_webhook(self, request: WebhookRequest) -> ParsedWebhook:
-        """Verify ``X-Twilio-Signature`` over the public URL and the form, then read the form."""
+        """Verify ``X-Twilio-Signature`` over the public URL and the form, then read the form.
+
+        The signature covers the form's fields, so they are parsed first, but only once the
+        request carries a signature and at most ``MAX_FORM_FIELDS`` of them.
+        """
+        signature = request.headers.get(SIGNATURE_HEADER)
+        if not signature:
+            raise BadSignature("missing X-Twilio-Signature")
+        # An empty auth token would make every HMAC forgeable: accept nothing then.
+        if not self._endpoint.credential("auth_token"):
+            raise BadSignature("no auth_token configured")
         form = _form_of(request)
-        self._verify(request, form)
+        self._verify(request.public_url, form, signature)
         twiml = WebhookResponse(status=200, text=TWIML_EMPTY, content_type="text/xml")
         message_sid = form.get("MessageSid")
         if not message_sid:
             raise BadPayload("twilio form without MessageSid")
-        if is_status_callback(form):
+        opt_out_type = form.get("OptOutType")
+        if is_status_callback(form) or (opt_out_type or "").strip().upper() == OPT_OUT_TYPE_HELP:
             return ParsedWebhook(ignored=1, response=twiml)
         sender = form.get("From")
         if not sender:
             raise BadPayload("twilio message without From")
         body = form.get("Body", "")
-        kind = opt_keyword(body)
+        kind = opt_keyword(body, opt_out_type)
         if kind is not None:
             event = InboundEvent(
                 conversation=sender, kind=kind, dedup_key=message_sid, message_id=message_sid, text=body
@@ -189,14 +227,14 @@ class TwilioAdapter:
         )
         return ParsedWebhook(events=[event], response=twiml)
 
-    def _verify(self, request: WebhookRequest, form: MultiDict[str]) -> None:
-        signature = request.headers.get(SIGNATURE_HEADER)
-        if not signature:
-            raise BadSignature("missing X-Twilio-Signature")
-        # An empty auth token would make every HMAC forgeable: accept nothing then.
-        if not self._endpoint.credential("auth_token"):
-            raise BadSignature("no auth_token configured")
-        if not self._validator.validate(request.public_url, form, signature):
+    def _verify(self, url: str, form: MultiDict[str], signature: str) -> None:
+        if not url:
+            raise BadSignature("cannot rebuild the URL Twilio signed: malformed Host header")
+        try:
+            valid = self._validator.validate(url, form, signature)
+        except ValueError as exc:  # urllib refuses the URL (a port out of range, a broken [IPv6)
+            raise BadSignature("cannot rebuild the URL Twilio signed") from exc
+        if not valid:
             raise BadSignature("wrong X-Twilio-Signature")
 
     # -- outbound ----------------------------------------------------------------------------

@@ -4,6 +4,10 @@
   (default 100, at most 1000).
 - ``POST /admin/dead-letters/<id>/retry`` -> 202 with the message, now pending and queued at
   the end of its conversation; 404 for an unknown id, 409 when it is not a dead letter.
+- ``DELETE /admin/dead-letters/<id>`` -> 204, the dead letter is gone; 404 unknown, 409 not dead.
+
+``next_attempt_at`` is when a pending message is tried next; null for a dead letter (it is
+tried again only when retried) and for messages sent or skipped.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from aiohttp import web
 
 from gateway.errors import BadPayload, MessageNotFound
 from gateway.keys import OUTBOX, STORE
-from gateway.models import JSONDict, OutboundMessage
+from gateway.models import JSONDict, OutboundMessage, OutboxState
 from gateway.wire import iso
 
 DEFAULT_LIMIT = 100
@@ -34,7 +38,9 @@ def outbound_json(message: OutboundMessage) -> JSONDict:
         "attempts": message.attempts,
         "last_error": message.last_error,
         "created_at": iso(message.created_at),
-        "next_attempt_at": iso(message.next_attempt_at),
+        "next_attempt_at": iso(message.next_attempt_at)
+        if message.state is OutboxState.PENDING and message.next_attempt_at > 0
+        else None,
     }
 
 
@@ -47,15 +53,25 @@ async def list_dead_letters(request: web.Request) -> web.StreamResponse:
     return web.json_response({"dead_letters": [outbound_json(m) for m in messages]})
 
 
-async def retry_dead_letter(request: web.Request) -> web.StreamResponse:
+def _message_id(request: web.Request) -> int:
     text = request.match_info["id"]
     if not (text.isascii() and text.isdigit() and len(text) <= 19 and 0 < int(text) < 2**63):  # a row id
         raise MessageNotFound(f"{text!r} is not a message id")
-    message = await request.app[OUTBOX].retry(int(text))  # MessageNotFound 404, MessageNotDead 409
+    return int(text)
+
+
+async def retry_dead_letter(request: web.Request) -> web.StreamResponse:
+    message = await request.app[OUTBOX].retry(_message_id(request))  # MessageNotFound 404, MessageNotDead 409
     return web.json_response(outbound_json(message), status=202)
+
+
+async def delete_dead_letter(request: web.Request) -> web.StreamResponse:
+    await request.app[OUTBOX].delete(_message_id(request))  # MessageNotFound 404, MessageNotDead 409
+    return web.Response(status=204)
 
 
 def add_routes(app: web.Application) -> None:
     """Register the dead-letter routes."""
     app.router.add_get("/admin/dead-letters", list_dead_letters)
     app.router.add_post("/admin/dead-letters/{id}/retry", retry_dead_letter)
+    app.router.add_delete("/admin/dead-letters/{id}", delete_dead_letter)

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from gateway.admin import read_json_object
 from gateway.errors import BadPayload, NotFound
-from gateway.keys import MANAGER, SETTINGS, STORE
+from gateway.keys import MANAGER, OWNERSHIP, SETTINGS, STORE
 from gateway.models import CloseReason
 from gateway.runtime_settings import (
     ORGANISATION_SCOPE,
@@ -87,6 +87,7 @@ async def _apply(request: web.Request, before: RuntimeSettings, after: RuntimeSe
             )
     for line in after.capped():
         log.warning("%s", line)
+    await request.app[OWNERSHIP].settings_changed()  # several instances: the others apply it too
 
 
 async def _store(request: web.Request, scope: str, value: dict[str, Any] | None) -> None:

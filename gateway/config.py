@@ -32,6 +32,7 @@ from gateway.config_reader import (
     fmt_number,
     http_url,
     integer,
+    kind,
     number,
     optional,
     parse_yaml,
@@ -41,13 +42,16 @@ from gateway.config_reader import (
     text,
 )
 from gateway.errors import ConfigError, Invalid
+from gateway.proxies import Network, parse_networks
 from gateway.settings import (
     AdminSettings,
     DeliverySettings,
     EndpointSessionSettings,
     FlowSettings,
     FlowType,
+    LogFormat,
     OrganisationSessionSettings,
+    RetentionSettings,
     ServerSettings,
     Settings,
     StorageBackend,
@@ -59,8 +63,9 @@ log = logging.getLogger("gateway.config")
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-_TOP_LEVEL = ("server", "storage", "admin", "organisation", "flow", "delivery", "endpoints", "logging")
+_TOP_LEVEL = ("server", "storage", "admin", "organisation", "flow", "delivery", "endpoints", "logging", "retention")
 _ORG_DEFAULTS = OrganisationSessionSettings()
+MAX_MINUTES = 525_600.0  # a year (DESIGN.md "Hostile input")
 _NO_BOUNDS = OrganisationSessionSettings(min_minutes=0.0, max_minutes=math.inf)
 
 
@@ -72,6 +77,13 @@ def _redis_url(r: Reader, value: object, key: str) -> str:
     if not url.startswith(_REDIS_SCHEMES):
         raise Invalid(f"{url!r} must start with redis://, rediss:// or unix://")
     return url
+
+
+def _key_prefix(r: Reader, value: object, key: str) -> str:
+    prefix = text(r, value, key)
+    if not prefix or not all(ch.isalnum() or ch in "-_.{}" for ch in prefix):
+        raise Invalid(f"{prefix!r} must be letters, digits, '-', '_', '.', '{{' or '}}'")
+    return prefix
 
 
 def _log_level(r: Reader, value: object, key: str) -> str:
@@ -103,12 +115,29 @@ def _check_bounds(r: Reader, key: str, values: dict[str, Any]) -> None:
         r.problem(f"{key}.min_minutes", f"{fmt_number(low)} is above max_minutes ({fmt_number(high)})")
 
 
+def _networks(r: Reader, value: object, key: str) -> tuple[Network, ...]:
+    """A list of addresses or CIDRs, or one comma-separated string of them (``${X:-}``)."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise Invalid(f"must be a list of IP addresses or CIDRs, not {kind(value)}")
+    try:
+        return parse_networks(value)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
 _SERVER: dict[str, Converter] = {
     "host": text,
     "port": integer(0, 65535),
     "public_url": optional(http_url),
     "max_body_bytes": integer(1),
     "max_pending_events": integer(1),
+    "trusted_proxies": _networks,
+    "max_connections": integer(1),
+    "read_timeout_seconds": number(minimum=0.0, strict=True),
 }
 _DELIVERY: dict[str, Converter] = {
     "max_attempts": integer(1),
@@ -120,12 +149,24 @@ _STORAGE: dict[str, Converter] = {
     "backend": choice(StorageBackend),
     "path": file_path,
     "url": optional(_redis_url),
+    "key_prefix": _key_prefix,
 }
 _ADMIN: dict[str, Converter] = {"token": secret}
+
+
+def _max_minutes(r: Reader, value: object, key: str) -> float:
+    """The upper bound of expirations: at most a year, so every deadline is a finite time
+    that the store can hold (1e308 minutes would make it infinite)."""
+    minutes: float = number(minimum=0.0, strict=True)(r, value, key)
+    if minutes > MAX_MINUTES:
+        raise Invalid(f"{fmt_number(minutes)} is above {fmt_number(MAX_MINUTES)} (a year)")
+    return minutes
+
+
 _ORGANISATION_SESSION: dict[str, Converter] = {
     "expiration_minutes": optional(number(minimum=0.0)),
     "min_minutes": number(minimum=0.0),
-    "max_minutes": number(minimum=0.0, strict=True),
+    "max_minutes": _max_minutes,
 }
 _ORGANISATION: dict[str, Converter] = {"session": raw_value}  # read by _read_organisation
 _FLOW: dict[str, Converter] = {
@@ -134,7 +175,12 @@ _FLOW: dict[str, Converter] = {
     "timeout_seconds": number(minimum=0.0, strict=True),
     "error_reply": optional(text),
 }
-_LOGGING: dict[str, Converter] = {"level": _log_level}
+_LOGGING: dict[str, Converter] = {"level": _log_level, "format": choice(LogFormat)}
+_RETENTION: dict[str, Converter] = {
+    "closed_sessions_days": number(minimum=0.0, strict=True),
+    "messages_days": number(minimum=0.0, strict=True),
+    "dedup_days": number(minimum=0.0, strict=True),
+}
 
 
 def _read_organisation(r: Reader, raw: object, key: str) -> OrganisationSessionSettings:
@@ -166,10 +212,13 @@ def _read_settings(r: Reader, top: dict[Any, Any], source: Path) -> Settings | N
         "delivery": r.read(top.get("delivery"), "delivery", section(_DELIVERY, DeliverySettings)),
         "endpoints": r.read(top.get("endpoints"), "endpoints", endpoints(bounds)),
         "log_level": r.read(top.get("logging"), "logging", section(_LOGGING, dict)),
+        "retention": r.read(top.get("retention"), "retention", section(_RETENTION, RetentionSettings)),
     }
     if r.problems:
         return None
-    parts["log_level"] = parts["log_level"].get("level", "INFO")
+    logging_section = parts.pop("log_level")
+    parts["log_level"] = logging_section.get("level", "INFO")
+    parts["log_format"] = logging_section.get("format", LogFormat.TEXT)
     return Settings(source=source, organisation=bounds, **parts)
 
 
@@ -227,6 +276,6 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
     top = parse_yaml(reader, source)
     settings = _read_settings(reader, top, source) if top is not None else None
     if settings is None:
-        raise ConfigError(reader.problems)
+        raise ConfigError(reader.scrubbed_problems())
     _warn_capped(settings)
     return settings

@@ -6,9 +6,12 @@ against what its channel declares (``channels.registry``). Read by ``gateway.con
 from __future__ import annotations
 
 import re
+import string
 from typing import Any
+from urllib.parse import urlsplit
 
-from channels.registry import Channel, credentials_of, is_hosted
+from channels.page_strings import DEFAULT_STRINGS
+from channels.registry import Channel, credential_formats, credentials_of, is_hosted
 from gateway.config_reader import (
     FAILED,
     Converter,
@@ -17,6 +20,7 @@ from gateway.config_reader import (
     choice,
     fmt_number,
     http_url,
+    integer,
     kind,
     number,
     optional,
@@ -26,6 +30,7 @@ from gateway.config_reader import (
 )
 from gateway.errors import Invalid
 from gateway.settings import (
+    CLOSURE_PLACEHOLDERS,
     DiscardSettings,
     EndpointSessionSettings,
     EndpointSettings,
@@ -33,6 +38,7 @@ from gateway.settings import (
     OrganisationSessionSettings,
     RateLimitSettings,
     SessionMode,
+    WebChatSettings,
 )
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -106,6 +112,47 @@ def _credentials(r: Reader, value: object, key: str) -> dict[str, Any]:
     return {str(name): r.read(raw, f"{key}.{name}", secret) for name, raw in value.items()}
 
 
+def _origin(r: Reader, value: object, key: str) -> str:
+    """A web origin as browsers send it: ``scheme://host[:port]``, lower case, nothing after."""
+    origin = text(r, value, key).strip().lower()
+    try:
+        parts = urlsplit(origin)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise Invalid(f"{origin!r} is not an origin like https://shop.example.com") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or origin != f"{parts.scheme}://{parts.netloc}":
+        raise Invalid(f"{origin!r} is not an origin like https://shop.example.com (no path, no trailing slash)")
+    if (parts.scheme, parts.port) in (("http", 80), ("https", 443)):
+        return f"{parts.scheme}://{parts.netloc.rsplit(':', 1)[0]}"  # browsers leave the default port out
+    return origin
+
+
+def _origins(r: Reader, value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise Invalid(f"must be a list of origins, not {kind(value)}")
+    origins = [r.read(item, f"{key}[{i}]", _origin) for i, item in enumerate(value)]
+    if any(origin is FAILED for origin in origins):
+        raise Invalid()
+    return tuple(dict.fromkeys(origins))
+
+
+def _strings(r: Reader, value: object, key: str) -> dict[str, str]:
+    """Overrides of the page's texts, by the keys of ``channels.page_strings``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Invalid(f"must be a mapping of text name -> text, not {kind(value)}")
+    result: dict[str, str] = {}
+    for name, raw in value.items():
+        if name not in DEFAULT_STRINGS:
+            r.problem(f"{key}.{name}", r.unknown(name, DEFAULT_STRINGS))
+            continue
+        converted = r.read(raw, f"{key}.{name}", text)
+        if converted is not FAILED:
+            result[str(name)] = converted
+    return result
+
+
 def bounded_minutes(low: float, high: float) -> Converter:
     """Minutes >= 0; a non-zero value must lie within the organisation bounds (S5, 0 = never)."""
     base = number(minimum=0.0)
@@ -121,13 +168,39 @@ def bounded_minutes(low: float, high: float) -> Converter:
     return read
 
 
+def _unknown_placeholders(text: str) -> list[str]:
+    """The ``{name}`` fields of a closure text that will not be filled (a typo would reach the
+    user as written). Text that is no template (a lone brace) is sent as written: not a problem."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError:
+        return []
+    return [name for name in fields if name.isidentifier() and name not in CLOSURE_PLACEHOLDERS]
+
+
+def _check_closure_texts(r: Reader, key: str, texts: object) -> None:
+    if not isinstance(texts, tuple):
+        return  # already reported
+    known = ", ".join(f"{{{name}}}" for name in CLOSURE_PLACEHOLDERS)
+    for i, message in enumerate(texts):
+        for name in _unknown_placeholders(message):
+            r.problem(f"{key}[{i}]", f"unknown placeholder {{{name}}} (known: {known})")
+
+
 def _check_on_close(r: Reader, key: str, values: dict[str, Any]) -> None:
     if values.get("notify", True) is True and values.get("messages") == ():
         r.problem(f"{key}.messages", "must not be empty when notify is true")
+    _check_closure_texts(r, f"{key}.messages", values.get("messages"))
+    by_channel = values.get("messages_by_channel")
+    if isinstance(by_channel, dict):
+        for channel, texts in by_channel.items():
+            _check_closure_texts(r, f"{key}.messages_by_channel.{channel}", texts)
 
 
 def _check_endpoint(r: Reader, key: str, values: dict[str, Any]) -> None:
     name, channel = values.get("name"), values.get("channel")
+    if "webchat" in values and isinstance(channel, Channel) and channel is not Channel.WEBCHAT:
+        r.problem(f"{key}.webchat", f"only for channel webchat (this endpoint is {channel})")
     if "path" not in values and isinstance(name, str):
         values["path"] = f"/webhooks/{name}"
     credentials = values.get("credentials", {})
@@ -144,6 +217,11 @@ def _check_endpoint(r: Reader, key: str, values: dict[str, Any]) -> None:
             r.problem(f"{key}.credentials.{cred}", f"required for channel {channel}")
         elif value is not FAILED and not value:
             r.problem(f"{key}.credentials.{cred}", f"must not be empty (required for channel {channel})")
+    for cred, (pattern, meaning) in credential_formats(channel).items():
+        value = credentials.get(cred)
+        if value is not None and value is not FAILED and value and not re.fullmatch(pattern, value.value.strip()):
+            # The value itself is not repeated: it may be a secret.
+            r.problem(f"{key}.credentials.{cred}", f"must be {meaning}")
 
 
 _RATE_LIMIT: dict[str, Converter] = {
@@ -157,6 +235,15 @@ _ON_CLOSE: dict[str, Converter] = {
     "clear_auth_profiles": boolean,
     "script": optional(_script),
     "script_timeout_seconds": number(minimum=0.0, strict=True),
+}
+_WEBCHAT: dict[str, Converter] = {
+    "allowed_origins": _origins,
+    "max_messages_per_minute": integer(1),
+    "max_new_conversations_per_hour": integer(1),
+    "max_text_chars": integer(1, 100_000),
+    "max_kept_messages": integer(0, 100_000),
+    "title": optional(text),
+    "strings": _strings,
 }
 _DISCARD: dict[str, Converter] = {
     "words": _messages,
@@ -185,6 +272,7 @@ def _endpoint_table(org: OrganisationSessionSettings) -> dict[str, Converter]:
         "credentials": _credentials,
         "session": section(endpoint_session_table(org), EndpointSessionSettings),
         "rate_limit": section(_RATE_LIMIT, RateLimitSettings),
+        "webchat": section(_WEBCHAT, WebChatSettings),
     }
 
 

@@ -28,7 +28,9 @@ Converter = Callable[["Reader", object, str], Any]
 Check = Callable[["Reader", str, dict[str, Any]], None]
 E = TypeVar("E", bound=Enum)
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A URL's user:password@ (any scheme): the password is shown as *** wherever a URL is printed.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"]*:)[^@\s/'\"]*@")
 
 
 class _Failed:
@@ -42,21 +44,62 @@ FAILED: Any = _Failed()  # what Reader.read returns for a value whose problems a
 def expand(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
     """``value`` with ``${NAME}`` and ``${NAME:-default}`` replaced, and the names that were unset.
 
-    ``:-`` follows the shell: the default also applies when the variable is set but empty.
+    ``:-`` follows the shell: the default also applies when the variable is set but empty, and
+    the default may itself hold ``${...}`` (``${A:-${B}}``), expanded only when it is used.
+    Text that is not a complete reference stays as written.
     """
     missing: list[str] = []
+    result, _ = _expand(value, 0, environ, missing, nested=False)
+    return result, missing
 
-    def replace(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        current = environ.get(name)
-        if default is not None:
-            return current or default
+
+def _expand(text: str, start: int, environ: Mapping[str, str], missing: list[str], *, nested: bool) -> tuple[str, int]:
+    """Expand ``text`` from ``start``; inside a default (``nested``) stop at its closing brace.
+    Returns the expansion and the index after what was consumed."""
+    out: list[str] = []
+    i = start
+    while i < len(text):
+        if nested and text[i] == "}":
+            return "".join(out), i
+        if text.startswith("${", i):
+            reference = _reference(text, i, environ, missing)
+            if reference is not None:
+                expansion, i = reference
+                out.append(expansion)
+                continue
+        out.append(text[i])
+        i += 1
+    return "".join(out), i
+
+
+def _reference(text: str, i: int, environ: Mapping[str, str], missing: list[str]) -> tuple[str, int] | None:
+    """The expansion of the ``${...}`` at ``i`` and the index after it, or None when it is not
+    a complete reference (then the text stays literal)."""
+    name_match = _NAME.match(text, i + 2)
+    if name_match is None:
+        return None
+    name, after = name_match.group(), name_match.end()
+    current = environ.get(name)
+    if text.startswith("}", after):
         if current is None:
             missing.append(name)
-            return ""
-        return current
+            return "", after + 1
+        return current, after + 1
+    if not text.startswith(":-", after):
+        return None
+    unset_in_default: list[str] = []
+    default, end = _expand(text, after + 2, environ, unset_in_default, nested=True)
+    if end >= len(text):
+        return None  # no closing brace
+    if current:
+        return current, end + 1
+    missing.extend(unset_in_default)
+    return default, end + 1
 
-    return _ENV_REF.sub(replace, value), missing
+
+def mask_passwords(text: str) -> str:
+    """``text`` with the password of every URL in it shown as ``***``."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 class Reader:
@@ -70,9 +113,22 @@ class Reader:
         self.environ = environ
         self.base_dir = base_dir  # relative paths in the file are relative to it
         self.problems: list[str] = []
+        self.secrets: set[str] = set()  # credential values read so far (never printed)
 
     def problem(self, key: str, reason: str) -> None:
+        reason = mask_passwords(reason)
         self.problems.append(f"{self.label}: {key}: {reason}" if self.label else f"{key}: {reason}")
+
+    def scrubbed_problems(self) -> list[str]:
+        """The problems with every credential value read in the file shown as ``***`` (a
+        value from the environment may appear under another key, e.g. a port)."""
+        # Whole values of 4 characters or more: a one-letter test credential ("s") must not
+        # garble every line it happens to occur in, and is no secret anyone could keep.
+        secrets = sorted((value for value in self.secrets if len(value) >= 4), key=len, reverse=True)
+        if not secrets:
+            return list(self.problems)
+        pattern = re.compile(r"(?<![\w-])(?:" + "|".join(map(re.escape, secrets)) + r")(?![\w-])")
+        return [pattern.sub("***", line) for line in self.problems]
 
     def read(self, value: object, key: str, convert: Converter) -> Any:
         """``value`` interpolated and converted, or ``FAILED`` once its problems are reported."""
@@ -142,8 +198,11 @@ def kind(value: object) -> str:
 
 
 def fmt_number(value: float) -> str:
-    """5.0 -> '5', 0.5 -> '0.5': numbers in messages as a person wrote them."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    """5.0 -> '5', 0.5 -> '0.5', 1e308 -> '1e+308': numbers in messages as a person wrote them."""
+    value = float(value)
+    if value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(value)
 
 
 # --- converters -----------------------------------------------------------------------------
@@ -166,6 +225,7 @@ def secret(r: Reader, value: object, key: str) -> Secret:
         return Secret("")
     if not isinstance(value, str):
         raise Invalid(f"must be a string, not {kind(value)} (quote it in YAML)")
+    r.secrets.add(value)
     return Secret(value)
 
 
@@ -221,6 +281,8 @@ def number(*, minimum: float | None = None, strict: bool = False) -> Converter:
             result = float(value)
         except ValueError:
             raise Invalid(f"{value!r} is not a number") from None
+        except OverflowError:  # an int of hundreds of digits
+            raise Invalid(f"{str(value)[:12]}... is not a finite number") from None
         if not math.isfinite(result):
             raise Invalid(f"{value!r} is not a finite number")
         if minimum is not None and (result <= minimum if strict else result < minimum):
@@ -319,6 +381,19 @@ def _mapping_without_repeats(loader: _Loader, node: yaml.MappingNode) -> dict[An
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
+def _compose_without_aliases(loader: _Loader, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+    """Refuse every alias (``*name``, merge keys included): ten nested aliases in a few hundred
+    bytes expand to billions of values (DESIGN.md "Hostile input")."""
+    if loader.check_event(yaml.AliasEvent):
+        event = loader.peek_event()  # type: ignore[no-untyped-call]
+        raise yaml.composer.ComposerError(None, None, "YAML aliases are not allowed", event.start_mark)
+    return _compose_node(loader, parent, index)  # type: ignore[arg-type]
+
+
+_compose_node = yaml.composer.Composer.compose_node
+_Loader.compose_node = _compose_without_aliases  # type: ignore[assignment,method-assign]
 
 
 def parse_yaml(r: Reader, path: Path) -> dict[Any, Any] | None:

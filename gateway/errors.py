@@ -15,7 +15,9 @@
     │   ├── Conflict               409: it exists, but its state forbids the request
     │   │   ├── SessionNotOpen     409: the session is closed already
     │   │   └── MessageNotDead     409: the message is not a dead letter
-    │   └── Overloaded             503: the backlog of accepted events passed its bound
+    │   ├── TooManyRequests        429: a client passed its limit (web chat: new conversations)
+    │   ├── Overloaded             503: the backlog of accepted events passed its bound
+    │   └── Unavailable            503: the store cannot take the event now (Redis down or slow)
     ├── DeliveryError              a send failed (retryable or not, with an optional delay)
     │   ├── DeliveryDeferred       nobody to deliver to yet (web chat without a socket)
     │   ├── DeliverySkipped        platform policy forbids this send (24 h window, opt-out)
@@ -147,8 +149,21 @@ class MessageNotDead(Conflict):
         super().__init__("message is not a dead letter", detail=detail)
 
 
+class TooManyRequests(RequestRejected):
+    """One client asked too often (web chat: new conversations per address): come back later."""
+
+    status = 429
+
+
 class Overloaded(RequestRejected):
     """Too many accepted events wait to be handled: come back later (back-pressure)."""
+
+    status = 503
+
+
+class Unavailable(RequestRejected):
+    """The store cannot take the request now (Redis down or slow): come back later. Never a
+    2xx for an event that is not stored."""
 
     status = 503
 
@@ -168,10 +183,13 @@ class DeliveryError(GatewayError):
 
 
 class DeliveryDeferred(DeliveryError):
-    """Nobody can receive the message now (a web chat with no socket): keep it, wake later."""
+    """Nobody can receive the message now (a web chat with no socket): keep it in the store,
+    not in memory, until the conversation wakes. ``keep``: at most this many pending messages
+    of the conversation are kept; older ones are dropped (None: no cap)."""
 
-    def __init__(self, reason: str = "no connected client") -> None:
+    def __init__(self, reason: str = "no connected client", *, keep: int | None = None) -> None:
         super().__init__(reason, retryable=True)
+        self.keep = keep
 
 
 class StoreError(GatewayError):
@@ -180,6 +198,15 @@ class StoreError(GatewayError):
 
 class StoreLocked(StoreError):
     """Another gateway process already uses this database."""
+
+
+class LeaseLost(StoreError):
+    """A write was refused because its conversation's lease (fencing token) moved to another
+    instance: this instance must forget the conversation; the new owner carries on."""
+
+    def __init__(self, contact_id: str) -> None:
+        super().__init__(f"conversation {contact_id} is owned by another instance now")
+        self.contact_id = contact_id
 
 
 class FlowError(GatewayError):

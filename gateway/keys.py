@@ -10,6 +10,7 @@ from channels.base import ChannelAdapter
 from gateway.metrics import Metrics
 from gateway.outbox import Outbox
 from gateway.sessions import SessionManager
+from gateway.sessions.ownership import Ownership
 from gateway.settings import Settings
 from gateway.store.base import Store
 
@@ -20,3 +21,4 @@ CLOCK = web.AppKey[Callable[[], float]]("clock")
 ADAPTERS = web.AppKey[dict[str, ChannelAdapter]]("adapters")
 OUTBOX = web.AppKey("outbox", Outbox)
 MANAGER = web.AppKey("manager", SessionManager)
+OWNERSHIP = web.AppKey[Ownership]("ownership")

@@ -142,12 +142,19 @@ class InboundEvent:
 
 @dataclass(slots=True)
 class StoredEvent:
-    """An inbound event as committed to the durable inbox, before the webhook's 2xx."""
+    """An inbound event as committed to the durable inbox, before the webhook's 2xx.
+
+    With several instances (Redis) ``seq`` numbers the conversation's events in acceptance
+    order (0 where the store does not number them) and ``owner`` names the instance that
+    handles the conversation when that is another one (None: this instance).
+    """
 
     id: int
     endpoint: str
     arrival_at: float
     event: InboundEvent
+    seq: int = 0
+    owner: str | None = None
 
 
 @dataclass(slots=True)
@@ -180,6 +187,22 @@ class OutboundMessage:
     parts_sent: int = 0
 
 
+@dataclass(slots=True, frozen=True)
+class TranscriptLine:
+    """One line of a conversation as its user saw it: a user message, or a message sent to them.
+
+    ``sender`` is ``user`` or ``bot``; ``kind`` is the event kind of a user line (``message``,
+    ``postback``) and the ``MessageKind`` of a bot line; ``message_id`` is the platform's (or
+    the web chat client's) id of a user message.
+    """
+
+    at: float
+    sender: str
+    kind: str
+    text: str
+    message_id: str | None = None
+
+
 @dataclass(slots=True)
 class Change:
     """One atomic unit of work for the store: everything in it commits together or not at all.
@@ -197,3 +220,23 @@ class Change:
     handled_events: list[int] = field(default_factory=list)  # inbox ids now done
     outbox_updates: list[OutboundMessage] = field(default_factory=list)  # state/attempts changed
     notices: list[tuple[str, str]] = field(default_factory=list)  # (session_id, notice)
+    # Filled by a store shared by several instances (Redis): closes in ``closes`` it refused
+    # (the close claim failed), session id -> the stored deadline that moved past now, or None
+    # when the session is closed already or no longer this instance's. Their closure notices
+    # were not queued. A single-process store never refuses (memory is the truth there).
+    refused_closes: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class TranscriptEntry:
+    """One line of a conversation's transcript (``GET /admin/contacts/<id>``): a user's message
+    (from the inbox, kept ``retention.dedup_days``) or a message sent to the user (from the
+    outbox, kept ``retention.messages_days``)."""
+
+    at: float  # arrival (user) or creation (bot) time
+    sender: str  # "user" | "bot"
+    kind: str  # user: message | postback; bot: reply | closure | bot
+    text: str | None
+    session_id: str | None = None  # bot messages know it; a user message's is found by time
+    state: str | None = None  # bot messages: pending | sent | skipped | dead
+    attachments: tuple[str, ...] = ()  # types of a user's non-text content (image, file, ...)

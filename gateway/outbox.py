@@ -33,6 +33,15 @@ The one window in which a send can repeat (platforms without an idempotency key)
 after the platform accepted a part and before its record (``parts_sent``, or the "sent" mark
 for the last part) committed; on restart that part is still unrecorded and goes out again, the
 parts before it do not. LINE pushes carry ``X-Line-Retry-Key`` instead.
+
+Kept messages (``holding_channels``, the web chat): when nobody can receive a message
+(``DeliveryDeferred``) its lane forgets it and everything queued behind it; they stay pending
+in the store only, capped at the adapter's ``keep`` per conversation (older ones are dropped,
+counted as ``outcome="dropped"``). ``wake`` reads the conversation's pending messages back from
+the store when someone connects, and the lane, between two sends, merges them in id order
+(= the order produced) before it calls the waker's ``ready``: the new client joins exactly
+behind them. At start these channels' messages are not loaded at all. So a conversation nobody
+reads costs no memory, however many of them there are.
 """
 
 from __future__ import annotations
@@ -43,11 +52,12 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from channels.base import ChannelAdapter
 from gateway.errors import DeliveryDeferred, DeliveryError, DeliverySkipped, MessageNotDead, MessageNotFound
+from gateway.logs import log_context
 from gateway.metrics import Metrics
 from gateway.models import Change, MessageKind, OutboundMessage, OutboxState
 from gateway.ratelimit import RateLimiter
@@ -95,8 +105,9 @@ class RetryPolicy:
 class _Lane:
     messages: deque[OutboundMessage] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
-    parked: bool = False  # nobody to deliver to (web chat without socket) until woken
     sending: bool = False  # a request is with the platform (or its outcome being recorded)
+    reload: bool = False  # woken: read the conversation's kept messages from the store first
+    ready: list[Callable[[], None]] = field(default_factory=list)  # wakers, called after the reload
 
 
 class Outbox(OutboxSink):
@@ -115,8 +126,16 @@ class Outbox(OutboxSink):
         clock: Callable[[], float] = time.time,
         retry: RetryPolicy | None = None,
         limiter: RateLimiter | None = None,
+        forward: Callable[[OutboundMessage], Awaitable[bool]] | None = None,
+        resume_all: bool = True,
+        holding_channels: Collection[str] = (),
     ) -> None:
         self._store = store
+        # Several instances: a retried dead letter goes to its conversation's owner (forward
+        # says True), and at start only the conversations taken over are resumed (resume_all).
+        self._forward = forward
+        self._resume_all = resume_all
+        self._holding = frozenset(holding_channels)
         self._adapters = adapters
         self._metrics = metrics or Metrics()
         self._clock = clock
@@ -132,8 +151,12 @@ class Outbox(OutboxSink):
         self._metrics.gauge("gateway_outbox_pending", lambda: float(len(self._known)))
 
     async def start(self) -> None:
-        """Resume what was pending when the gateway last stopped."""
-        pending = await self._store.pending_outbox()
+        """Resume what was pending when the gateway last stopped (kept messages of holding
+        channels stay in the store until their conversation wakes; with several instances, the
+        owners of the conversations resume theirs when they take them over)."""
+        if not self._resume_all:
+            return
+        pending = await self._store.pending_outbox(skip_channels=self._holding)
         self.submit(pending)
         if pending:
             log.info("resuming %d pending outbound messages", len(pending))
@@ -169,12 +192,17 @@ class Outbox(OutboxSink):
             lane.messages.append(message)
             self._run_lane(message.endpoint, message.conversation, lane)
 
-    def wake(self, endpoint: str, conversation: str) -> None:
-        """Someone can receive again (a web chat socket connected): resume a parked lane."""
-        lane = self._lanes.get((endpoint, conversation))
-        if lane is not None and lane.parked:
-            lane.parked = False
-            self._run_lane(endpoint, conversation, lane)
+    def wake(self, endpoint: str, conversation: str, ready: Callable[[], None] | None = None) -> None:
+        """Someone can receive again (a web chat socket connected): the conversation's lane
+        reads its kept messages from the store, merges them in order, then calls ``ready()``
+        (between two sends, so whoever it admits gets every later message, in order)."""
+        if self._closing:
+            return
+        lane = self._lanes.setdefault((endpoint, conversation), _Lane())
+        lane.reload = True
+        if ready is not None:
+            lane.ready.append(ready)
+        self._run_lane(endpoint, conversation, lane)
 
     async def retry(self, message_id: int) -> OutboundMessage:
         """Send a dead letter again: back to pending with 0 attempts, due now, at the end of
@@ -197,12 +225,49 @@ class Outbox(OutboxSink):
                 change.notices.append((message.session_id, "queued"))
             await asyncio.shield(self._store.commit(change))
             self._metrics.inc("gateway_dead_letters_retried_total", endpoint=message.endpoint)
-            log.info("dead letter %d queued again: endpoint=%s", message.id, message.endpoint)
-            self.submit([message])
+            log.info(
+                "dead letter %d queued again: endpoint=%s",
+                message.id,
+                message.endpoint,
+                extra=log_context(message.endpoint, message.conversation, message.session_id),
+            )
+            if self._forward is None or not await self._forward(message):
+                self.submit([message])
         return message
 
+    async def delete(self, message_id: int) -> None:
+        """Drop a dead letter for good. Raises ``MessageNotFound`` for an unknown id and
+        ``MessageNotDead`` when it is not a dead letter (a pending one is never dropped)."""
+        async with self._retry_lock:  # not while a retry of it is on its way
+            message = await self._store.get_outbound(message_id)
+            if message is None:
+                raise MessageNotFound(f"no outbound message {message_id}")
+            if message.state is not OutboxState.DEAD or message.id in self._known:
+                raise MessageNotDead(f"message {message_id} is {message.state.value}, not dead")
+            if not await self._store.delete_dead_letter(message_id):
+                raise MessageNotDead(f"message {message_id} changed meanwhile")
+            log.info(
+                "dead letter %d deleted",
+                message_id,
+                extra=log_context(message.endpoint, message.conversation, message.session_id),
+            )
+
+    def forget(self, endpoint: str, conversation: str) -> int:
+        """Drop the messages queued for a conversation whose contact was erased (their rows
+        are gone); a send already with the platform finishes. Returns how many were dropped."""
+        lane = self._lanes.get((endpoint, conversation))
+        if lane is None:
+            return 0
+        if lane.task is not None and not lane.sending:
+            lane.task.cancel()  # it only waits (a retry's delay, a rate-limit token)
+        keep = 1 if lane.sending and lane.messages else 0
+        dropped = [lane.messages.pop() for _ in range(len(lane.messages) - keep)]
+        for message in dropped:
+            self._known.discard(message.id)
+        return len(dropped)
+
     async def drain(self, timeout_s: float = 10.0) -> None:
-        """Wait until every lane is empty or parked (tests and benchmarks)."""
+        """Wait until every lane is empty or waits for its conversation (tests and benchmarks)."""
         await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     @property
@@ -210,15 +275,42 @@ class Outbox(OutboxSink):
         return len(self._known)
 
     def _run_lane(self, endpoint: str, conversation: str, lane: _Lane) -> None:
-        if lane.task is None and not lane.parked and not self._closing and lane.messages:
+        if lane.task is None and not self._closing and (lane.messages or lane.reload):
             self._idle.clear()
             self._running += 1
-            lane.task = asyncio.create_task(self._deliver_lane(lane))
+            lane.task = asyncio.create_task(self._deliver_lane(endpoint, conversation, lane))
             lane.task.add_done_callback(functools.partial(self._lane_done, endpoint, conversation, lane))
 
-    async def _deliver_lane(self, lane: _Lane) -> None:
-        while lane.messages and not lane.parked and not self._closing:
-            await self._deliver(lane, lane.messages[0])
+    async def _deliver_lane(self, endpoint: str, conversation: str, lane: _Lane) -> None:
+        while not self._closing:
+            if lane.reload:
+                await self._reload(endpoint, conversation, lane)
+            if not lane.messages:
+                return
+            if await self._deliver(lane, lane.messages[0]):
+                continue
+            # Deferred: the lane's messages stay in the store only. When someone connected
+            # meanwhile (``reload``), the next turn reads them back, without the dropped ones.
+            for message in lane.messages:
+                self._known.discard(message.id)
+            lane.messages.clear()
+
+    async def _reload(self, endpoint: str, conversation: str, lane: _Lane) -> None:
+        """Merge the conversation's kept messages into the lane in id order (the order they were
+        produced: one conversation's changes commit one at a time), then admit the wakers."""
+        lane.reload = False
+        try:
+            kept = await self._store.pending_outbox_of(endpoint, conversation)
+        except Exception:  # the wakers still join; what is kept waits for the next wake
+            log.exception("cannot read the kept messages of %s/%s", endpoint, conversation)
+            kept = []
+        fresh = [message for message in kept if message.id not in self._known]
+        if fresh:
+            self._known.update(message.id for message in fresh)
+            lane.messages = deque(sorted([*lane.messages, *fresh], key=lambda message: message.id))
+        wakers, lane.ready = lane.ready, []
+        for ready in wakers:
+            ready()
 
     def _lane_done(self, endpoint: str, conversation: str, lane: _Lane, task: asyncio.Task[None]) -> None:
         """A lane's task ended (also when it was cancelled before it started)."""
@@ -227,15 +319,16 @@ class Outbox(OutboxSink):
         self._running -= 1
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery lane %s/%s failed", endpoint, conversation, exc_info=task.exception())
-        elif lane.messages:
-            self._run_lane(endpoint, conversation, lane)  # submitted after its loop ended
+        elif lane.messages or lane.reload:
+            self._run_lane(endpoint, conversation, lane)  # submitted or woken after its loop ended
         elif self._lanes.get((endpoint, conversation)) is lane:
             del self._lanes[(endpoint, conversation)]
         if self._running == 0:
             self._idle.set()
 
-    async def _deliver(self, lane: _Lane, message: OutboundMessage) -> None:
-        """One attempt at the head of ``lane``; it stays at the head until its outcome is final."""
+    async def _deliver(self, lane: _Lane, message: OutboundMessage) -> bool:
+        """One attempt at the head of ``lane``; it stays at the head until its outcome is final.
+        False when nobody could receive it (``DeliveryDeferred``)."""
         lane.sending = False
         wait_s = message.next_attempt_at - self._clock()
         if wait_s > 0:
@@ -248,13 +341,18 @@ class Outbox(OutboxSink):
             if throttled_s > 0:
                 self._metrics.inc("gateway_outbox_throttled_seconds_total", throttled_s, endpoint=message.endpoint)
             if self._closing:
-                return  # stays pending in the store for the next start
+                return True  # stays pending in the store for the next start
             lane.sending = True
-            await adapter.send(message, functools.partial(self._part_sent, message))
-        except DeliveryDeferred:
-            lane.parked = True
+            started = time.perf_counter()
+            try:
+                await adapter.send(message, functools.partial(self._part_sent, message))
+            finally:
+                self._metrics.observe("gateway_send_seconds", time.perf_counter() - started, message.endpoint)
+        except DeliveryDeferred as exc:
             self._metrics.inc("gateway_messages_out_total", endpoint=message.endpoint, outcome="deferred")
-            return
+            if exc.keep is not None:
+                await self._drop_beyond(message.endpoint, message.conversation, exc.keep)
+            return False
         except DeliverySkipped as exc:
             notice = f"skipped: {exc.reason}"
             if exc.refused_by_platform:  # a dead letter too, which operators can see and retry
@@ -270,6 +368,29 @@ class Outbox(OutboxSink):
         else:
             message.sent_at = self._clock()
             await self._finish(lane, message, OutboxState.SENT, "sent", None)
+        return True
+
+    async def _drop_beyond(self, endpoint: str, conversation: str, keep: int) -> None:
+        """Keep at most ``keep`` pending messages of a conversation nobody receives now: the
+        older ones are dropped (``skipped``; a dropped closure notice reads ``skipped: ...``)."""
+        try:
+            kept = await self._store.pending_outbox_of(endpoint, conversation)
+            if len(kept) <= keep:
+                return
+            reason = f"dropped: more than {keep} messages kept for a conversation nobody reads"
+            dropped = kept[: len(kept) - keep]
+            change = Change(outbox_updates=dropped)
+            for message in dropped:
+                message.state = OutboxState.SKIPPED
+                message.last_error = reason
+                if message.kind is MessageKind.CLOSURE and message.session_id:
+                    change.notices.append((message.session_id, f"skipped: {reason}"))
+            await self._store.commit(change)
+        except Exception:  # the cap is tried again at the next deferral
+            log.exception("cannot drop the oldest kept messages of %s/%s", endpoint, conversation)
+            return
+        self._metrics.inc("gateway_messages_out_total", len(dropped), endpoint=endpoint, outcome="dropped")
+        log.info("dropped %d kept messages: endpoint=%s conversation=%s", len(dropped), endpoint, conversation)
 
     async def _failed(self, lane: _Lane, message: OutboundMessage, exc: DeliveryError) -> None:
         message.attempts += 1
@@ -294,6 +415,7 @@ class Outbox(OutboxSink):
                 message.endpoint,
                 message.conversation,
                 exc.reason,
+                extra=log_context(message.endpoint, message.conversation, message.session_id),
             )
             await self._record(functools.partial(self._store.commit, Change(outbox_updates=[message])))
             return
@@ -330,6 +452,7 @@ class Outbox(OutboxSink):
             message.kind.value,
             message.id,
             f" ({error})" if error else "",
+            extra=log_context(message.endpoint, message.conversation, message.session_id),
         )
 
     async def _record(self, write: Callable[[], Awaitable[None]]) -> None:

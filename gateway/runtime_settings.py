@@ -38,7 +38,7 @@ import dataclasses
 import enum
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.config import read_endpoint_session, read_organisation_session
 from gateway.config_reader import fmt_number
@@ -318,6 +318,29 @@ class RuntimeSettings:
 async def load_runtime(settings: Settings, store: Store) -> RuntimeSettings:
     """The runtime settings from the stored overrides."""
     return RuntimeSettings(settings, await store.get_overrides())
+
+
+class PolicyHolder(Protocol):
+    """What ``apply_stored_settings`` needs of the session manager."""
+
+    def policy(self, endpoint: str) -> EndpointPolicy | None: ...
+
+    async def set_policy(self, policy: EndpointPolicy) -> None: ...
+
+
+async def apply_stored_settings(settings: Settings, store: Store, manager: PolicyHolder) -> None:
+    """Apply the stored overrides to the open sessions (several instances: another instance
+    changed them): every endpoint whose policy differs from the one in force is re-applied."""
+    runtime = await load_runtime(settings, store)
+    for name, endpoint in runtime.endpoints.items():
+        if endpoint.policy != manager.policy(name):
+            await manager.set_policy(endpoint.policy)
+            log.info(
+                "endpoint %s: session settings changed through another instance (expiration %s min, mode %s)",
+                name,
+                endpoint.policy.expiration_minutes,
+                endpoint.policy.mode.value,
+            )
 
 
 async def load_policies(settings: Settings, store: Store) -> dict[str, EndpointPolicy]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 DEFAULT_EXPIRATION_MINUTES = 30.0  # S2
@@ -25,6 +26,15 @@ class StorageBackend(StrEnum):
 class FlowType(StrEnum):
     ECHO = "echo"
     HTTP = "http"
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"  # "<time> <LEVEL> <logger>: <message>"
+    JSON = "json"  # one object per line: ts, level, logger, message, endpoint, conversation, session_id
+
+
+# The placeholders a closure text may use (S10; filled by gateway.session_rules.ClosureTexts).
+CLOSURE_PLACEHOLDERS = ("expiration_minutes", "name")
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,6 +60,10 @@ class ServerSettings:
     max_body_bytes: int = 1_048_576
     # Accepted events not yet handled; past this, webhooks answer 503 (back-pressure).
     max_pending_events: int = 10_000
+    # Peers whose X-Forwarded-For/-Proto/-Host are believed (gateway.proxies); empty: nobody.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    max_connections: int = 2048  # open at once; past it new connections are closed at once
+    read_timeout_seconds: float = 15.0  # a request's headers, and then its body, must arrive within
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,6 +71,7 @@ class StorageSettings:
     backend: StorageBackend = StorageBackend.SQLITE
     path: Path = Path("data/gateway.db")  # absolute after loading (relative to the config file)
     url: str | None = None  # redis
+    key_prefix: str = "gw"  # redis: every key starts with "<key_prefix>:", so gateways can share a Redis
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,6 +104,15 @@ class DeliverySettings:
     max_age_minutes: float = 1440.0
     base_delay_seconds: float = 0.5
     max_delay_seconds: float = 60.0
+
+
+@dataclass(slots=True, frozen=True)
+class RetentionSettings:
+    """How long history is kept (pruned in the background, hourly)."""
+
+    closed_sessions_days: float = 90.0  # closed sessions, then contacts left without any
+    messages_days: float = 7.0  # sent and skipped outbox messages and their texts
+    dedup_days: float = 7.0  # handled inbound events: dedup ids and the users' texts
 
 
 @dataclass(slots=True, frozen=True)
@@ -128,6 +152,21 @@ class EndpointSessionSettings:
 
 
 @dataclass(slots=True, frozen=True)
+class WebChatSettings:
+    """The ``webchat:`` block of a web chat endpoint: who may embed it and its limits."""
+
+    # Origins (``https://shop.example.com``) whose pages may open the socket and frame the page;
+    # empty: only the gateway's own origin.
+    allowed_origins: tuple[str, ...] = ()
+    max_messages_per_minute: int = 30  # per socket; excess frames get an error frame
+    max_new_conversations_per_hour: int = 20  # per client address; excess hellos get 429
+    max_text_chars: int = 2000
+    max_kept_messages: int = 100  # per conversation while no socket is connected; older dropped
+    title: str | None = None  # page header; None: the endpoint name
+    strings: dict[str, str] = field(default_factory=dict)  # overrides of the page's visible texts
+
+
+@dataclass(slots=True, frozen=True)
 class EndpointSettings:
     name: str
     channel: str  # a channels.registry.Channel value; the core never branches on it
@@ -137,6 +176,7 @@ class EndpointSettings:
     credentials: dict[str, Secret] = field(default_factory=dict)
     session: EndpointSessionSettings = field(default_factory=EndpointSessionSettings)
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    webchat: WebChatSettings = field(default_factory=WebChatSettings)  # channel webchat only
 
     def credential(self, key: str) -> str:
         """The plain value of credential ``key`` ('' when absent)."""
@@ -155,6 +195,8 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     endpoints: tuple[EndpointSettings, ...] = ()
     log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.TEXT
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     def endpoint(self, name: str) -> EndpointSettings | None:
         for endpoint in self.endpoints:

@@ -1,6 +1,6 @@
 """A recording stand-in for a platform's HTTP API, served by aiohttp on 127.0.0.1 port 0.
 
-Every request is recorded (method, path, query, headers, body). Answers are scripted per path
+Every request is recorded (method, path, query, headers, body, when it arrived, the answer). Answers are scripted per path
 with ``respond``; failures can be queued (``fail_next``) to exercise retries: 5xx, 429 with
 Retry-After, slow answers. Tests wait on ``wait_for(n)`` instead of sleeping.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ class RecordedRequest:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes
+    answer: Answer | None = None  # what the fake answered (set once decided)
+    received_at: float = field(default_factory=time.monotonic)  # when it arrived, before any delay
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -107,6 +110,7 @@ class FakePlatform:
             answer = self._defaults[request.path](recorded)
         else:
             answer = Answer(json_body={})
+        recorded.answer = answer
         if answer.delay_s:
             await asyncio.sleep(answer.delay_s)
         # Recorded after the answer is decided and any delay passed: a request counts as

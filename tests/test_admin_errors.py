@@ -12,7 +12,7 @@ import pytest
 from aiohttp import ClientResponse
 
 from tests.conftest import Gateway, make_settings, webchat_endpoint
-from tests.signed import line_request, line_text_event
+from tests.kits.line import body_of, sign, text_event
 
 LINE_SECRET = "admin-errors-line-secret"
 
@@ -202,14 +202,12 @@ async def test_an_unexpected_failure_is_500_and_logged(
 async def test_errors_outside_admin_keep_their_shape(gateway: Gateway) -> None:
     unknown = await gateway.client.get("/nothing-here")
     assert unknown.status == 404 and unknown.content_type == "text/plain"
-    event = line_text_event("U1", "hi")
-    signed = line_request("wrong-secret", event)
-    rejected = await gateway.client.post("/webhooks/ln", data=signed.body, headers=signed.headers)
+    body = body_of(text_event("hi"))
+    headers = {"Content-Type": "application/json", "x-line-signature": sign(body, "wrong-secret")}
+    rejected = await gateway.client.post("/webhooks/ln", data=body, headers=headers)
     body = await error_of(rejected, 401)
     assert set(body) == {"error"} and "WWW-Authenticate" not in rejected.headers
     no_handshake = await gateway.client.get("/webhooks/ln")
     assert await error_of(no_handshake, 400) == {"error": "no GET handshake for LINE"}
-    no_conversation = await gateway.client.get("/webchat/web/ws")
-    assert await error_of(no_conversation, 400) == {
-        "error": "conversation query parameter (1-200 characters) is required"
-    }
+    not_a_socket = await gateway.client.get("/webchat/web/ws")
+    assert await error_of(not_a_socket, 400) == {"error": "this route takes a WebSocket upgrade"}

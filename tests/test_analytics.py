@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 from gateway.wire import iso, parse_iso
-from tests.conftest import make_settings, webchat_endpoint
+from tests.conftest import Gateway, make_settings, webchat_endpoint
 
 PATH = "/admin/analytics/sessions"
 NO_CLOSES = {"inactivity": 0, "refresh": 0, "admin": 0, "flow": 0, "endpoint_removed": 0}
@@ -27,15 +27,8 @@ def _counts(sessions: int, interactive: int, developer: int, billable: int, **cl
     }
 
 
-async def _bot_message(gateway: Any, endpoint: str, conversation: str) -> dict[str, Any]:
-    response = await gateway.client.post(
-        "/admin/messages",
-        json={"endpoint": endpoint, "conversation": conversation, "text": "news"},
-        headers=gateway.admin_headers(),
-    )
-    assert response.status == 202
-    session: dict[str, Any] = (await response.json())["session"]
-    return session
+async def _bot_message(gateway: Gateway, endpoint: str, conversation: str) -> dict[str, Any]:
+    return await gateway.bot_message(endpoint, conversation, "news")
 
 
 async def _user_session(gateway: Any, open_chat: Any, endpoint: str, conversation: str) -> Any:
@@ -57,14 +50,15 @@ async def test_s13_s14_s15_counts_by_kind_and_close_reason(tmp_path: Path, start
     ]
     gateway = await start_gateway(make_settings(tmp_path, endpoints))
     # web: a (user, then closed by admin), b (bot only), c (bot, then user), e (user, then refresh)
-    await _user_session(gateway, open_chat, "web", "a")
+    first = await _user_session(gateway, open_chat, "web", "a")
     await _bot_message(gateway, "web", "b")
-    await _bot_message(gateway, "web", "c")
-    await _user_session(gateway, open_chat, "web", "c")
+    visitor = await open_chat(gateway, "c")  # the bot writes to a conversation the server issued
+    await _bot_message(gateway, "web", visitor.conversation)
+    await _user_session(gateway, open_chat, "web", "c")  # the same conversation, resumed
     refreshed = await _user_session(gateway, open_chat, "web", "e")
     await refreshed.refresh()
     await refreshed.wait_for(lambda frames: any(f["type"] == "session" and f["state"] == "closed" for f in frames))
-    [a] = (await gateway.admin_get("/admin/contacts/web:a"))["conversations"]
+    [a] = (await gateway.admin_get(f"/admin/contacts/web:{first.conversation}"))["conversations"]
     closed = await gateway.client.post(
         f"/admin/sessions/{a['id']}/close", json={"notify": False}, headers=gateway.admin_headers()
     )

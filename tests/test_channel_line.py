@@ -30,6 +30,7 @@ from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkip
 from gateway.models import EventKind, MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
+from tests.outbound import outbound_message
 
 SECRET = "line-channel-secret"
 TOKEN = "line-access-token-xyz"
@@ -104,26 +105,14 @@ def payload(*events: dict[str, Any]) -> dict[str, Any]:
 
 def outbound(
     *,
-    kind: MessageKind = MessageKind.REPLY,
     text: str = "hi there",
-    key: str = "reply:1:0",
     conversation: str = "U1",
-    reply_token: str | None = None,
     expires_at: float | None = None,
-    attempts: int = 0,
     created_at: float = 1_700_000_000.0,  # the Clock's default now: created by this process
+    **fields: Any,  # kind, key, reply_token, attempts
 ) -> OutboundMessage:
-    return OutboundMessage(
-        endpoint="line-main",
-        channel="line",
-        conversation=conversation,
-        kind=kind,
-        text=text,
-        key=key,
-        created_at=created_at,
-        reply_token=reply_token,
-        reply_token_expires_at=expires_at,
-        attempts=attempts,
+    return outbound_message(
+        "line-main", "line", conversation, text, created_at=created_at, reply_token_expires_at=expires_at, **fields
     )
 
 

@@ -30,6 +30,7 @@ from gateway.errors import BadPayload, BadSignature, DeliveryError, DeliverySkip
 from gateway.models import EventKind, MessageKind, OutboundMessage
 from gateway.settings import EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
+from tests.outbound import outbound_message
 
 APP_SECRET = "s3cr3t-app"
 VERIFY_TOKEN = "verify-me"
@@ -261,6 +262,16 @@ def test_signature_hex_may_be_upper_case() -> None:
         pytest.param(b'{"object":"instagram","entry":[]}', id="other-object"),
         pytest.param(b'{"object":"page"}', id="no-entry"),
         pytest.param(b'{"object":"page","entry":{}}', id="entry-not-list"),
+    ],
+)
+def test_malformed_bodies_are_bad_payloads(body: bytes) -> None:
+    with pytest.raises(BadPayload):
+        make_adapter().parse_webhook(post(body))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
         pytest.param(b'{"object":"page","entry":[1]}', id="entry-item-not-object"),
         pytest.param(b'{"object":"page","entry":[{"messaging":{}}]}', id="messaging-not-list"),
         pytest.param(b'{"object":"page","entry":[{"messaging":["x"]}]}', id="messaging-item-not-object"),
@@ -276,11 +287,22 @@ def test_signature_hex_may_be_upper_case() -> None:
             b'{"object":"page","entry":[{"messaging":[{"sender":{"id":"1"},"timestamp":1,"message":{"text":"x"}}]}]}',
             id="message-without-mid",
         ),
+        pytest.param(
+            b'{"object":"page","entry":[{"messaging":[{"sender":{"user_ref":"r"},"timestamp":1,"postback":{}}]}]}',
+            id="user-ref-only",
+        ),
+        pytest.param(
+            b'{"object":"page","entry":[{"messaging":[{"sender":{"id":"1"},"timestamp":"x","postback":{}}]}]}',
+            id="non-numeric-timestamp",
+        ),
     ],
 )
-def test_malformed_bodies_are_bad_payloads(body: bytes) -> None:
-    with pytest.raises(BadPayload):
-        make_adapter().parse_webhook(post(body))
+def test_items_the_gateway_cannot_handle_are_counted_and_dropped_alone(body: bytes) -> None:
+    """DESIGN.md "Platform payloads as they really come": each messaging item stands alone."""
+    parsed = make_adapter().parse_webhook(post(body))
+    assert parsed.events == []
+    assert parsed.ignored == 1
+    assert parsed.response.status == 200
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -449,12 +471,6 @@ async def api() -> AsyncIterator[FakePlatform]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
 async def adapter(api: FakePlatform, http: aiohttp.ClientSession) -> AsyncIterator[MessengerAdapter]:
     adapter = make_adapter(api.url)
     await adapter.start(http)
@@ -468,15 +484,8 @@ def outbound(
     last_seen: float | None = NOW - 60,
     key: str = "reply:1:0",
 ) -> OutboundMessage:
-    return OutboundMessage(
-        endpoint="fb",
-        channel="messenger",
-        conversation=PSID,
-        kind=kind,
-        text=text,
-        key=key,
-        created_at=NOW,
-        user_last_seen_at=last_seen,
+    return outbound_message(
+        "fb", "messenger", PSID, text, key=key, kind=kind, created_at=NOW, user_last_seen_at=last_seen
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,9 +17,11 @@ from channels.base import WebhookRequest
 from channels.registry import Channel, create_adapter
 from channels.slack import SlackAdapter, conversation_of, is_user_message, split_conversation
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
-from gateway.models import EventKind, MessageKind, OutboundMessage
+from gateway.models import EventKind, OutboundMessage
 from gateway.settings import EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
+from tests.gateway_process import free_port
+from tests.outbound import outbound_message
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 BOT_TOKEN = "xoxb-17653672481-19874698323-pdFZKVeTuE8sk7oOcBrzbqgy"
@@ -151,22 +152,7 @@ def signed(payload: Any, *, timestamp: str | None = None, secret: str = SIGNING_
 
 
 def outbound(conversation: str, text: str = "hi there", key: str = "reply:Ev0PV52K21:0") -> OutboundMessage:
-    return OutboundMessage(
-        endpoint="slack-main",
-        channel="slack",
-        conversation=conversation,
-        kind=MessageKind.REPLY,
-        text=text,
-        key=key,
-        created_at=NOW,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    return outbound_message("slack-main", "slack", conversation, text, key=key, created_at=NOW)
 
 
 @pytest.fixture
@@ -175,12 +161,6 @@ async def api() -> AsyncIterator[FakePlatform]:
         platform.respond(POST_PATH, Answer(json_body={"ok": True, "channel": "C1", "ts": "1700000000.000200"}))
         platform.respond(AUTH_PATH, Answer(json_body={"ok": True, "user_id": BOT_USER, "bot_id": "B0BOTBOT"}))
         yield platform
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture
@@ -210,7 +190,7 @@ async def adapter(api: FakePlatform, http: aiohttp.ClientSession) -> AsyncIterat
         (OWN_MESSAGE, BOT_USER, False),
         (OWN_MESSAGE, None, True),  # bot user unknown: only bot_id can tell
         ({**OWN_MESSAGE, "bot_id": "B0BOTBOT"}, None, False),
-        (APP_MENTION, BOT_USER, False),
+        (APP_MENTION, BOT_USER, True),
         (REACTION_ADDED, BOT_USER, False),
         ({**MESSAGE, "user": None}, BOT_USER, False),
         ({k: v for k, v in MESSAGE.items() if k != "channel"}, BOT_USER, False),
@@ -365,7 +345,7 @@ def test_user_message_becomes_an_event_of_the_channel() -> None:
     (event,) = parsed.events
     assert event.conversation == "C2147483705"
     assert event.kind is EventKind.MESSAGE
-    assert event.dedup_key == "Ev0PV52K21"
+    assert event.dedup_key == "C2147483705:1355517523.000005"  # channel + ts (one event per mention)
     assert event.message_id == "1355517523.000005"
     assert event.text == "Hello world"
     assert event.attachments == ()
@@ -394,7 +374,6 @@ def test_file_share_is_a_message_with_attachments_and_no_text() -> None:
         pytest.param(callback(APP_MESSAGE_WITH_USER), id="other-app"),
         pytest.param(callback(CHANNEL_JOIN), id="channel_join"),
         pytest.param(callback(OWN_MESSAGE), id="own-message"),
-        pytest.param(callback(APP_MENTION), id="app_mention"),
         pytest.param(callback(REACTION_ADDED), id="reaction_added"),
         pytest.param({"token": "t", "team_id": "T1", "minute_rate_limited": 1518467820, "type": "app_rate_limited"}),
     ],
@@ -414,7 +393,15 @@ def test_a_redelivery_carries_the_same_dedup_key() -> None:
         retry.body, {**dict(retry.headers), "X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
     )
     second = adapter.parse_webhook(retry)
-    assert first.events[0].dedup_key == second.events[0].dedup_key == "Ev9"
+    assert first.events[0].dedup_key == second.events[0].dedup_key == "C2147483705:1355517523.000005"
+
+
+def test_app_mention_is_a_user_message_with_the_dedup_key_of_its_message_twin() -> None:
+    adapter = make_adapter()
+    (mention,) = adapter.parse_webhook(signed(callback(APP_MENTION, event_id="EvMENTION"))).events
+    (twin,) = adapter.parse_webhook(signed(callback({**MESSAGE, "text": APP_MENTION["text"]}, event_id="EvMSG"))).events
+    assert mention.kind is EventKind.MESSAGE and mention.conversation == "C2147483705"
+    assert mention.dedup_key == twin.dedup_key
 
 
 # -- start: our own bot user ------------------------------------------------------------------

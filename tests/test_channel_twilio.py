@@ -24,9 +24,11 @@ from channels.twilio_sms import (
     opt_keyword,
 )
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
-from gateway.models import EventKind, MessageKind, OutboundMessage
+from gateway.models import EventKind, OutboundMessage
 from gateway.settings import EndpointSettings, Secret
 from tests.fakeplatform import Answer, FakePlatform
+from tests.kits.twilio import UNSUBSCRIBED
+from tests.outbound import outbound_message
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "s3cr3t-auth-token-0123456789abcd"
@@ -95,9 +97,7 @@ def signed(
 
 
 def outbound(text: str, key: str = "reply:1:0") -> OutboundMessage:
-    return OutboundMessage(
-        endpoint="sms", channel="twilio", conversation=USER, kind=MessageKind.REPLY, text=text, key=key, created_at=0.0
-    )
+    return outbound_message("sms", "twilio", USER, text, key=key)
 
 
 @asynccontextmanager
@@ -456,15 +456,7 @@ async def test_split_retry_resumes_after_accepted_parts() -> None:
 @pytest.mark.parametrize(
     "answer",
     [
-        Answer(
-            status=400,
-            json_body={
-                "code": 21610,
-                "message": "Attempt to send to unsubscribed recipient",
-                "more_info": "https://www.twilio.com/docs/errors/21610",
-                "status": 400,
-            },
-        ),
+        UNSUBSCRIBED,
         # RFC 9457 bodies make the SDK raise TwilioServiceException, which is not a TwilioRestException.
         Answer(
             status=400,

@@ -4,8 +4,6 @@ start nothing on a bad file; ``serve`` hands valid settings to ``gateway.app.ser
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
 import textwrap
 import types
@@ -17,6 +15,7 @@ import pytest
 from gateway.cli import main
 from gateway.errors import StoreLocked
 from gateway.settings import Settings
+from tests.gateway_process import free_port, run_cli
 
 GOOD = """
     storage: {backend: sqlite, path: ./data/gateway.db}
@@ -54,19 +53,6 @@ def write(directory: Path, content: str) -> Path:
     path = directory / "config.yaml"
     path.write_text(textwrap.dedent(content))
     return path
-
-
-def run_cli(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m gateway.cli ARGS`` in ``directory``, without GATEWAY_* variables around."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        cwd=directory,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 # --- as a process ----------------------------------------------------------------------------
@@ -110,12 +96,20 @@ def test_serve_missing_file_exits_2(tmp_path: Path) -> None:
 # --- in process ------------------------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def root_level() -> Iterator[None]:
-    """serve sets the root logger's level from the settings; put it back for the next test."""
-    level = logging.getLogger().level
+    """The commands set up logging (a handler on the root logger, levels from the settings);
+    put it all back for the next test."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    own = {name: logging.getLogger(name).level for name in ("gateway", "channels")}
     yield
-    logging.getLogger().setLevel(level)
+    root.setLevel(level)
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for name, own_level in own.items():
+        logging.getLogger(name).setLevel(own_level)
 
 
 @pytest.fixture
@@ -164,7 +158,11 @@ def test_serve_store_locked_exits_1(
     config = write(tmp_path, GOOD)
     assert main(["serve", "--config", str(config)]) == 1
     err = capsys.readouterr().err
-    assert f"error: {tmp_path / 'data' / 'gateway.db'} is in use by another gateway process\n" in err
+    assert (
+        f"ERROR gateway.cli: cannot start: {tmp_path / 'data' / 'gateway.db'} is in use by another gateway process\n"
+        in err
+    )
+    assert "Traceback" not in err
 
 
 def test_check_config_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -186,16 +184,11 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert "check-config" in capsys.readouterr().out
 
 
-def test_serve_with_the_redis_backend_says_it_is_not_available(tmp_path: Path) -> None:
-    """Not built yet: a clear configuration error (exit 2), not a traceback."""
+def test_serve_with_an_unreachable_redis_fails_in_one_line(tmp_path: Path) -> None:
+    """storage.backend: redis needs a reachable url: exit 1 with one clear line, not a traceback."""
     config = tmp_path / "config.yaml"
-    config.write_text("storage: {backend: redis, url: 'redis://127.0.0.1:6379/0'}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert "storage.backend: redis is not available in this version; use sqlite" in result.stderr
+    config.write_text(f"storage: {{backend: redis, url: 'redis://127.0.0.1:{free_port()}/0'}}\n")
+    result = run_cli(tmp_path, "serve", "--config", str(config))
+    assert result.returncode == 1
+    assert "cannot start: redis unavailable" in result.stderr
     assert "Traceback" not in result.stderr

@@ -205,9 +205,9 @@ def test_repeated_yaml_key_is_refused() -> None:
     assert lines[0].startswith("config.yaml: line 3, column 3: invalid YAML: duplicate key 'port'")
 
 
-def test_yaml_merge_keys_are_not_repeats() -> None:
-    # A merge followed by an override of a merged key is legitimate YAML, not a repeated key.
-    settings = load(
+def test_yaml_merge_keys_need_aliases_which_are_refused() -> None:
+    # DESIGN.md "Hostile input": YAML aliases are refused, merge keys (<<: *x) with them.
+    lines = problems(
         """
         endpoints:
           - &web {name: a, channel: webchat}
@@ -215,7 +215,8 @@ def test_yaml_merge_keys_are_not_repeats() -> None:
             name: b
         """
     )
-    assert [e.name for e in settings.endpoints] == ["a", "b"]
+    assert len(lines) == 1
+    assert lines[0].endswith("invalid YAML: YAML aliases are not allowed")
 
 
 @pytest.mark.parametrize(
@@ -707,12 +708,17 @@ def test_credentials_per_channel(channel: str, required: list[str], optional: li
     missing = problems(f"endpoints: [{{name: ep, channel: {channel}, credentials: {{}}, developer: x}}]\n")
     expected = [f"config.yaml: endpoints.ep.credentials.{key}: required for channel {channel}" for key in required]
     assert sorted(missing) == sorted([*expected, "config.yaml: endpoints.ep.developer: must be true or false, not 'x'"])
-    given = ", ".join(f"{key}: '+1555{i}'" for i, key in enumerate(required + optional))
+    # Values in the form their platform requires (account_sid AC..., bot_token xoxb-...).
+    values = {
+        key: {"account_sid": "AC1", "bot_token": "xoxb-1"}.get(key, f"+1555{i}")
+        for i, key in enumerate(required + optional)
+    }
+    given = ", ".join(f"{key}: '{value}'" for key, value in values.items())
     (endpoint,) = load(f"endpoints: [{{name: ep, channel: {channel}, credentials: {{{given}}}}}]\n").endpoints
     assert sorted(endpoint.credentials) == sorted(required + optional)
     assert all(isinstance(secret, Secret) for secret in endpoint.credentials.values())
-    for i, key in enumerate(required + optional):
-        assert endpoint.credential(key) == f"+1555{i}"
+    for key, value in values.items():
+        assert endpoint.credential(key) == value
 
 
 def test_credentials_empty_unknown_and_non_string() -> None:
@@ -826,9 +832,9 @@ def test_session_mode_must_be_known() -> None:
 
 def test_read_endpoint_session_checks_without_interpolation() -> None:
     org = OrganisationSessionSettings(min_minutes=1, max_minutes=60)
-    session = read_endpoint_session({"expiration_minutes": 2, "on_close": {"messages": ["${HOME}"]}}, org)
+    session = read_endpoint_session({"expiration_minutes": 2, "on_close": {"messages": ["${name}"]}}, org)
     assert session.expiration_minutes == 2
-    assert session.on_close.messages == ("${HOME}",)  # never filled from the server's environment
+    assert session.on_close.messages == ("${name}",)  # never filled from the server's environment
     with pytest.raises(ConfigError) as caught:
         read_endpoint_session({"expiration_minutes": 61, "mode": "x"}, org)
     assert caught.value.problems == [

@@ -29,103 +29,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from channels.line import retry_key
-from tests.conftest import write_config
-from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
-from tests.gateway_process import GatewayProcess, free_port
-from tests.signed import line_request, line_text_event
+from tests.fakeplatform import FakePlatform
+from tests.gateway_process import FlowServer, GatewayProcess
+from tests.kits.line import LINE, LineApi, line_api_with_once_rules
 
-SECRET = "crash-line-channel-secret"
-TOKEN = "crash-line-access-token"
-ENDPOINT = "ln"
-REPLY = "/v2/bot/message/reply"
-PUSH = "/v2/bot/message/push"
-BYE = "bye"
-SENT_BODY = {"sentMessages": [{"id": "461230966842064897", "quoteToken": "q"}]}
-
-
-# -- the fake LINE API with LINE's once-rules -----------------------------------------------------
-
-
-@dataclass(slots=True)
-class Delivery:
-    """One message that reached a LINE user."""
-
-    via: str  # "reply" or "push"
-    to: str
-    text: str
-    key: str  # the reply token, or the push's X-Line-Retry-Key
-    at: float
-
-
-@dataclass(slots=True)
-class LineApi:
-    """Reply tokens are made by ``token_for`` and name their user, so a reply's recipient is
-    known. ``hold(to, text)`` -> seconds to sit on an accepted request before answering;
-    ``fail(to, text)`` -> a status to answer instead of accepting (nothing is delivered)."""
-
-    deliveries: list[Delivery] = field(default_factory=list)
-    used_tokens: set[str] = field(default_factory=set)
-    accepted_keys: set[str] = field(default_factory=set)
-    repeated_keys: list[str] = field(default_factory=list)  # pushes answered 409
-    refused_tokens: list[str] = field(default_factory=list)  # replies answered 400
-    failed: list[tuple[str, str, list[str]]] = field(default_factory=list)  # answered by ``fail``
-    hold: Callable[[str, str], float] = lambda _to, _text: 0.0
-    fail: Callable[[str, str], int | None] = lambda _to, _text: None
-
-    def install(self, fake: FakePlatform) -> None:
-        fake.respond(REPLY, self._reply)
-        fake.respond(PUSH, self._push)
-
-    @staticmethod
-    def token_for(user: str, event_id: str, attempt: int = 0) -> str:
-        return f"rt.{user}.{event_id}.{attempt}"
-
-    def _answer(self, via: str, to: str, texts: list[str], key: str) -> Answer:
-        failure = max((self.fail(to, text) or 0 for text in texts), default=0)
-        if failure:
-            self.failed.append((via, to, texts))
-            return Answer(status=failure, json_body={"message": "An error occurred in the backend"})
-        if via == "reply":
-            if key in self.used_tokens:
-                self.refused_tokens.append(key)
-                return Answer(status=400, json_body={"message": "Invalid reply token"})
-            self.used_tokens.add(key)
-        else:
-            if key in self.accepted_keys:
-                self.repeated_keys.append(key)
-                return Answer(status=409, json_body={"message": "The retry key is already accepted"})
-            self.accepted_keys.add(key)
-        for text in texts:
-            self.deliveries.append(Delivery(via, to, text, key, time.time()))
-        return Answer(json_body=SENT_BODY, delay_s=max(self.hold(to, text) for text in texts))
-
-    def _reply(self, request: RecordedRequest) -> Answer:
-        body = request.json()
-        token = body["replyToken"]
-        return self._answer("reply", token.split(".")[1], [m["text"] for m in body["messages"]], token)
-
-    def _push(self, request: RecordedRequest) -> Answer:
-        body = request.json()
-        key = request.headers.get("X-Line-Retry-Key", "")
-        assert key, "push without X-Line-Retry-Key"
-        return self._answer("push", body["to"], [m["text"] for m in body["messages"]], key)
-
-    def delivered(self, text: str, to: str | None = None) -> list[Delivery]:
-        return [d for d in self.deliveries if d.text == text and (to is None or d.to == to)]
-
-
-def line_endpoint(api_url: str, minutes: float) -> dict[str, Any]:
-    return {
-        "name": ENDPOINT,
-        "channel": "line",
-        "api_base_url": api_url,
-        "credentials": {"channel_secret": SECRET, "channel_access_token": TOKEN},
-        "session": {"expiration_minutes": minutes, "on_close": {"messages": [BYE]}},
-    }
+ENDPOINT = LINE.endpoint_name
+BYE = LINE.bye
 
 
 def close_key(session_id: str) -> str:
@@ -186,44 +97,10 @@ def log_tail(gateway: GatewayProcess, chars: int = 3000) -> str:
         return ""
 
 
-class FlowServer:
-    """An http flow on 127.0.0.1: answers "echo <text>" after a random delay of up to
-    ``latency_s``; holds texts starting with "hold" until ``release`` is set."""
-
-    def __init__(self, latency_s: float = 0.0, seed: int = 0) -> None:
-        self.release = asyncio.Event()
-        self.held = asyncio.Event()
-        self.seen: list[str] = []
-        self._latency_s = latency_s
-        self._rng = random.Random(seed)
-        app = web.Application()
-        app.router.add_post("/flow", self._flow)
-        self.server = TestServer(app, host="127.0.0.1", port=0)
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("/flow"))
-
-    def config(self) -> dict[str, Any]:
-        return {"type": "http", "url": self.url, "timeout_seconds": 30}
-
-    async def _flow(self, request: web.Request) -> web.StreamResponse:
-        text = (await request.json())["event"]["text"]
-        self.seen.append(text)
-        if text.startswith("hold") and not self.release.is_set():
-            self.held.set()
-            await self.release.wait()
-        if self._latency_s:
-            await asyncio.sleep(self._rng.uniform(0, self._latency_s))
-        return web.json_response({"replies": [{"text": f"echo {text}"}]})
-
-
 @pytest.fixture
 async def fake_line() -> AsyncIterator[tuple[FakePlatform, LineApi]]:
-    async with FakePlatform() as fake:
-        line = LineApi()
-        line.install(fake)
-        yield fake, line
+    async with line_api_with_once_rules() as pair:
+        yield pair
 
 
 # -- 1. SIGKILL at random moments under a steady stream ------------------------------------------
@@ -282,18 +159,13 @@ class Stream:
             pass
 
     async def post(self, http: aiohttp.ClientSession, item: Sent, attempt: int = 0) -> int | None:
-        event = line_text_event(
-            item.user,
-            item.text,
-            event_id=item.event_id,
-            reply_token=LineApi.token_for(item.user, item.event_id, attempt),
-            redelivery=attempt > 0,
-        )
+        inbound = LINE.text(item.text, conversation=item.user, event_id=item.event_id)
+        for _ in range(attempt):
+            inbound = LINE.redelivery(inbound)
         try:
-            status, _headers = await line_request(SECRET, event).post(http, f"{self.url}/webhooks/{ENDPOINT}")
+            return await LINE.post_to(http, self.url, inbound)
         except (aiohttp.ClientError, TimeoutError):
             return None
-        return status
 
 
 async def test_sigkill_at_random_moments_under_a_steady_stream(
@@ -315,15 +187,8 @@ async def test_sigkill_at_random_moments_under_a_steady_stream(
     await flow.server.start_server()
     latency = random.Random(seed + 1)
     line.hold = lambda _to, _text: latency.uniform(0, LATENCY_S)
-    port = free_port()
-    config = write_config(
-        tmp_path,
-        [line_endpoint(fake.url, EXPIRY_MIN)],
-        server={"host": "127.0.0.1", "port": port},
-        flow=flow.config(),
-    )
+    gateway = GatewayProcess.configured(tmp_path, [LINE.endpoint(fake.url, minutes=EXPIRY_MIN)], flow=flow.config())
     db = tmp_path / "gateway.db"
-    gateway = GatewayProcess(config, port)
     stream = Stream(gateway.url, seed)
     kills: list[float] = []
     started = time.monotonic()
@@ -490,21 +355,15 @@ def check_outcome(db: Path, line: LineApi, sent: list[Sent]) -> list[str]:
 async def start_line_gateway(
     tmp_path: Path, fake: FakePlatform, minutes: float, **sections: Any
 ) -> tuple[GatewayProcess, Path]:
-    port = free_port()
-    config = write_config(
-        tmp_path, [line_endpoint(fake.url, minutes)], server={"host": "127.0.0.1", "port": port}, **sections
-    )
-    gateway = GatewayProcess(config, port)
+    gateway = GatewayProcess.configured(tmp_path, [LINE.endpoint(fake.url, minutes=minutes)], **sections)
     gateway.start()
     await gateway.wait_healthy()
     return gateway, tmp_path / "gateway.db"
 
 
 async def say(gateway: GatewayProcess, user: str, text: str, event_id: str) -> int:
-    event = line_text_event(user, text, event_id=event_id, reply_token=LineApi.token_for(user, event_id))
     async with aiohttp.ClientSession(timeout=WEBHOOK_TIMEOUT) as http:
-        status, _headers = await line_request(SECRET, event).post(http, f"{gateway.url}/webhooks/{ENDPOINT}")
-    return status
+        return await LINE.post_to(http, gateway.url, LINE.text(text, conversation=user, event_id=event_id))
 
 
 async def test_kill_after_line_accepted_a_closure_push_sends_it_once(

@@ -11,24 +11,15 @@ the admin API).
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
-import json
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from slack_sdk.signature import SignatureVerifier
-from twilio.request_validator import RequestValidator
 
 from channels.line import LineAdapter
 from channels.messenger import classify_error as messenger_classify_error
@@ -41,25 +32,19 @@ from gateway.store.sqlite import SqliteStore
 from gateway.wire import parse_iso
 from tests.conftest import Gateway, make_settings
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
+from tests.kits.line import LINE, PUSH
+from tests.kits.line import body_of as line_body_of
+from tests.kits.line import text_event as line_text_event
+from tests.kits.slack import POST, SLACK
+from tests.kits.twilio import MESSAGES_PATH, TWILIO, UNSUBSCRIBED
 
 DEAD_LETTER_FIELDS = "id endpoint channel conversation kind text key session_id attempts last_error created_at".split()
 # Fast retries: tests wait tens of milliseconds, not the production half second.
 DELIVERY = {"base_delay_seconds": 0.05, "max_delay_seconds": 0.2, "max_attempts": 4}
 
-SIGNING_SECRET = "delivery-slack-signing-secret"
-BOT_TOKEN = "xoxb-delivery-bot-token"
-POST = "/api/chat.postMessage"
-POSTED = Answer(json_body={"ok": True, "channel": "C1", "ts": "1700000099.000100"})
-BYE = "bye"
-
-LINE_SECRET = "delivery-line-channel-secret"
-PUSH = "/v2/bot/message/push"
-PUSHED = Answer(json_body={"sentMessages": [{"id": "461230966842064897", "quoteToken": "q"}]})
-
-ACCOUNT_SID = "AC" + "d" * 32
-TWILIO_TOKEN = "delivery-twilio-auth-token-0123"
-MESSAGES = f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
-SMS_USER = "+15557654321"
+POSTED = SLACK.sent()
+PUSHED = LINE.sent()
+BYE = SLACK.bye
 
 
 def server_error(status: int = 500) -> Answer:
@@ -87,13 +72,8 @@ def slack_endpoint(
     api_url: str, *, minutes: float = 30.0, per_conversation_per_second: float | None = 1000.0
 ) -> dict[str, Any]:
     """The ``sl`` endpoint; Slack's 1/s per channel is lifted unless the test is about it."""
-    endpoint: dict[str, Any] = {
-        "name": "sl",
-        "channel": "slack",
-        "api_base_url": api_url,
-        "credentials": {"signing_secret": SIGNING_SECRET, "bot_token": BOT_TOKEN, "bot_user_id": "UBOT"},
-        "session": {"expiration_minutes": minutes, "on_close": {"messages": [BYE]}},
-    }
+    endpoint = SLACK.endpoint(api_url, minutes=minutes)
+    del endpoint["rate_limit"]
     if per_conversation_per_second is not None:
         endpoint["rate_limit"] = {"per_conversation_per_second": per_conversation_per_second}
     return endpoint
@@ -101,15 +81,7 @@ def slack_endpoint(
 
 async def slack_say(gateway: Gateway, channel: str, text: str) -> None:
     """A user's message in ``channel``, as Slack posts it (signed now); asserts the 200."""
-    ts = f"{time.time():.6f}"
-    event = {"type": "message", "channel": channel, "user": "U1", "text": text, "ts": ts, "event_ts": ts}
-    payload = {"type": "event_callback", "team_id": "T1", "event_id": f"Ev{uuid.uuid4().hex}", "event": event}
-    body = json.dumps(payload).encode()
-    timestamp = str(int(time.time()))
-    signature = SignatureVerifier(SIGNING_SECRET).generate_signature(timestamp=timestamp, body=body)
-    headers = {"X-Slack-Request-Timestamp": timestamp, "X-Slack-Signature": signature or ""}
-    response = await gateway.client.post("/webhooks/sl", data=body, headers=headers)
-    assert response.status == 200, await response.text()
+    await SLACK.say(gateway, SLACK.text(text, conversation=channel))
 
 
 @dataclass
@@ -245,14 +217,7 @@ async def test_answers_slower_than_the_timeout_are_retried_and_delivered_once(
 
     async with FakePlatform() as api:
         api.respond(PUSH, answer)
-        endpoint = {
-            "name": "ln",
-            "channel": "line",
-            "api_base_url": api.url,
-            "credentials": {"channel_secret": LINE_SECRET, "channel_access_token": "line-token"},
-            "session": {"expiration_minutes": 30},
-        }
-        settings = settings_for(tmp_path, [endpoint])
+        settings = settings_for(tmp_path, [LINE.endpoint(api.url, minutes=30)])
         app = create_app(settings)
         line_settings = settings.endpoint("ln")
         assert line_settings is not None
@@ -276,36 +241,9 @@ async def test_answers_slower_than_the_timeout_are_retried_and_delivered_once(
 
 async def line_say(gateway: Gateway, user: str, text: str) -> None:
     """A LINE text message without a reply token, so the answer goes by push (retry key)."""
-    event_id = uuid.uuid4().hex.upper()
-    event = {
-        "type": "message",
-        "mode": "active",
-        "timestamp": int(time.time() * 1000),
-        "source": {"type": "user", "userId": user},
-        "webhookEventId": event_id,
-        "deliveryContext": {"isRedelivery": False},
-        "message": {"id": f"m-{event_id}", "type": "text", "text": text, "quoteToken": "q"},
-    }
-    body = json.dumps({"destination": "Ubot", "events": [event]}).encode()
-    signature = base64.b64encode(hmac.new(LINE_SECRET.encode(), body, hashlib.sha256).digest()).decode()
-    response = await gateway.client.post("/webhooks/ln", data=body, headers={"x-line-signature": signature})
-    assert response.status == 200, await response.text()
-
-
-@pytest.fixture
-async def serve_app() -> AsyncIterator[Callable[[web.Application], Any]]:
-    """``await serve_app(app)`` -> a running ``Gateway`` for an app built by the test itself."""
-    clients: list[TestClient[web.Request, web.Application]] = []
-
-    async def serve(app: web.Application) -> Gateway:
-        client = TestClient(TestServer(app, host="127.0.0.1", port=0))
-        await client.start_server()
-        clients.append(client)
-        return Gateway(client, app)
-
-    yield serve
-    for client in reversed(clients):
-        await client.close()
+    event = line_text_event(text, user=user)
+    del event["replyToken"]
+    assert await LINE.post(gateway, line_body_of(event)) == LINE.ack
 
 
 # -- Retry-After and the persisted schedule ------------------------------------------------------
@@ -499,25 +437,14 @@ async def test_a_dead_closure_notice_reads_failed_then_sent_after_its_retry(
 async def test_twilio_21610_is_a_dead_letter_without_retries_and_the_notice_reads_skipped(
     tmp_path: Path, start_gateway: Any
 ) -> None:
-    unsubscribed = Answer(
-        status=400, json_body={"code": 21610, "message": "Attempt to send to unsubscribed recipient", "status": 400}
-    )
     async with FakePlatform() as api:
-        api.respond(MESSAGES, unsubscribed)
-        endpoint = {
-            "name": "sms",
-            "channel": "twilio",
-            "api_base_url": api.url,
-            "credentials": {"account_sid": ACCOUNT_SID, "auth_token": TWILIO_TOKEN, "from_number": "+15550001111"},
-            "session": {"expiration_minutes": 0.005, "on_close": {"messages": [BYE]}},
-            "rate_limit": {"per_second": 100},
-        }
-        gateway = await start_gateway(settings_for(tmp_path, [endpoint]))
-        await sms_say(gateway, "hello")
-        await api.wait_for(2, MESSAGES)  # the echo, then the closure notice
+        api.respond(MESSAGES_PATH, UNSUBSCRIBED)
+        gateway = await start_gateway(settings_for(tmp_path, [TWILIO.endpoint(api.url, minutes=0.005)]))
+        await TWILIO.say(gateway, TWILIO.text("hello"))
+        await api.wait_for(2, MESSAGES_PATH)  # the echo, then the closure notice
         await gateway.settle()
         await asyncio.sleep(0.15)
-        assert len(api.to(MESSAGES)) == 2  # once each, never retried
+        assert len(api.to(MESSAGES_PATH)) == 2  # once each, never retried
         closure, reply = await dead_letters(gateway)
         assert (closure["kind"], reply["kind"]) == ("closure", "reply")
         assert all("21610" in d["last_error"] and d["attempts"] == 1 for d in (closure, reply))
@@ -525,16 +452,6 @@ async def test_twilio_21610_is_a_dead_letter_without_retries_and_the_notice_read
         assert session["notice"].startswith("skipped: 21610")
         assert gateway.metrics.value("gateway_messages_out_total", endpoint="sms", outcome="dead") == 2
         assert gateway.metrics.value("gateway_messages_out_total", endpoint="sms", outcome="retry") == 0
-
-
-async def sms_say(gateway: Gateway, text: str) -> None:
-    sid = "SM" + uuid.uuid4().hex
-    form = {"MessageSid": sid, "AccountSid": ACCOUNT_SID, "From": SMS_USER, "To": "+15550001111", "Body": text}
-    url = str(gateway.client.make_url("/webhooks/sms"))
-    signature = RequestValidator(TWILIO_TOKEN).compute_signature(url, form)
-    headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature}
-    response = await gateway.client.post("/webhooks/sms", data=urlencode(form), headers=headers)
-    assert response.status == 200, await response.text()
 
 
 def _iso_age_s(text: str) -> float:

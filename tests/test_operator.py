@@ -89,8 +89,8 @@ async def test_s6_contact_keeps_every_conversation(tmp_path: Path, start_gateway
     for n in range(2):
         await chat.say(f"visit {n}")
         await chat.wait_messages(n + 1, "closure")
-    body = await gateway.admin_get("/admin/contacts/web:hist")
-    assert body["contact"]["id"] == "web:hist" and body["contact"]["opted_out"] is False
+    body = await gateway.admin_get(f"/admin/contacts/web:{chat.conversation}")
+    assert body["contact"]["id"] == f"web:{chat.conversation}" and body["contact"]["opted_out"] is False
     conversations = body["conversations"]
     assert len(conversations) == 2 and all(s["state"] == "closed" for s in conversations)
     assert conversations[0]["started_at"] > conversations[1]["started_at"]

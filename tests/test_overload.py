@@ -17,9 +17,8 @@ import pytest
 
 from tests.conftest import Gateway, make_settings
 from tests.fakeplatform import FakePlatform
+from tests.kits.line import LINE, LineApi, line_api_with_once_rules
 from tests.scripted_flow import ScriptedFlow
-from tests.signed import line_request, line_text_event
-from tests.test_crash import SECRET, LineApi, line_endpoint
 
 BOUND = 5
 BURST = 12
@@ -27,24 +26,16 @@ BURST = 12
 
 @pytest.fixture
 async def line() -> AsyncIterator[tuple[FakePlatform, LineApi]]:
-    async with FakePlatform() as fake:
-        api = LineApi()
-        api.install(fake)
-        yield fake, api
+    async with line_api_with_once_rules() as pair:
+        yield pair
 
 
 async def post(gateway: Gateway, user: str, text: str, event_id: str, attempt: int = 0) -> tuple[int, dict[str, str]]:
-    event = line_text_event(
-        user,
-        text,
-        event_id=event_id,
-        reply_token=LineApi.token_for(user, event_id, attempt),
-        redelivery=attempt > 0,
-    )
-    request = line_request(SECRET, event)
-    response = await gateway.client.post("/webhooks/ln", data=request.body, headers=request.headers)
-    await response.read()
-    return response.status, dict(response.headers)
+    inbound = LINE.text(text, conversation=user, event_id=event_id)
+    for _ in range(attempt):
+        inbound = LINE.redelivery(inbound)
+    ack = await LINE.post(gateway, inbound)
+    return ack.status, dict(ack.headers)
 
 
 def inbound_keys(tmp_path: Path) -> set[str]:
@@ -60,7 +51,7 @@ async def test_burst_beyond_the_bound_gets_503_and_the_gateway_recovers(
     fake, api = line
     flow = ScriptedFlow()
     flow.gate = asyncio.Event()  # every turn waits here: accepted events pile up unhandled
-    settings = make_settings(tmp_path, [line_endpoint(fake.url, 30)], server={"max_pending_events": BOUND})
+    settings = make_settings(tmp_path, [LINE.endpoint(fake.url, minutes=30)], server={"max_pending_events": BOUND})
     gateway = await start_gateway(settings, flow=flow)
 
     try:

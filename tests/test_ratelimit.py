@@ -23,7 +23,8 @@ from gateway.ratelimit import RateLimiter, TokenBucket, limits_for
 from gateway.settings import EndpointSettings, RateLimitSettings
 from tests.conftest import make_settings
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest
-from tests.test_delivery import POST, POSTED, slack_endpoint, slack_say
+from tests.kits.slack import POST, SLACK
+from tests.test_delivery import slack_endpoint, slack_say
 
 T = TypeVar("T")
 
@@ -243,7 +244,7 @@ def arrivals(api: FakePlatform) -> dict[str, list[tuple[float, str]]]:
     def answer(request: RecordedRequest) -> Answer:
         body = request.json()
         seen.setdefault(body["channel"], []).append((time.monotonic(), body["text"]))
-        return POSTED
+        return SLACK.sent()
 
     api.respond(POST, answer)
     return seen

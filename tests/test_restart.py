@@ -5,12 +5,7 @@ yet answered is answered after the restart. A second process on the same databas
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,75 +13,26 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.conftest import write_config
-from tests.fakeplatform import Answer, FakePlatform
-from tests.gateway_process import GatewayProcess, free_port
-
-APP_SECRET = "fb-app-secret"
-SEND_PATH = "/v21.0/me/messages"
+from tests.fakeplatform import FakePlatform
+from tests.gateway_process import FlowServer, GatewayProcess, run_cli
+from tests.kits.messenger import MESSENGER, SEND_PATH
 
 
 def messenger_endpoint(name: str, minutes: float, api: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "channel": "messenger",
-        "api_base_url": api,
-        "credentials": {"app_secret": APP_SECRET, "verify_token": "v", "page_access_token": "page-token"},
-        "session": {"expiration_minutes": minutes, "on_close": {"messages": [f"closed {name}"]}},
-    }
+    """A Messenger endpoint named ``name``, closing with "closed <name>"."""
+    return {**MESSENGER.endpoint(api, minutes=minutes, messages=[f"closed {name}"]), "name": name}
 
 
-def messenger_body(psid: str, text: str, mid: str) -> bytes:
-    now_ms = int(time.time() * 1000)
-    item = {
-        "sender": {"id": psid},
-        "recipient": {"id": "PAGE"},
-        "timestamp": now_ms,
-        "message": {"mid": mid, "text": text},
-    }
-    return json.dumps({"object": "page", "entry": [{"id": "PAGE", "time": now_ms, "messaging": [item]}]}).encode()
-
-
-async def post_messenger(http: aiohttp.ClientSession, url: str, body: bytes) -> int:
-    signature = "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
-    headers = {"X-Hub-Signature-256": signature, "Content-Type": "application/json"}
-    async with http.post(url, data=body, headers=headers) as response:
-        return response.status
-
-
-class HoldingFlow:
-    """An http flow server: echoes, but holds any text starting with "hold" until released."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.held = asyncio.Event()
-        app = web.Application()
-        app.router.add_post("/flow", self._flow)
-        self.server = TestServer(app, host="127.0.0.1", port=0)
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("/flow"))
-
-    async def _flow(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        text = body["event"]["text"]
-        if text.startswith("hold") and not self.release.is_set():
-            self.held.set()
-            await self.release.wait()
-        return web.json_response({"replies": [{"text": f"echo {text}"}]})
+async def post_messenger(http: aiohttp.ClientSession, gateway: GatewayProcess, name: str, psid: str, text: str) -> int:
+    inbound = MESSENGER.text(text, user=psid)
+    return await MESSENGER.post_to(http, gateway.url, inbound, path=f"/webhooks/{name}")
 
 
 @pytest.fixture
-async def flow_server() -> AsyncIterator[HoldingFlow]:
-    flow = HoldingFlow()
-    await flow.server.start_server()
-    yield flow
-    flow.release.set()
-    await flow.server.close()
+async def flow_server() -> AsyncIterator[FlowServer]:
+    async with FlowServer() as flow:
+        yield flow
 
 
 def _sessions(db: Path) -> dict[str, list[sqlite3.Row]]:
@@ -100,40 +46,25 @@ def _sessions(db: Path) -> dict[str, list[sqlite3.Row]]:
 
 
 def _sent_to(api: FakePlatform, psid: str) -> list[str]:
-    return [r.json()["message"]["text"] for r in api.to(SEND_PATH) if r.json()["recipient"]["id"] == psid]
+    return MESSENGER.sent_texts(api, psid)
 
 
-async def test_kill_9_and_restart(tmp_path: Path, flow_server: HoldingFlow) -> None:
-    async with FakePlatform() as api:
-        api.respond(SEND_PATH, Answer(json_body={"recipient_id": "U", "message_id": "m"}))
-        port = free_port()
-        config = write_config(
+async def test_kill_9_and_restart(tmp_path: Path, flow_server: FlowServer) -> None:
+    async with MESSENGER.fake_api() as api:
+        gateway = GatewayProcess.configured(
             tmp_path,
             [messenger_endpoint("short", 0.02, api.url), messenger_endpoint("long", 0.15, api.url)],
-            server={"host": "127.0.0.1", "port": port},
-            flow={"type": "http", "url": flow_server.url, "timeout_seconds": 30},
+            flow=flow_server.config(),
         )
-        gateway = GatewayProcess(config, port)
         try:
             gateway.start()
             await gateway.wait_healthy()
             async with aiohttp.ClientSession() as http:
-                assert (
-                    await post_messenger(http, f"{gateway.url}/webhooks/short", messenger_body("U-overdue", "hi", "m1"))
-                    == 200
-                )
-                assert (
-                    await post_messenger(http, f"{gateway.url}/webhooks/long", messenger_body("U-long", "hi", "m2"))
-                    == 200
-                )
+                assert await post_messenger(http, gateway, "short", "U-overdue", "hi") == 200
+                assert await post_messenger(http, gateway, "long", "U-long", "hi") == 200
                 await api.wait_for(2, SEND_PATH)
                 # Acknowledged (200) but held in the flow when the process dies:
-                assert (
-                    await post_messenger(
-                        http, f"{gateway.url}/webhooks/long", messenger_body("U-held", "hold me", "m3")
-                    )
-                    == 200
-                )
+                assert await post_messenger(http, gateway, "long", "U-held", "hold me") == 200
                 await asyncio.wait_for(flow_server.held.wait(), 10)
             gateway.kill()
             db = tmp_path / "gateway.db"
@@ -171,22 +102,16 @@ async def test_kill_9_and_restart(tmp_path: Path, flow_server: HoldingFlow) -> N
             gateway.stop()
 
 
+WEBCHAT = [{"name": "web", "channel": "webchat"}]
+
+
 async def test_second_process_on_same_database_refuses(tmp_path: Path) -> None:
-    port = free_port()
-    config = write_config(tmp_path, [{"name": "web", "channel": "webchat"}], server={"host": "127.0.0.1", "port": port})
-    first = GatewayProcess(config, port)
+    first = GatewayProcess.configured(tmp_path, WEBCHAT)
     try:
         first.start()
         await first.wait_healthy()
-        other_port = free_port()
-        second_config = tmp_path / "second.yaml"
-        second_config.write_text(config.read_text().replace(f"port: {port}", f"port: {other_port}"))
-        result = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(second_config)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        second = GatewayProcess.configured(tmp_path / "second", WEBCHAT, storage={"path": str(tmp_path / "gateway.db")})
+        result = run_cli(second.config.parent, "serve", "--config", str(second.config))
         assert result.returncode == 1
         assert "in use by another gateway process" in result.stderr
     finally:
@@ -194,9 +119,7 @@ async def test_second_process_on_same_database_refuses(tmp_path: Path) -> None:
 
 
 async def test_sigterm_exits_cleanly(tmp_path: Path) -> None:
-    port = free_port()
-    config = write_config(tmp_path, [{"name": "web", "channel": "webchat"}], server={"host": "127.0.0.1", "port": port})
-    gateway = GatewayProcess(config, port)
+    gateway = GatewayProcess.configured(tmp_path, WEBCHAT)
     gateway.start()
     await gateway.wait_healthy()
     assert gateway.terminate() == 0

@@ -117,7 +117,9 @@ async def test_s8_lazy_with_a_flow_without_intent_opens_new_session(tmp_path: Pa
 async def test_s10_closure_variants_are_used_in_turn_with_placeholders(
     tmp_path: Path, start_gateway: Any, open_chat: Any
 ) -> None:
-    texts = ["Bye {name}, silence for {expiration_minutes} min ended this.", "Second variant {unknown}."]
+    # An unknown {placeholder} is a configuration error (check-config); text that is no
+    # template ({0}) goes out as written.
+    texts = ["Bye {name}, silence for {expiration_minutes} min ended this.", "Second variant {0}."]
     gateway = await start_gateway(
         make_settings(tmp_path, [webchat_endpoint(minutes=0.003, on_close={"messages": texts})])
     )
@@ -127,7 +129,7 @@ async def test_s10_closure_variants_are_used_in_turn_with_placeholders(
     await chat.say("two")
     assert await chat.wait_messages(2, "closure") == [
         "Bye there, silence for 0.003 min ended this.",
-        "Second variant {unknown}.",
+        "Second variant {0}.",
     ]
 
 
@@ -323,13 +325,13 @@ async def test_s18_discard_stops_the_dialog_but_not_the_session(
     await chat.wait_messages(1)
     await chat.say(said)
     assert await chat.wait_messages(2) == ["set", reply]
-    [session] = await _sessions(gateway, "d")
+    [session] = await _sessions(gateway, chat.conversation)
     assert session.context == context  # as stored after the discard
     await chat.say("next")
     assert await chat.wait_messages(3) == ["set", reply, "next"]
     assert [t.event.text for t in flow.turns] == ["start", "next"]  # the gateway answered the discard
     await gateway.settle()
-    [session] = await _sessions(gateway, "d")
+    [session] = await _sessions(gateway, chat.conversation)
     assert session.state == "open" and session.message_count == 3
 
 
@@ -356,7 +358,7 @@ async def test_end_session_from_flow_closes_with_reason_flow_and_notice(
     await chat.say("bye")
     assert await chat.wait_messages(2) == ["goodbye", "session ended"]
     await gateway.settle()
-    [session] = await _sessions(gateway, "f")
+    [session] = await _sessions(gateway, chat.conversation)
     assert (session.state, session.close_reason, session.notice) == ("closed", "flow", "sent")
 
 
@@ -386,5 +388,5 @@ async def test_failing_http_flow_is_counted_answered_with_error_reply_and_sessio
     await chat.say("hi")
     assert await chat.wait_messages(1) == ["Sorry, try again."]
     assert gateway.metrics.value("gateway_flow_errors_total", endpoint="web") == 1
-    [session] = await _sessions(gateway, "err")
+    [session] = await _sessions(gateway, chat.conversation)
     assert session.state == "open" and session.message_count == 1

@@ -51,12 +51,12 @@ async def test_s1_put_shorter_expiration_closes_open_session_at_new_deadline(
     chat = await open_chat(gateway, "short")
     await chat.say("hi")
     await chat.wait_messages(1, "reply")
-    assert abs(_span(await _session(gateway, "web:short")) - 1800) < 0.01
+    assert abs(_span(await _session(gateway, f"web:{chat.conversation}")) - 1800) < 0.01
     body = await _put(gateway, ENDPOINT_PATH.format("web"), {"expiration_minutes": 0.01})
     assert body["effective_expiration_minutes"] == 0.01
     assert gateway.manager.policy("web").expiration_minutes == 0.01
     await chat.wait_messages(1, "closure", timeout_s=3)
-    session = await _session(gateway, "web:short")
+    session = await _session(gateway, f"web:{chat.conversation}")
     assert session["state"] == "closed" and session["close_reason"] == "inactivity"
     assert abs(_span(session) - 0.6) < 0.01
     assert 0 <= parse_iso(session["closed_at"]) - parse_iso(session["expires_at"]) < 0.1  # on time
@@ -76,7 +76,7 @@ async def test_s1_put_longer_expiration_delays_close_of_open_session(
     clock = await open_chat(gateway, "tick", endpoint="clock")
     await clock.say("tick")
     await clock.wait_messages(1, "closure", timeout_s=5)  # 1.2 s after "tick": past web's old deadline
-    session = await _session(gateway, "web:long")
+    session = await _session(gateway, f"web:{chat.conversation}")
     assert session["state"] == "open" and abs(_span(session) - 1800) < 0.01
     assert chat.messages("closure") == []
 
@@ -97,12 +97,12 @@ async def test_s3_put_zero_stops_the_timer_and_delete_reverts_to_the_file(
     clock = await open_chat(gateway, "tick", endpoint="clock")
     await clock.say("tick")
     await clock.wait_messages(1, "closure")
-    session = await _session(gateway, "web:z")
+    session = await _session(gateway, f"web:{chat.conversation}")
     assert session["state"] == "open" and session["expires_at"] is None
     reverted = await _delete(gateway, ENDPOINT_PATH.format("web"))
     assert reverted == file_view and reverted["override"] is None
     await chat.wait_messages(1, "closure", timeout_s=3)  # the file's deadline has passed: closes now
-    session = await _session(gateway, "web:z")
+    session = await _session(gateway, f"web:{chat.conversation}")
     assert session["close_reason"] == "inactivity" and abs(_span(session) - 0.6) < 0.01
     assert await gateway.store.get_overrides() == {}
     again = await _delete(gateway, ENDPOINT_PATH.format("web"))  # nothing to drop: fine
@@ -317,7 +317,7 @@ async def test_s4_organisation_put_caps_endpoints_and_open_sessions(
     effective = {name: v["effective_expiration_minutes"] for name, v in body["endpoints"].items()}
     assert effective == {"long": 0.01, "never": 0.01, "inherit": 0.01, "short": 0.005}
     await chat.wait_messages(1, "closure", timeout_s=3)
-    session = await _session(gateway, "long:c")
+    session = await _session(gateway, f"long:{chat.conversation}")
     assert session["close_reason"] == "inactivity" and abs(_span(session) - 0.6) < 0.01
     long_view = await gateway.admin_get(ENDPOINT_PATH.format("long"))
     assert long_view["configured"]["expiration_minutes"] == 30 and long_view["effective_expiration_minutes"] == 0.01
@@ -391,6 +391,7 @@ async def test_override_survives_restart_and_wins_over_the_file(
     await chat.say("hi")
     await chat.wait_messages(1, "reply")
     await chat.close()
+    keep_conversation = chat.conversation
     await first.client.close()
 
     second = await start_gateway(make_settings(tmp_path, endpoints))
@@ -402,7 +403,7 @@ async def test_override_survives_restart_and_wins_over_the_file(
     await chat.say("hi")
     assert await chat.wait_messages(1, "closure", timeout_s=3) == ["rt bye"]
     # "keep" restored under its override (never): the file's 0.6 s passed long ago.
-    kept = await _session(second, "keep:k")
+    kept = await _session(second, f"keep:{keep_conversation}")
     assert kept["state"] == "open" and kept["expires_at"] is None
     await _delete(second, ENDPOINT_PATH.format("web"))
     await second.client.close()

@@ -38,7 +38,7 @@ async def test_s2_default_expiration_is_30_minutes(tmp_path: Path, start_gateway
     chat = await open_chat(gateway, "s2")
     await chat.say("hi")
     await chat.wait_messages(1, "reply")
-    [session] = await _sessions_of(gateway, "s2")
+    [session] = await _sessions_of(gateway, chat.conversation)
     span = parse_iso(session["expires_at"]) - parse_iso(session["last_activity_at"])
     assert abs(span - 30 * 60) < 0.01
 
@@ -57,7 +57,7 @@ async def test_s3_zero_never_expires(tmp_path: Path, start_gateway: Any, open_ch
     await short.wait_messages(1, "closure")  # 0.3 s of silence closed this one...
     await forever.say("two")
     await forever.wait_messages(2, "reply")
-    body = await gateway.admin_get("/admin/contacts/forever:a")
+    body = await gateway.admin_get(f"/admin/contacts/forever:{forever.conversation}")
     [session] = body["conversations"]  # ...but the forever one is still the same session
     assert session["state"] == "open" and session["expires_at"] is None and session["message_count"] == 2
 
@@ -72,7 +72,7 @@ async def test_s4_organisation_value_caps_endpoint(tmp_path: Path, start_gateway
     chat = await open_chat(gateway, "capped")
     await chat.say("hi")
     await chat.wait_messages(1, "closure", timeout_s=5)
-    [session] = await _sessions_of(gateway, "capped")
+    [session] = await _sessions_of(gateway, chat.conversation)
     assert session["close_reason"] == "inactivity"
     assert abs(parse_iso(session["expires_at"]) - parse_iso(session["last_activity_at"]) - 0.6) < 0.01
 
@@ -86,7 +86,7 @@ async def test_each_message_rearms_the_deadline(tmp_path: Path, start_gateway: A
         await chat.wait_messages(n + 1, "reply")
         await asyncio.sleep(0.3)
     await chat.wait_messages(1, "closure")
-    [session] = await _sessions_of(gateway, "busy")
+    [session] = await _sessions_of(gateway, chat.conversation)
     assert session["message_count"] == 5
     lived = parse_iso(session["closed_at"]) - parse_iso(session["started_at"])
     assert lived > 1.2 + 0.6 - 0.05
@@ -178,7 +178,7 @@ async def test_per_session_order_under_concurrent_load(tmp_path: Path, start_gat
     await asyncio.gather(*(talk(chat) for chat in chats))
     for chat in chats:
         assert await chat.wait_messages(15, "reply") == [f"{n}" for n in range(15)]
-    active = [turn for turn in flow.turns if turn.event.conversation == "o0"]
+    active = [turn for turn in flow.turns if turn.event.conversation == chats[0].conversation]
     assert [t.event.text for t in active] == [f"{n}" for n in range(15)]
 
 
@@ -187,13 +187,7 @@ async def test_s13_bot_message_opens_non_interactive_session(
 ) -> None:
     gateway = await start_gateway(make_settings(tmp_path, [webchat_endpoint(minutes=0.01)]))
     chat = await open_chat(gateway, "bot")
-    response = await gateway.client.post(
-        "/admin/messages",
-        json={"endpoint": "web", "conversation": "bot", "text": "news!"},
-        headers=gateway.admin_headers(),
-    )
-    assert response.status == 202
-    session = (await response.json())["session"]
+    session = await gateway.bot_message("web", chat.conversation, "news!")
     assert session["interactive"] is False and session["billable"] is False
     assert await chat.wait_messages(1) == ["news!"]
     await chat.wait_for(lambda frames: any(f.get("state") == "closed" for f in frames))
@@ -209,12 +203,7 @@ async def test_s13_first_user_message_makes_bot_session_interactive(
 ) -> None:
     gateway = await start_gateway(make_settings(tmp_path, [webchat_endpoint(minutes=0)]))
     chat = await open_chat(gateway, "bot2")
-    response = await gateway.client.post(
-        "/admin/messages",
-        json={"endpoint": "web", "conversation": "bot2", "text": "hello"},
-        headers=gateway.admin_headers(),
-    )
-    session_id = (await response.json())["session"]["id"]
+    session_id = (await gateway.bot_message("web", chat.conversation, "hello"))["id"]
     await chat.say("hi back")
     await chat.wait_messages(2)
     session = await gateway.admin_get(f"/admin/sessions/{session_id}")
@@ -229,7 +218,7 @@ async def test_s14_developer_endpoint_opens_developer_sessions(
     chat = await open_chat(gateway, "dev")
     await chat.say("test")
     await chat.wait_messages(1)
-    [session] = await _sessions_of(gateway, "dev")
+    [session] = await _sessions_of(gateway, chat.conversation)
     assert session["developer"] is True and session["billable"] is False
 
 

@@ -25,9 +25,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import write_config
 from tests.gateway_process import GatewayProcess, free_port
-from tests.signed import SignedRequest, messenger_request, slack_request
-
-SECRET = "split-crash-secret"
+from tests.kits import MESSENGER, SLACK, Kit
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +36,7 @@ class Platform:
     send_path: str
     text_of: Callable[[Any], str]
     accepted: Callable[[Any], dict[str, Any]]
-    endpoint: Callable[[str], dict[str, Any]]
-    webhook: Callable[[str], SignedRequest]
+    kit: Kit  # the endpoint's config and the signed webhook carrying the user's text
     text: str
 
 
@@ -48,26 +45,14 @@ PLATFORMS = {
         "/api/chat.postMessage",
         lambda body: str(body["text"]),
         lambda body: {"ok": True, "channel": body["channel"], "ts": f"{time.time():.6f}"},
-        lambda api_url: {
-            "name": "ep",
-            "channel": "slack",
-            "api_base_url": api_url,
-            "credentials": {"signing_secret": SECRET, "bot_token": "xoxb-split-crash", "bot_user_id": "UBOT"},
-        },
-        lambda text: slack_request(SECRET, "C1", "U1", text),
+        SLACK,
         "a" * 3000 + " " + "b" * 3000 + " " + "c" * 3000,
     ),
     "messenger": Platform(
         "/v21.0/me/messages",
         lambda body: str(body["message"]["text"]),
         lambda body: {"recipient_id": body["recipient"]["id"], "message_id": f"m_{time.time()}"},
-        lambda api_url: {
-            "name": "ep",
-            "channel": "messenger",
-            "api_base_url": api_url,
-            "credentials": {"app_secret": SECRET, "verify_token": "v", "page_access_token": "page-token"},
-        },
-        lambda text: messenger_request(SECRET, "PSID1", text),
+        MESSENGER,
         "a" * 2000 + " " + "b" * 2000 + " " + "c" * 10,
     ),
 }
@@ -134,7 +119,7 @@ async def test_kill_9_between_parts_sends_each_part_once(tmp_path: Path, fake: t
     api, api_url = fake
     platform = api.platform
     port = free_port()
-    config = write_config(tmp_path, [platform.endpoint(api_url)], server={"host": "127.0.0.1", "port": port})
+    config = write_config(tmp_path, [platform.kit.endpoint(api_url)], server={"host": "127.0.0.1", "port": port})
     db = tmp_path / "gateway.db"
     gateway = GatewayProcess(config, port)
 
@@ -146,7 +131,7 @@ async def test_kill_9_between_parts_sends_each_part_once(tmp_path: Path, fake: t
         gateway.start()
         await gateway.wait_healthy()
         async with aiohttp.ClientSession() as http:
-            status, _headers = await platform.webhook(platform.text).post(http, f"{gateway.url}/webhooks/ep")
+            status = await platform.kit.post_to(http, gateway.url, platform.kit.text(platform.text))
         assert status == 200
         await asyncio.wait_for(api.holding.wait(), 15)
         assert outbox_rows(db) == [("pending", 1)], state()  # part 1's progress committed before part 2 left

@@ -11,6 +11,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable
 
+from gateway.logs import log_context
 from gateway.metrics import Metrics
 from gateway.models import Change, CloseReason, Contact, InboundEvent, MessageKind, OutboundMessage, Session
 from gateway.policy import EndpointPolicy
@@ -66,6 +67,14 @@ class SessionBook:
         slot.session = session
         self.open_count += 1
 
+    def forget(self, slot: Conversation) -> None:
+        """The slot's session leaves memory without a close here: another instance has it now,
+        or closed it (several instances on a shared store)."""
+        if slot.session is not None:
+            slot.session = None
+            self._timers.disarm(slot)
+            self.open_count -= 1
+
     async def commit(
         self,
         slot: Conversation,
@@ -87,6 +96,7 @@ class SessionBook:
                 message.endpoint,
                 message.conversation,
                 message.kind,
+                extra=log_context(message.endpoint, message.conversation, message.session_id),
             )
         self._outbox.submit(change.outbox)
 
@@ -105,6 +115,7 @@ class SessionBook:
             session.conversation,
             session.interactive,
             session.developer,
+            extra=log_context(session.endpoint, session.conversation, session.id),
         )
         self.arm(slot)
         self.notify(session)
@@ -117,9 +128,20 @@ class SessionBook:
             self.open_count -= 1
         self._metrics.inc("gateway_sessions_closed_total", endpoint=session.endpoint, reason=str(session.close_reason))
         self._stats.closes_committed += 1
-        if self._stats.record_lags and session.close_reason is CloseReason.INACTIVITY and session.expires_at:
-            self._stats.close_lags_s.append(self._clock() - session.expires_at)
-        log.debug("session closed: %s reason=%s notice=%s", session.id, session.close_reason, session.notice)
+        if session.close_reason is CloseReason.INACTIVITY and session.expires_at:
+            lag_s = self._clock() - session.expires_at
+            policy = self._policies.get(session.endpoint)
+            if policy is not None and policy.mode is SessionMode.PROACTIVE:
+                self._metrics.observe("gateway_close_lag_seconds", max(0.0, lag_s), session.endpoint)
+            if self._stats.record_lags:
+                self._stats.close_lags_s.append(lag_s)
+        log.debug(
+            "session closed: %s reason=%s notice=%s",
+            session.id,
+            session.close_reason,
+            session.notice,
+            extra=log_context(session.endpoint, session.conversation, session.id),
+        )
         self.notify(session)
         for hook in self.close_hooks:
             hook(session)

@@ -3,17 +3,22 @@ together, sessions of removed endpoints at start, and the close scripts that run
 
 Every close re-checks the deadline first (a message accepted meanwhile wins), decides the
 notice by the pure rules of ``gateway.session_rules``, and commits the close and its notice in
-one ``Change``, so neither exists without the other.
+one ``Change``, so neither exists without the other. Timer and operator closes are claims
+(``Change.closes``): a store shared by several instances closes the session only if it is still
+open there and, for inactivity, its stored deadline has passed; a refused claim changes nothing
+(``_refused`` puts memory back in step).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 
 from gateway.close_scripts import CloseScripts
 from gateway.errors import SessionNotOpen
+from gateway.logs import log_context
 from gateway.metrics import Metrics
 from gateway.models import Change, CloseReason, Contact, MessageKind, Session, contact_id_of
 from gateway.policy import EndpointPolicy
@@ -27,7 +32,7 @@ from gateway.session_rules import (
 )
 from gateway.sessions.book import SessionBook, include_contact
 from gateway.sessions.scheduler import ConversationScheduler
-from gateway.sessions.state import ClearProfilesItem, CloseItem, Conversation, ExpireItem
+from gateway.sessions.state import ClearProfilesItem, CloseItem, Conversation, EraseItem, ExpireItem
 from gateway.sessions.timers import SessionTimers
 from gateway.store.base import Store
 from gateway.wire import session_json
@@ -122,17 +127,54 @@ class SessionCloser:
         if session is None or session.id != item.session_id:
             item.done.set_exception(SessionNotOpen(item.session_id))
             return
-        await self._close_now(slot, session, reason=item.reason, notify=item.notify)
-        item.done.set_result(session)
+        if await self._close_now(slot, session, reason=item.reason, notify=item.notify):
+            item.done.set_result(session)
+        else:
+            item.done.set_exception(SessionNotOpen(item.session_id))
 
-    async def _close_now(self, slot: Conversation, session: Session, *, reason: CloseReason, notify: bool) -> None:
-        """Close one session in its own commit."""
+    async def handle_erase(self, slot: Conversation, item: EraseItem) -> None:
+        """Close the open session silently (reason ``admin``), then erase the contact."""
+        session = slot.session
+        if session is not None:
+            await self._close_now(slot, session, reason=CloseReason.ADMIN, notify=False)
+        item.done.set_result(await self._store.erase_contact(slot.endpoint, slot.conversation))
+
+    async def _close_now(self, slot: Conversation, session: Session, *, reason: CloseReason, notify: bool) -> bool:
+        """Close one session in its own commit (a close claim: nothing else of it changed since
+        its last commit). False when the store refused the claim (several instances)."""
         contact = await self._store.get_contact(session.contact_id)
         change = Change()
         policy = self._policies.get(session.endpoint)
         now = self._clock()
-        self.close_into(change, session, reason=reason, notify=notify, contact=contact, policy=policy, now=now)
-        await self._book.commit(slot, change, closed=[session])
+        self.close_into(
+            change, session, reason=reason, notify=notify, contact=contact, policy=policy, now=now, in_change=True
+        )
+        change.closes.append(session)
+        await self._store.commit(change)
+        if session.id in change.refused_closes:
+            await self._refused(slot, session, change.refused_closes[session.id])
+            return False
+        self._book.after_close(slot, session)
+        self._book.submit(change.outbox)
+        return True
+
+    async def _refused(self, slot: Conversation, session: Session, deadline: float | None) -> None:
+        """The store refused to close ``session`` (a store shared by several instances): another
+        instance closed it or owns it now (None), or a message accepted elsewhere moved its
+        deadline (reload the open session, which the refused close changed only in memory)."""
+        if deadline is None or slot.session is not session:
+            if slot.session is session:
+                self._book.forget(slot)
+            log.info("close of session %s refused: closed or owned elsewhere", session.id)
+            return
+        fresh = await self._store.get_session(session.id)
+        if fresh is None or not fresh.is_open or slot.session is not session:
+            if slot.session is session:
+                self._book.forget(slot)
+            return
+        fresh.expires_at = None if deadline == math.inf else deadline
+        slot.session = fresh
+        self._book.arm(slot)
 
     # -- many sessions -----------------------------------------------------------------------
 
@@ -168,10 +210,14 @@ class SessionCloser:
             )
             change.closes.append(slot.session)  # nothing else changed since its last commit
         await self._store.commit(change)
+        refused = change.refused_closes
         for slot, session in zip(closing, change.closes, strict=True):
-            self._book.after_close(slot, session)
+            if session.id in refused:
+                await self._refused(slot, session, refused[session.id])
+            else:
+                self._book.after_close(slot, session)
             self._scheduler.release(slot)
-        self._book.submit(change.outbox)
+        self._book.submit([m for m in change.outbox if m.id])  # a refused close queued no notice
 
     def _needs_contact(self, session: Session) -> bool:
         policy = self._policies.get(session.endpoint)
@@ -218,7 +264,12 @@ class SessionCloser:
             names = await scripts.run(ref, timeout_s, session_json(session), profiles)
         except Exception as exc:
             self._metrics.inc("gateway_close_script_errors_total", endpoint=session.endpoint)
-            log.warning("close script for session %s failed: %s", session.id, exc)
+            log.warning(
+                "close script for session %s failed: %s",
+                session.id,
+                exc,
+                extra=log_context(session.endpoint, session.conversation, session.id),
+            )
             return
         log.debug("close script ran for session %s; auth profiles to clear: %s", session.id, names or "none")
         if names and not self._stopped:

@@ -18,21 +18,25 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from gateway.close_scripts import CloseScripts
-from gateway.errors import Overloaded, SessionNotFound, SessionNotOpen
+from gateway.errors import LeaseLost, Overloaded, SessionNotFound, SessionNotOpen
 from gateway.flows import Flow
+from gateway.logs import log_context
 from gateway.metrics import Metrics
 from gateway.models import CloseReason, InboundEvent, Session, StoredEvent
 from gateway.policy import EndpointPolicy
 from gateway.sessions.book import SessionBook, SessionListener
+from gateway.sessions.clockwatch import ClockWatch
 from gateway.sessions.closing import SessionCloser
+from gateway.sessions.ownership import Ownership, SoleOwner
 from gateway.sessions.scheduler import ConversationScheduler
 from gateway.sessions.state import (
     BotMessageItem,
     CloseItem,
     Conversation,
+    EraseItem,
     ExpireItem,
     ManagerStats,
     OutboxSink,
@@ -62,9 +66,12 @@ class SessionManager:
         clock: Callable[[], float] = time.time,
         error_reply: str | None = None,
         max_pending_events: int = 10_000,
+        own_budgets: Iterable[str] = (),
         scripts: CloseScripts | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
         self._store = store
+        self._ownership: Ownership = ownership or SoleOwner()
         self._policies = dict(policies)  # shared with the parts below; set_policy updates it
         self._metrics = metrics or Metrics()
         self._clock = clock
@@ -72,10 +79,17 @@ class SessionManager:
         self._closing = False
         self.ready = False
         self.stats = ManagerStats()
+        # Endpoints anyone on the internet can reach (web chat) get a backlog budget of their
+        # own: their flood never makes a platform webhook answer 503 (DESIGN.md).
         self._scheduler = ConversationScheduler(
-            self._policies, handle=self._handle, on_failure=self._on_failure, close_batch=self._close_due
+            self._policies,
+            handle=self._handle,
+            on_failure=self._on_failure,
+            close_batch=self._close_due,
+            on_forget=None if self._ownership.owns_everything else self._forgotten,
+            own_budgets=own_budgets,
         )
-        self._timers = SessionTimers(clock, self.stats, on_due=self._scheduler.expire)
+        self._timers = SessionTimers(clock, self.stats, on_due=self._scheduler.expire, metrics=self._metrics)
         self._book = SessionBook(
             store, outbox, self._timers, self._policies, metrics=self._metrics, stats=self.stats, clock=clock
         )
@@ -100,12 +114,16 @@ class SessionManager:
             error_reply=error_reply,
         )
         self._metrics.gauge("gateway_open_sessions", lambda: float(self._book.open_count))
+        self._clock_watch = ClockWatch(clock, lambda _step: self.rearm_all())
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Restore: load open sessions, re-queue pending inbound events (they move deadlines),
         then arm every timer; sessions overdue since before the restart close at once.
+
+        With several instances (``ownership.owns_everything`` false) nothing is loaded here: the
+        ownership layer hands conversations over as this instance takes them (``adopt``).
 
         The cyclic garbage collector is paused meanwhile: a million new long-lived objects
         would trigger collection after collection, each walking all of them (measured at 1M
@@ -122,6 +140,10 @@ class SessionManager:
 
     async def _restore(self) -> None:
         self._scheduler.start()
+        if not self._ownership.owns_everything:
+            self.ready = True
+            self._clock_watch.start()
+            return
         removed: list[Session] = []
         loaded = 0
         # Seconds of inactivity by endpoint (None: never expires), looked up once, not per session.
@@ -147,6 +169,7 @@ class SessionManager:
             self._book.arm_all(slots[start : start + _RESTORE_YIELD_EVERY])
             await asyncio.sleep(0)
         self.ready = True
+        self._clock_watch.start()
         log.info("restored %d open sessions, %d pending events re-queued", loaded, self.pending_events)
 
     async def aclose(self) -> None:
@@ -155,6 +178,7 @@ class SessionManager:
             return
         self._closing = True
         self.ready = False
+        await self._clock_watch.aclose()
         self._closer.stop()
         self._timers.stop()
         for slot in self._scheduler.slots():
@@ -195,23 +219,46 @@ class SessionManager:
         """
         if self._closing:
             raise Overloaded("gateway is shutting down")
-        if self._scheduler.backlog >= self._max_pending:
+        if self._scheduler.backlog(endpoint) >= self._max_pending:
             # The backlog waits on disk, but unbounded it would only grow: say "later" (503).
             self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="overloaded")
-            raise Overloaded(f"{self._scheduler.pending_events} events wait to be handled; try again later")
+            raise Overloaded(f"{self._scheduler.backlog(endpoint)} events wait to be handled; try again later")
         arrival = self._clock() if arrival_at is None else arrival_at
-        with self._scheduler.admitting():
-            stored = await self._store.add_inbound(endpoint, event, arrival)
+        policy = self._policies.get(endpoint)
+        extends_to = policy.deadline(arrival) if policy is not None and event.is_interaction else None
+        admitted: list[StoredEvent] = []
+        with self._scheduler.admitting(endpoint):
+            stored = await self._store.add_inbound(endpoint, event, arrival, extends_to=extends_to)
+            if stored is not None and stored.owner is None and not self._ownership.owns_everything:
+                admitted = await self._ownership.admit(stored)
         # Nothing awaits from here to _enqueue: the pending count takes over from admitting.
         if stored is None:
             self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="duplicate")
             return False
         self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="accepted")
         log.debug(
-            "event in: endpoint=%s conversation=%s kind=%s id=%s", endpoint, event.conversation, event.kind, stored.id
+            "event in: endpoint=%s conversation=%s kind=%s id=%s%s",
+            endpoint,
+            event.conversation,
+            event.kind,
+            stored.id,
+            "" if stored.owner is None else f" (to instance {stored.owner})",
+            extra=log_context(endpoint, event.conversation),
         )
-        self._enqueue(stored)
+        if stored.owner is not None:
+            return True  # another instance owns the conversation: the store woke it
+        if self._ownership.owns_everything:
+            self._enqueue(stored)
+        else:
+            self.enqueue(admitted)
         return True
+
+    def enqueue(self, events: list[StoredEvent]) -> None:
+        """Queue events of owned conversations, in order (the ownership layer's hand-over)."""
+        if self._closing:
+            return  # they stay pending in the store for the next owner
+        for stored in events:
+            self._enqueue(stored)
 
     def _enqueue(self, stored: StoredEvent) -> None:
         slot = self._scheduler.slot(stored.endpoint, stored.event.conversation)
@@ -238,14 +285,62 @@ class SessionManager:
             await self._closer.handle_close(slot, item)
         elif isinstance(item, BotMessageItem):
             await self._turn.handle_bot_message(slot, item)
+        elif isinstance(item, EraseItem):
+            await self._closer.handle_erase(slot, item)
         else:
             await self._closer.handle_clear_profiles(slot, item)
 
     async def _on_failure(self, slot: Conversation, item: WorkItem, exc: Exception) -> None:
-        if isinstance(item, CloseItem | BotMessageItem) and not item.done.done():
+        if isinstance(exc, LeaseLost):
+            # Another instance took the conversation over: its events stay pending for it.
+            for lost in [item, *self._scheduler.discard_work(slot)]:
+                if isinstance(lost, CloseItem | BotMessageItem | EraseItem) and not lost.done.done():
+                    lost.done.set_exception(exc)
+            self._book.forget(slot)
+            log.warning("conversation %s/%s moved to another instance", slot.endpoint, slot.conversation)
+            return
+        if isinstance(item, CloseItem | BotMessageItem | EraseItem) and not item.done.done():
             item.done.set_exception(exc)
         if isinstance(item, StoredEvent):
             await self._turn.give_up_on(item)
+
+    def _forgotten(self, slot: Conversation) -> None:
+        self._ownership.forgotten(slot.endpoint, slot.conversation)
+
+    # -- several instances: conversations taken over --------------------------------------------
+
+    async def adopt(self, sessions: list[Session], events: list[StoredEvent]) -> None:
+        """Take over conversations (several instances): their open sessions join memory with
+        their timers armed (overdue ones close at once), their pending events queue in order.
+        A session's stored deadline stands (its pending events move it further when queued)."""
+        if self._closing:
+            return
+        removed: list[Session] = []
+        adopted: list[Conversation] = []
+        for n, session in enumerate(sessions, start=1):
+            if session.endpoint not in self._policies:
+                removed.append(session)
+                continue
+            slot = self._scheduler.slot(session.endpoint, session.conversation)
+            if slot.session is not None:
+                continue  # already here (a takeover raced a message)
+            self._book.restored(slot, session)
+            adopted.append(slot)
+            if n % _RESTORE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        await self._closer.close_removed(removed)
+        self.enqueue(events)
+        for n, slot in enumerate(adopted, start=1):
+            if slot.session is not None and not self._scheduler.is_held(slot):
+                self._book.arm(slot)
+            if n % _RESTORE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        for slot in adopted:
+            self._scheduler.forget_if_empty(slot)
+
+    def has_conversation(self, endpoint: str, conversation: str) -> bool:
+        """Whether this process has the conversation in memory (a session or work)."""
+        return self._scheduler.find(endpoint, conversation) is not None
 
     async def _close_due(self, batch: list[Conversation]) -> None:
         await self._closer.close_due(batch)
@@ -264,30 +359,58 @@ class SessionManager:
         return live if live is not None and live.id == session.id else session
 
     async def close(self, session_id: str, *, reason: CloseReason = CloseReason.ADMIN, notify: bool = True) -> Session:
-        """Close an open session now (admin API); raises SessionNotFound / SessionNotOpen."""
+        """Close an open session now (admin API); raises SessionNotFound / SessionNotOpen.
+        With several instances, the one that holds the conversation closes it."""
         session = await self._store.get_session(session_id)
         if session is None:
             raise SessionNotFound(session_id)
+        if not self._ownership.holds(session.endpoint, session.conversation):
+            return await self._ownership.close_elsewhere(session, notify)
         live = self.open_session(session.endpoint, session.conversation)
         if live is None or live.id != session_id:
             raise SessionNotOpen(session_id)
         done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         slot = self._scheduler.slot(session.endpoint, session.conversation)
-        self._scheduler.push(slot, CloseItem(session_id, reason, notify, done))
+        self._scheduler.push(slot, CloseItem(session_id, reason=reason, notify=notify, done=done))
+        return await done
+
+    async def erase_contact(self, endpoint: str, conversation: str) -> int:
+        """Erase a contact: its open session is closed silently, then the store deletes the
+        contact, its sessions and messages (``Store.erase_contact``), in the conversation's
+        queue, so no turn of it runs in between. Returns the number of rows deleted."""
+        if endpoint not in self._policies:  # no open session can exist: closed at start
+            return await self._store.erase_contact(endpoint, conversation)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._scheduler.push(self._scheduler.slot(endpoint, conversation), EraseItem(done))
         return await done
 
     async def send_bot_message(self, endpoint: str, conversation: str, text: str) -> Session:
-        """A bot-initiated message; opens a non-interactive session when none is open (S13)."""
+        """A bot-initiated message; opens a non-interactive session when none is open (S13).
+        With several instances, the one that holds the conversation sends it."""
         if endpoint not in self._policies:
             raise SessionNotFound(f"unknown endpoint {endpoint}")
+        if not self._ownership.holds(endpoint, conversation):
+            return await self._ownership.bot_message_elsewhere(endpoint, conversation, text)
         done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
         self._scheduler.push(self._scheduler.slot(endpoint, conversation), BotMessageItem(text, done))
         return await done
 
     async def set_policy(self, policy: EndpointPolicy) -> None:
         """Apply a changed endpoint policy to its open sessions at once (re-arming timers),
-        yielding to the loop every few thousand sessions so a big endpoint never stalls it."""
+        yielding to the loop every few thousand sessions so a big endpoint never stalls it.
+
+        With several instances the new deadlines are stored first (a close claim checks the
+        stored deadline), then memory follows."""
         self._policies[policy.endpoint] = policy
+        if self._ownership.stores_deadlines:
+            slots = self._scheduler.slots(policy.endpoint)
+            for start in range(0, len(slots), _RESTORE_YIELD_EVERY):
+                chunk = slots[start : start + _RESTORE_YIELD_EVERY]
+                await self._ownership.deadlines_moved(
+                    [(s.session.id, policy.deadline(s.session.last_activity_at)) for s in chunk if s.session]
+                )
+                if self._policies.get(policy.endpoint) is not policy:
+                    return  # a newer policy took over meanwhile; it re-applies to every session
         for done, slot in enumerate(self._scheduler.slots(policy.endpoint), start=1):
             if done % _RESTORE_YIELD_EVERY == 0:
                 await asyncio.sleep(0)
@@ -300,6 +423,18 @@ class SessionManager:
             if session.expires_at is None or policy.mode is SessionMode.LAZY:
                 self._timers.disarm(slot)
             elif not self._scheduler.is_held(slot):
+                self._book.arm(slot)
+
+    async def rearm_all(self) -> None:
+        """Re-arm every open session's timer for its wall-clock deadline (after the wall clock
+        stepped): the one loop wake-up moves earlier if the earliest wall-clock deadline needs it
+        (entries are keyed by it, so they stay), early ones re-arm themselves when they fire, and
+        sessions without an entry get one. Yields every few thousand sessions."""
+        self._timers.rewake()
+        for done, slot in enumerate(self._scheduler.slots(), start=1):
+            if done % _RESTORE_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            if slot.session is not None and not self._scheduler.is_held(slot):
                 self._book.arm(slot)
 
     def policy(self, endpoint: str) -> EndpointPolicy | None:

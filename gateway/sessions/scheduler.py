@@ -35,7 +35,8 @@ class ConversationScheduler:
 
     ``handle`` runs one item; ``on_failure`` is told of an item whose handling raised (the
     conversation goes on with the next one); ``close_batch`` closes held conversations and
-    hands each back with ``release``.
+    hands each back with ``release``; ``on_forget`` hears of every slot dropped (a conversation
+    with no session and no work).
     """
 
     def __init__(
@@ -45,14 +46,22 @@ class ConversationScheduler:
         handle: ItemHandler,
         on_failure: FailureHandler,
         close_batch: BatchHandler,
+        on_forget: Callable[[Conversation], None] | None = None,
+        own_budgets: Iterable[str] = (),
     ) -> None:
         self._handle = handle
+        self._on_forget = on_forget
         self._on_failure = on_failure
         self._close_batch = close_batch
         self._conversations: dict[str, dict[str, Conversation]] = {name: {} for name in endpoints}
         self._workers: set[asyncio.Task[None]] = set()
-        self._pending = 0  # accepted events not yet handled (the durable inbox's backlog)
-        self._admitting = 0  # events between the back-pressure check and their inbox commit
+        # Back-pressure budgets: the endpoints of ``own_budgets`` (web chat) each count their own
+        # events; every other endpoint counts in the shared budget "" (the platforms' webhooks).
+        # Per budget: accepted events not yet handled (the durable inbox's backlog), and events
+        # between the back-pressure check and their inbox commit.
+        self._own = frozenset(own_budgets)
+        self._pending: dict[str, int] = dict.fromkeys(["", *self._own], 0)
+        self._admitting: dict[str, int] = dict.fromkeys(["", *self._own], 0)
         self._due: list[Conversation] = []
         self._due_signal = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()
@@ -82,24 +91,30 @@ class ConversationScheduler:
 
     # -- back-pressure -----------------------------------------------------------------------
 
-    @property
-    def backlog(self) -> int:
-        """Accepted events not yet handled, plus events on their way into the inbox."""
-        return self._pending + self._admitting
+    def _budget(self, endpoint: str) -> str:
+        return endpoint if endpoint in self._own else ""
+
+    def backlog(self, endpoint: str) -> int:
+        """Of the budget ``endpoint`` counts in: accepted events not yet handled, plus events on
+        their way into the inbox."""
+        budget = self._budget(endpoint)
+        return self._pending[budget] + self._admitting[budget]
 
     @property
     def pending_events(self) -> int:
-        return self._pending
+        """Accepted events not yet handled, all budgets together."""
+        return sum(self._pending.values())
 
     @contextmanager
-    def admitting(self) -> Iterator[None]:
+    def admitting(self, endpoint: str) -> Iterator[None]:
         """Count an event from the back-pressure check to its inbox commit: concurrent webhooks
         all wait on one group commit, and each must see the others it is racing with."""
-        self._admitting += 1
+        budget = self._budget(endpoint)
+        self._admitting[budget] += 1
         try:
             yield
         finally:
-            self._admitting -= 1
+            self._admitting[budget] -= 1
 
     # -- slots -------------------------------------------------------------------------------
 
@@ -132,7 +147,7 @@ class ConversationScheduler:
     def push(self, slot: Conversation, item: WorkItem) -> None:
         """Queue ``item`` behind the conversation's other work."""
         if isinstance(item, StoredEvent):
-            self._pending += 1
+            self._pending[self._budget(item.endpoint)] += 1
         if slot.queue is None:
             slot.queue = deque()
         slot.queue.append(item)
@@ -163,6 +178,17 @@ class ConversationScheduler:
             by_conversation = self._conversations.get(slot.endpoint)
             if by_conversation is not None and by_conversation.get(slot.conversation) is slot:
                 del by_conversation[slot.conversation]
+                if self._on_forget is not None:
+                    self._on_forget(slot)
+
+    def discard_work(self, slot: Conversation) -> list[WorkItem]:
+        """Take the conversation's queued work away (another instance owns it now); returns it.
+        Events among it stay pending in the store for the new owner."""
+        items = list(slot.queue or ())
+        if slot.queue:
+            slot.queue.clear()
+        self._pending[self._budget(slot.endpoint)] -= sum(1 for item in items if isinstance(item, StoredEvent))
+        return items
 
     def _start_worker(self, slot: Conversation) -> None:
         slot.state = SlotState.WORKING
@@ -181,11 +207,11 @@ class ConversationScheduler:
                 except Exception as exc:  # one bad item must not stop the conversation
                     log.exception("failed to handle %s on %s/%s", type(item).__name__, slot.endpoint, slot.conversation)
                     if isinstance(item, StoredEvent):
-                        self._pending -= 1
+                        self._pending[self._budget(item.endpoint)] -= 1
                     await self._on_failure(slot, item, exc)
                 else:
                     if isinstance(item, StoredEvent):
-                        self._pending -= 1
+                        self._pending[self._budget(item.endpoint)] -= 1
         finally:
             slot.state = SlotState.IDLE
             slot.queue = None

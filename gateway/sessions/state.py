@@ -58,7 +58,15 @@ class ClearProfilesItem:
     names: list[str]
 
 
-WorkItem = StoredEvent | ExpireItem | CloseItem | BotMessageItem | ClearProfilesItem
+@dataclass(slots=True)
+class EraseItem:
+    """An operator erases the contact (admin API): close its open session silently, then
+    delete everything of it. ``done`` gets the number of rows deleted."""
+
+    done: asyncio.Future[int]
+
+
+WorkItem = StoredEvent | ExpireItem | CloseItem | BotMessageItem | ClearProfilesItem | EraseItem
 
 
 class Conversation:

@@ -18,8 +18,9 @@ earlier (a shorter setting) or a session opens.
 An entry that finds its session due hands it to ``on_due`` (the scheduler, which closes it in a
 batch or in the conversation's own queue). Timers call nothing else: data flows one way.
 Deadlines are wall-clock (``clock``); loop time exists only here, in memory, for the one
-wake-up: a wall clock stepped forward makes the entries it passed due at the next wake-up, one
-stepped back finds them early and re-arms them.
+wake-up, computed when it is scheduled. After a wall clock stepped back the wake-up comes early,
+finds nothing due and re-arms; after a step forward its loop time is too late, so ``rewake`` (the
+manager's ``rearm_all``, on ClockWatch's notice) moves it earlier, to the earliest deadline.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterable
 
+from gateway.metrics import Metrics
 from gateway.models import Session
 from gateway.sessions.state import Conversation, ManagerStats
 
@@ -49,8 +51,10 @@ class SessionTimers:
         stats: ManagerStats,
         *,
         on_due: Callable[[Conversation, Session], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self._clock = clock
+        self._metrics = metrics
         self._stats = stats
         self._on_due = on_due
         self._stopped = False
@@ -87,6 +91,19 @@ class SessionTimers:
             if session is not None and session.expires_at is not None:
                 self._push(slot, session.expires_at)
 
+    def rewake(self) -> None:
+        """Move the loop wake-up earlier if the earliest entry's wall-clock deadline now comes
+        sooner than it (the wall clock stepped forward: the loop time it was computed for is
+        late by the step). A wake-up that is early instead (a step back) is kept: it finds its
+        entry not due and re-arms, as a handle would. The heap stays: its keys are wall-clock."""
+        if not self._heap or self._stopped:
+            return
+        deadline = self._heap[0][0]
+        when = asyncio.get_running_loop().time() + max(0.0, deadline - self._clock())
+        if self._wakeup is not None and self._wakeup.when() <= when:
+            return
+        self._wake_for(deadline)
+
     def disarm(self, slot: Conversation) -> None:
         slot.armed_at = None  # its entry, if any, is dropped when it comes due
 
@@ -108,11 +125,14 @@ class SessionTimers:
         self._wakeup_at = deadline
 
     def _run_due(self) -> None:
+        target = self._wakeup_at
         self._wakeup = None
         self._wakeup_at = math.inf
         if self._stopped:
             return
         due_by = self._clock() + EARLY_TOLERANCE_S
+        if target > due_by:
+            self._stats.timer_rearms += 1  # woke before its wall-clock deadline (a step back): re-arms below
         heap = self._heap
         ran = 0
         while heap and heap[0][0] <= due_by and ran < RUN_PER_CALLBACK:
@@ -134,6 +154,10 @@ class SessionTimers:
             self._stats.timer_rearms += 1
             self.arm(slot)
             return
-        if self._stats.record_lags and session.expires_at is not None:
-            self._stats.fire_lags_s.append(self._clock() - session.expires_at)
+        if session.expires_at is not None:
+            lag_s = self._clock() - session.expires_at
+            if self._metrics is not None:
+                self._metrics.observe("gateway_timer_fire_lag_seconds", max(0.0, lag_s), slot.endpoint)
+            if self._stats.record_lags:
+                self._stats.fire_lags_s.append(lag_s)
         self._on_due(slot, session)

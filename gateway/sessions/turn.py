@@ -9,11 +9,14 @@ non-interactive session when none is open.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.errors import Conflict
 from gateway.flows import Flow, FlowResult, FlowTurn
+from gateway.logs import log_context
 from gateway.metrics import Metrics
 from gateway.models import (
     Change,
@@ -172,6 +175,9 @@ class MessageTurn:
         else:
             # Lazy mode never sends a notice: nothing happened at the deadline (S8).
             notify = policy.mode is SessionMode.PROACTIVE and policy.on_close.notify
+        # Lazy mode, a flow that reported no intent: the message opens a new session and is
+        # still the first one after the deadline (DESIGN.md, "Flows": after_expiry).
+        after_expiry = policy.mode is SessionMode.LAZY and session.intent is None
         closed.append(
             self._closer.close_into(
                 change,
@@ -183,7 +189,7 @@ class MessageTurn:
                 now=now,
             )
         )
-        return _Resumed(None)
+        return _Resumed(None, after_expiry=after_expiry)
 
     async def _answer(
         self,
@@ -208,13 +214,27 @@ class MessageTurn:
     async def _call_flow(
         self, session: Session, contact: Contact, event: InboundEvent, *, after_expiry: bool, now: float
     ) -> FlowResult:
-        turn = FlowTurn(session, event, live_ttl_variables(contact, now), dict(contact.auth_profiles), after_expiry)
+        turn = FlowTurn(
+            session,
+            event,
+            contact_variables=live_ttl_variables(contact, now),
+            auth_profiles=dict(contact.auth_profiles),
+            after_expiry=after_expiry,
+        )
+        started = time.perf_counter()
         try:
             return await self._flow.handle(turn)
         except Exception as exc:  # any flow failure is counted and survived, never a lost event
             self._metrics.inc("gateway_flow_errors_total", endpoint=session.endpoint)
-            log.warning("flow failed for session %s: %s", session.id, exc)
+            log.warning(
+                "flow failed for session %s: %s",
+                session.id,
+                exc,
+                extra=log_context(session.endpoint, session.conversation, session.id),
+            )
             return FlowResult(replies=[self._error_reply] if self._error_reply else [])
+        finally:
+            self._metrics.observe("gateway_flow_seconds", time.perf_counter() - started, session.endpoint)
 
     async def _contact(self, endpoint: str, conversation: str) -> Contact:
         contact_id = contact_id_of(endpoint, conversation)
@@ -236,6 +256,11 @@ class MessageTurn:
         """A bot-initiated message; opens a non-interactive session when none is open (S13)."""
         policy = self._policies[slot.endpoint]
         now = self._clock()
+        # In the conversation's queue, so an opt-out accepted before this message is seen.
+        contact = await self._store.get_contact(contact_id_of(slot.endpoint, slot.conversation))
+        if contact is not None and contact.opted_out:
+            item.done.set_exception(Conflict("contact opted out", detail=f"{contact.id} opted out"))
+            return
         session = slot.session
         opened = None
         if session is None:
@@ -245,7 +270,6 @@ class MessageTurn:
         message = self._book.message(session, MessageKind.BOT, item.text, f"bot:{uuid.uuid4().hex}")
         # Platform windows (Messenger's 24 h) count from the user's last message, whatever
         # session it was in: the contact knows it.
-        contact = await self._store.get_contact(contact_id_of(slot.endpoint, slot.conversation))
         message.user_last_seen_at = contact.last_user_message_at if contact is not None else None
         change.outbox.append(message)
         await self._book.commit(slot, change, opened=opened)

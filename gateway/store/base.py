@@ -1,7 +1,8 @@
 """The storage interface the core depends on. Backends: ``sqlite.py`` (default), ``redis.py``.
 
-Writes go through ``commit(Change)``: one atomic unit, group-committed with concurrent ones, so
-a session's close and its closure notice exist together or not at all. ``add_inbound`` commits
+Writes go through ``commit(Change)``: one atomic unit (group-committed with concurrent ones on
+SQLite, one Lua script on Redis), so a session's close and its closure notice exist together or
+not at all. ``add_inbound`` commits
 an inbound event (with its dedup key) durably before the webhook is answered.
 """
 
@@ -11,7 +12,17 @@ from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.models import Change, Contact, InboundEvent, OutboundMessage, Session, SessionState, StoredEvent
+from gateway.models import (
+    Change,
+    Contact,
+    InboundEvent,
+    OutboundMessage,
+    Session,
+    SessionState,
+    StoredEvent,
+    TranscriptEntry,
+    TranscriptLine,
+)
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,8 +49,16 @@ class Store(Protocol):
         """Flush pending writes and close. Safe to call twice."""
 
     # -- inbox -------------------------------------------------------------------------------
-    async def add_inbound(self, endpoint: str, event: InboundEvent, arrival_at: float) -> StoredEvent | None:
-        """Commit an inbound event as pending; None when (endpoint, dedup_key) was seen before."""
+    async def add_inbound(
+        self, endpoint: str, event: InboundEvent, arrival_at: float, *, extends_to: float | None = None
+    ) -> StoredEvent | None:
+        """Commit an inbound event as pending; None when (endpoint, dedup_key) was seen before.
+
+        ``extends_to``: the deadline the conversation's open session moves to when the event is a
+        user interaction arriving before its deadline. A store shared by several instances moves
+        it in the same step (the owner may be another instance); a single-process store may
+        ignore it (the session manager moves it in memory).
+        """
 
     async def pending_inbound(self) -> list[StoredEvent]:
         """Events committed but not yet handled, in arrival order (id order)."""
@@ -74,9 +93,21 @@ class Store(Protocol):
         aggregate query: ``(endpoint, interactive, developer, close_reason, count)`` per group,
         ``close_reason`` None for open sessions (S13-S15, ``GET /admin/analytics/sessions``)."""
 
+    async def history(self, endpoint: str, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
+        """The conversation's lines as its user saw them (the web chat's history frame) from
+        ``since`` on, oldest first, at most the last ``limit``:
+        its user messages and postbacks with a text and its refreshes (kind ``refresh``, empty
+        text) from the inbox, by arrival time, and the messages sent to it (outbox rows in state
+        ``sent``), by creation time. Lines of the same time: user first. Pruned rows are gone."""
+
     # -- outbox ------------------------------------------------------------------------------
-    async def pending_outbox(self) -> list[OutboundMessage]:
-        """Messages not yet sent, skipped or dead, in id order."""
+    async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:
+        """Messages not yet sent, skipped or dead, in id order; none of ``skip_channels`` (the
+        channels that keep messages for the user, read per conversation when it connects)."""
+
+    async def pending_outbox_of(self, endpoint: str, conversation: str) -> list[OutboundMessage]:
+        """The pending messages of one conversation, in id order (a web chat conversation's
+        kept messages, read when it reconnects)."""
 
     async def record_parts_sent(self, message_id: int, parts_sent: int) -> None:
         """Commit that the platform accepted the first ``parts_sent`` parts of a split message;
@@ -86,6 +117,20 @@ class Store(Protocol):
 
     async def get_outbound(self, message_id: int) -> OutboundMessage | None: ...
 
+    async def count_dead_letters(self) -> int:
+        """How many dead letters the store holds (the ``gateway_dead_letters`` gauge)."""
+
+    async def delete_dead_letter(self, message_id: int) -> bool:
+        """Drop the outbox message ``message_id`` if it is a dead letter; False when there was
+        no such dead letter (``DELETE /admin/dead-letters/<id>``)."""
+
+    async def transcript(
+        self, endpoint: str, conversation: str, since: float, until: float, limit: int
+    ) -> list[TranscriptEntry]:
+        """The conversation's messages in ``[since, until]``, oldest first, at most the newest
+        ``limit``: user messages and postbacks from the inbox (handled or not; other event
+        kinds left out) and every outbox message, whatever its state."""
+
     # -- runtime settings (admin API; they win over the file until deleted) -----------------
     async def get_overrides(self) -> dict[str, dict[str, Any]]:
         """scope -> settings, e.g. ``{"endpoint:web": {...}, "organisation": {...}}``."""
@@ -94,8 +139,39 @@ class Store(Protocol):
 
     async def delete_override(self, scope: str) -> None: ...
 
-    # -- retention ---------------------------------------------------------------------------
+    # -- health ------------------------------------------------------------------------------
+    async def check_writable(self) -> str | None:
+        """None when a write can commit now; else the reason it cannot (``/healthz`` answers
+        503 with it). Cheap enough to run once a second."""
+
+    # -- conversations the gateway issues (web chat) --------------------------------------------
+    async def add_conversation_secret(
+        self, endpoint: str, conversation: str, secret_hash: str, created_at: float
+    ) -> None:
+        """Record a conversation the gateway issued and the hash of its secret (the token
+        itself is never stored), durably: a client resumes it after a restart."""
+
+    async def conversation_secret(self, endpoint: str, conversation: str) -> str | None:
+        """The secret hash recorded for the conversation; None when it was never issued (or
+        pruned)."""
+
+    # -- retention and erasure -----------------------------------------------------------------
     async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
-        """Drop handled inbound events (their dedup ids) older than ``before``, and messages
-        still pending from then for a channel of ``holding_channels`` (channels that keep a
-        message until the user connects: web chat); returns how many rows went."""
+        """Drop handled inbound events (their dedup ids) older than ``before``, messages still
+        pending from then for a channel of ``holding_channels`` (channels that keep a message
+        until the user connects: web chat), and issued conversations created before then that
+        never had a session; returns how many rows went."""
+
+    async def prune_history(self, *, closed_sessions_before: float, messages_before: float) -> int:
+        """Retention (``retention.closed_sessions_days``, ``messages_days``): drop sessions
+        closed before ``closed_sessions_before``; then contacts left with no session whose last
+        message (else creation) is older than that too, except opted-out ones (their opt-out
+        must hold); and sent or skipped outbox messages created before ``messages_before``.
+        Open sessions, pending messages and dead letters are kept. Returns how many rows went.
+        Work is chunked so that other writes interleave."""
+
+    async def erase_contact(self, endpoint: str, conversation: str) -> int:
+        """Erase a contact (``DELETE /admin/contacts/<id>``): its profile (variables, auth
+        profiles), every session of it, every outbox message of its conversation, and its
+        handled inbound events. The caller closes its open session first. Returns how many
+        rows went (0: nothing was known of it)."""

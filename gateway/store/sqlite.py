@@ -26,21 +26,37 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import aiosqlite
 
 from gateway.errors import StoreError
-from gateway.models import Change, Contact, InboundEvent, OutboundMessage, Session, StoredEvent
+from gateway.models import (
+    Change,
+    Contact,
+    InboundEvent,
+    OutboundMessage,
+    Session,
+    StoredEvent,
+    TranscriptEntry,
+    TranscriptLine,
+    contact_id_of,
+)
+from gateway.store import sqlite_health as health
 from gateway.store import sqlite_rows as rows
 from gateway.store.base import SessionQuery
 from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
 from gateway.store.sqlite_writer import (
+    AddSecret,
     ChangeRows,
+    Exec,
     GroupCommitWriter,
     InboundRow,
     PartsSent,
+    Probe,
     Prune,
     SetOverride,
     Work,
 )
 
 READ_CHUNK = 5000  # sessions per hop while streaming open_sessions
+PROBE_TIMEOUT_S = 2.0  # check_writable's write
+DELETE_CHUNK = 2000  # rows per write while pruning history: other writes interleave
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -69,6 +85,7 @@ class SqliteStore:
         self._closing: asyncio.Future[None] | None = None
         self._contact_reads: list[tuple[str, asyncio.Future[Contact | None]]] = []  # see get_contact
         self._contact_tasks: set[asyncio.Future[None]] = set()
+        self._identity: health.FileIdentity | None = None  # the file opened (gone? replaced?)
 
     def __repr__(self) -> str:
         return f"<SqliteStore {str(self._path)!r} {self._state.value} batches={self.batches_committed}>"
@@ -95,6 +112,7 @@ class SqliteStore:
             await run(self._writer_conn, prepare_writer)
             self._reader = await self._connect()
             await run(self._reader, prepare_reader)
+            self._identity = await asyncio.to_thread(health.FileIdentity.of, self._path)
         except BaseException:
             await self.aclose()
             raise
@@ -137,8 +155,14 @@ class SqliteStore:
             raise StoreError(f"store {self._path} is not open")
         return self._writer.submit(work, change)
 
-    async def add_inbound(self, endpoint: str, event: InboundEvent, arrival_at: float) -> StoredEvent | None:
-        """Commit ``event`` as pending; None when (endpoint, dedup_key) was seen before (a redelivery)."""
+    async def add_inbound(
+        self, endpoint: str, event: InboundEvent, arrival_at: float, *, extends_to: float | None = None
+    ) -> StoredEvent | None:
+        """Commit ``event`` as pending; None when (endpoint, dedup_key) was seen before (a redelivery).
+
+        ``extends_to`` is not stored: one process, so the session manager moves the deadline in
+        memory at acceptance and commits it with the turn.
+        """
         work = InboundRow(endpoint, event.dedup_key, rows.event_to_json(event), arrival_at)
         event_id: int | None = await self._submit(work)
         return None if event_id is None else StoredEvent(event_id, endpoint, arrival_at, event)
@@ -172,6 +196,12 @@ class SqliteStore:
         """
         await self._submit(PartsSent(message_id, parts_sent))
 
+    async def add_conversation_secret(
+        self, endpoint: str, conversation: str, secret_hash: str, created_at: float
+    ) -> None:
+        """Record an issued conversation and its secret's hash; StoreError if it exists already."""
+        await self._submit(AddSecret(endpoint, conversation, secret_hash, created_at))
+
     async def put_override(self, scope: str, value: dict[str, Any]) -> None:
         """Store the runtime settings of ``scope``, replacing earlier ones."""
         try:
@@ -184,6 +214,24 @@ class SqliteStore:
         """Drop the runtime settings of ``scope`` (no error when there are none)."""
         await self._submit(SetOverride(scope, None))
 
+    async def check_writable(self, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+        """None when a write commits now; else why not (the file is gone or replaced, the disk
+        is full, the probe write failed or took longer than ``timeout_s``)."""
+        problem = await asyncio.to_thread(self._file_and_space_problem)
+        if problem is not None:
+            return problem
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._submit(Probe())
+        except TimeoutError:
+            return f"a write took longer than {timeout_s} s"
+        except StoreError as exc:
+            return str(exc)
+        return None
+
+    def _file_and_space_problem(self) -> str | None:
+        return health.file_problem(self._path, self._identity) or health.space_problem(self._path)
+
     async def prune(self, before: float, *, holding_channels: Collection[str]) -> int:
         """Delete handled inbound events and messages still pending for ``holding_channels``
         (web chat) older than ``before``, a chunk per write so other writes interleave; returns
@@ -192,6 +240,50 @@ class SqliteStore:
         total = 0
         while deleted := await self._submit(work):
             total += deleted
+        return total
+
+    async def delete_dead_letter(self, message_id: int) -> bool:
+        """Delete outbox message ``message_id`` if it is a dead letter."""
+        work = Exec((("DELETE FROM outbox WHERE id = ? AND state = 'dead'", (message_id,)),))
+        return bool(await self._submit(work))
+
+    async def erase_contact(self, endpoint: str, conversation: str) -> int:
+        """Delete the contact, its sessions, its conversation's outbox messages and handled
+        inbound events, in one transaction; the number of rows deleted."""
+        contact_id = contact_id_of(endpoint, conversation)
+        # The inbox has no conversation column; its pending rows are left to be handled.
+        inbound = (
+            "DELETE FROM inbound WHERE endpoint = ? AND state = 'done' AND json_extract(payload, '$.conversation') = ?"
+        )
+        work = Exec(
+            (
+                ("DELETE FROM sessions WHERE contact_id = ?", (contact_id,)),
+                ("DELETE FROM contacts WHERE id = ?", (contact_id,)),
+                ("DELETE FROM outbox WHERE endpoint = ? AND conversation = ?", (endpoint, conversation)),
+                (inbound, (endpoint, conversation)),
+            )
+        )
+        deleted: int = await self._submit(work)
+        return deleted
+
+    async def prune_history(self, *, closed_sessions_before: float, messages_before: float) -> int:
+        """Retention of closed sessions, contacts left without sessions, and sent or skipped
+        messages. Candidates are found on the reader connection (a scan there never holds up
+        a webhook's commit); each chunk is deleted by id on the writer, its condition checked
+        again, so a row that changed meanwhile stays."""
+        total = 0
+        for select, delete, cutoff in (
+            (rows.OLD_CLOSED_SESSIONS, rows.DELETE_CLOSED_SESSIONS, closed_sessions_before),
+            (rows.IDLE_CONTACTS, rows.DELETE_IDLE_CONTACTS, closed_sessions_before),
+            (rows.OLD_DONE_OUTBOX, rows.DELETE_DONE_OUTBOX, messages_before),
+        ):
+            after = ""  # contacts are paged by id; deleted sessions and messages leave the scan by themselves
+            while ids := await self._read(rows.select_ids, select, (cutoff, after, DELETE_CHUNK)):
+                deleted: int = await self._submit(Exec(((delete, (json.dumps(ids), cutoff)),)))
+                total += deleted
+                if len(ids) < DELETE_CHUNK or (deleted == 0 and select != rows.IDLE_CONTACTS):
+                    break  # the last chunk, or rows that changed under us: the next run sees them
+                after = str(ids[-1])
         return total
 
     # -- reads -----------------------------------------------------------------------------------
@@ -328,9 +420,35 @@ class SqliteStore:
 
         return await self._read(query)
 
-    async def pending_outbox(self) -> list[OutboundMessage]:
-        """Messages still to send, in id order."""
-        return await self._read(rows.select_outbox, "WHERE state = 'pending' ORDER BY id", [])
+    async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:
+        """Messages still to send, in id order, except those of ``skip_channels``."""
+        return await self._read(
+            rows.select_outbox,
+            "WHERE state = 'pending' AND channel NOT IN (SELECT value FROM json_each(?)) ORDER BY id",
+            [json.dumps(sorted(skip_channels))],
+        )
+
+    async def pending_outbox_of(self, endpoint: str, conversation: str) -> list[OutboundMessage]:
+        """One conversation's messages still to send, in id order (index outbox_by_conversation)."""
+        return await self._read(
+            rows.select_outbox,
+            "WHERE endpoint = ? AND conversation = ? AND state = 'pending' ORDER BY id",
+            [endpoint, conversation],
+        )
+
+    async def history(self, endpoint: str, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
+        """The conversation's user lines and sent messages from ``since`` on (see ``Store``)."""
+        return await self._read(rows.select_history, endpoint, conversation, since, limit)
+
+    async def conversation_secret(self, endpoint: str, conversation: str) -> str | None:
+        """The secret hash of an issued conversation, or None."""
+
+        def query(conn: sqlite3.Connection) -> str | None:
+            sql = "SELECT secret_hash FROM conversation_secrets WHERE endpoint = ? AND conversation = ?"
+            row = conn.execute(sql, (endpoint, conversation)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._read(query)
 
     async def dead_letters(self, limit: int = 100) -> list[OutboundMessage]:
         """Messages given up on, newest first."""
@@ -340,6 +458,20 @@ class SqliteStore:
         """The outbox message with this id, or None."""
         found = await self._read(rows.select_outbox, "WHERE id = ?", [message_id])
         return found[0] if found else None
+
+    async def count_dead_letters(self) -> int:
+        """How many dead letters there are (one count over the ``outbox_by_state`` index)."""
+
+        def count(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT count(*) FROM outbox WHERE state = 'dead'").fetchone()[0])
+
+        return await self._read(count)
+
+    async def transcript(
+        self, endpoint: str, conversation: str, since: float, until: float, limit: int
+    ) -> list[TranscriptEntry]:
+        """The conversation's messages in ``[since, until]``, oldest first (the newest ``limit``)."""
+        return await self._read(rows.select_transcript, endpoint, conversation, since, until, limit)
 
     async def pending_inbound(self) -> list[StoredEvent]:
         """Events committed but not yet handled, in arrival (id) order."""

@@ -28,6 +28,8 @@ from gateway.models import (
     Session,
     SessionState,
     StoredEvent,
+    TranscriptEntry,
+    TranscriptLine,
 )
 
 Row = tuple[Any, ...]
@@ -168,6 +170,34 @@ CLOSE_SESSIONS = (
     "expires_at = json_extract(c.value, '$[4]'), "
     "variables = NULL, context = NULL "
     "FROM json_each(?) AS c WHERE sessions.id = json_extract(c.value, '$[0]') AND sessions.state = 'open'"
+)
+
+# Retention (Store.prune_history). The selects run on the reader with (cutoff, after, limit); the
+# deletes on the writer with (JSON list of ids, cutoff), checking the condition again.
+# Sessions: through sessions_by_start (a session closed before the cutoff started before it).
+OLD_CLOSED_SESSIONS = "SELECT id FROM sessions WHERE started_at < ?1 AND state = 'closed' AND closed_at < ?1 LIMIT ?3"
+DELETE_CLOSED_SESSIONS = (
+    "DELETE FROM sessions WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'closed' AND closed_at < ?2"
+)
+# Contacts left with no session, silent since the cutoff; an opted-out contact stays (its opt-out
+# must hold). Paged by id: most contacts are kept, and a page must not read them again.
+_IDLE_CONTACT = (
+    "c.opted_out = 0 AND coalesce(c.last_user_message_at, c.created_at) < ?{cutoff} "
+    "AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.contact_id = c.id)"
+)
+IDLE_CONTACTS = (
+    f"SELECT c.id FROM contacts c WHERE {_IDLE_CONTACT.format(cutoff=1)} AND c.id > ?2 ORDER BY c.id LIMIT ?3"
+)
+DELETE_IDLE_CONTACTS = (
+    f"DELETE FROM contacts AS c WHERE c.id IN (SELECT value FROM json_each(?1)) AND {_IDLE_CONTACT.format(cutoff=2)}"
+)
+# Sent and skipped messages (their texts): through outbox_by_state, oldest ids first.
+OLD_DONE_OUTBOX = (
+    "SELECT id FROM outbox WHERE state IN ('sent', 'skipped') AND created_at < ?1 ORDER BY state, id LIMIT ?3"
+)
+DELETE_DONE_OUTBOX = (
+    "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?1)) "
+    "AND state IN ('sent', 'skipped') AND created_at < ?2"
 )
 
 OUTBOX_IDS = (
@@ -398,6 +428,76 @@ def select_pending_inbound(conn: sqlite3.Connection) -> list[StoredEvent]:
     """Inbound events not yet handled, in id order."""
     sql = "SELECT id, endpoint, arrival_at, payload FROM inbound WHERE state = 'pending' ORDER BY id"
     return [StoredEvent(r[0], r[1], r[2], event_from_json(r[3])) for r in conn.execute(sql)]
+
+
+def select_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """The first column of every row ``sql`` selects (retention candidates)."""
+    return [row[0] for row in conn.execute(sql, params)]
+
+
+_USER_KINDS = (EventKind.MESSAGE.value, EventKind.POSTBACK.value)
+
+
+def select_transcript(
+    conn: sqlite3.Connection, endpoint: str, conversation: str, since: float, until: float, limit: int
+) -> list[TranscriptEntry]:
+    """A conversation's messages in ``[since, until]``, oldest first, the newest ``limit``.
+
+    User messages: the inbox rows of the endpoint in the time range (the ``inbound_done``
+    index by arrival time, plus the few pending ones), matched on the payload's conversation.
+    Sent messages: the ``outbox_by_conversation`` index.
+    """
+    entries: list[TranscriptEntry] = []
+    inbound = (
+        "SELECT arrival_at, payload FROM inbound WHERE endpoint = ?1 AND arrival_at BETWEEN ?3 AND ?4 "
+        "AND state = 'done' AND json_extract(payload, '$.conversation') = ?2 "
+        "UNION ALL SELECT arrival_at, payload FROM inbound WHERE state = 'pending' AND endpoint = ?1 "
+        "AND arrival_at BETWEEN ?3 AND ?4 AND json_extract(payload, '$.conversation') = ?2"
+    )
+    for arrival_at, payload in conn.execute(inbound, (endpoint, conversation, since, until)):
+        event = json.loads(payload)
+        if event["kind"] not in _USER_KINDS:
+            continue
+        attachments = event.get("attachments") or ()
+        types = tuple(str(item.get("type", "file")) for item in attachments if isinstance(item, dict))
+        entries.append(TranscriptEntry(arrival_at, "user", event["kind"], event.get("text"), attachments=types))
+    outbox = (
+        "SELECT created_at, kind, text, session_id, state FROM outbox WHERE endpoint = ? AND conversation = ? "
+        "AND created_at BETWEEN ? AND ?"
+    )
+    for created_at, kind, text, session_id, state in conn.execute(outbox, (endpoint, conversation, since, until)):
+        entries.append(TranscriptEntry(created_at, "bot", kind, text, session_id=session_id, state=state))
+    entries.sort(key=lambda entry: entry.at)
+    return entries[-limit:] if limit > 0 else []
+
+
+# The expression must read exactly as in the index inbound_by_conversation (sqlite_schema.py).
+_HISTORY = """
+SELECT at, sender, kind, text, message_id FROM (
+    SELECT arrival_at AS at, 0 AS side, id, 'user' AS sender, json_extract(payload, '$.kind') AS kind,
+        json_extract(payload, '$.text') AS text, json_extract(payload, '$.message_id') AS message_id
+    FROM inbound WHERE endpoint = :endpoint AND json_extract(payload, '$.conversation') = :conversation
+        AND arrival_at >= :since
+    UNION ALL
+    SELECT created_at, 1, id, 'bot', kind, text, NULL FROM outbox
+    WHERE endpoint = :endpoint AND conversation = :conversation AND created_at >= :since AND state = 'sent'
+)
+WHERE (kind IN ('message', 'postback', 'reply', 'closure', 'bot') AND text IS NOT NULL) OR kind = 'refresh'
+ORDER BY at DESC, side DESC, id DESC LIMIT :limit
+"""
+
+
+def select_history(
+    conn: sqlite3.Connection, endpoint: str, conversation: str, since: float, limit: int
+) -> list[TranscriptLine]:
+    """A conversation's user and sent lines from ``since`` on, oldest first, the last ``limit``."""
+    params = {"endpoint": endpoint, "conversation": conversation, "since": since, "limit": limit}
+    lines = [
+        TranscriptLine(at, sender, kind, text or "", message_id)
+        for at, sender, kind, text, message_id in conn.execute(_HISTORY, params)
+    ]
+    lines.reverse()
+    return lines
 
 
 def select_overrides(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:

@@ -64,6 +64,23 @@ MIGRATIONS: list[list[str]] = [
     # 2: how many parts of a split text the platform accepted, so that a retry, also after a
     # restart, sends only the rest (ChannelAdapter.send). Rows of version 1 start at 0.
     ["ALTER TABLE outbox ADD COLUMN parts_sent INTEGER NOT NULL DEFAULT 0"],
+    # 3: a conversation's messages without scanning the outbox: the admin transcript and the
+    # erasure of a contact (DELETE /admin/contacts/<id>). An insert adds one entry; sending
+    # (a state change) leaves it alone.
+    ["CREATE INDEX outbox_by_conversation ON outbox (endpoint, conversation, id)"],
+    # 4: the web chat in public. Conversations the gateway issued, with the hash of their token
+    # (a resume after a restart checks it); the inbox rows by conversation, for its history
+    # (the outbox has its index since 3). The inbox rows carry the conversation only inside
+    # their JSON payload, so that index is on the expression (the queries repeat it exactly;
+    # nothing changes on the write path).
+    [
+        """CREATE TABLE conversation_secrets (
+            endpoint TEXT NOT NULL, conversation TEXT NOT NULL, secret_hash TEXT NOT NULL,
+            created_at REAL NOT NULL, PRIMARY KEY (endpoint, conversation))""",
+        "CREATE INDEX conversation_secrets_by_age ON conversation_secrets (created_at)",
+        "CREATE INDEX inbound_by_conversation ON inbound "
+        "(endpoint, json_extract(payload, '$.conversation'), arrival_at)",
+    ],
 ]
 
 BUSY_TIMEOUT_MS = 5000

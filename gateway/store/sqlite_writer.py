@@ -71,7 +71,29 @@ class PartsSent:
     parts_sent: int
 
 
-Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent
+@dataclass(slots=True, frozen=True)
+class Exec:
+    """Statements run in order, as one write (erasure, deletes, retention); the result is the
+    number of rows they changed. Applied alone in its segment, so it keeps its place among the
+    writes queued around it."""
+
+    statements: tuple[tuple[str, tuple[Any, ...]], ...]
+
+
+@dataclass(slots=True, frozen=True)
+class AddSecret:
+    endpoint: str
+    conversation: str
+    secret_hash: str
+    created_at: float
+
+
+@dataclass(slots=True, frozen=True)
+class Probe:
+    """A write that changes nothing: rewrites the header page (``user_version``) and commits."""
+
+
+Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent | Exec | AddSecret | Probe
 
 
 @dataclass(slots=True)
@@ -98,16 +120,24 @@ def _apply_batch(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
 
 def _segments(works: list[Work]) -> Iterator[list[Work]]:
     """Cut the batch where merging would reorder writes: notices are applied after all session
-    upserts of a segment, so a session upserted after a notice to it starts a new segment."""
+    upserts of a segment, so a session upserted after a notice to it starts a new segment; an
+    ``Exec`` (plain statements, e.g. an erasure) is a segment of its own."""
     start = 0
     noticed: set[str] = set()
     for i, work in enumerate(works):
+        if isinstance(work, Exec):
+            if i > start:
+                yield works[start:i]
+            yield [work]
+            start, noticed = i + 1, set()
+            continue
         if isinstance(work, ChangeRows):
             if noticed and any(row[0] in noticed for row in (*work.sessions, *work.closes)):
                 yield works[start:i]
                 start, noticed = i, set()
             noticed.update(session_id for session_id, _ in work.notices)
-    yield works[start:]
+    if start < len(works):
+        yield works[start:]
 
 
 def _apply_segment(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
@@ -150,14 +180,27 @@ def _apply_merged(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
             results.append(next(inbound_ids))
         elif isinstance(work, PartsSent):
             results.append(None)
+        elif isinstance(work, AddSecret):
+            conn.execute(
+                "INSERT INTO conversation_secrets (endpoint, conversation, secret_hash, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (work.endpoint, work.conversation, work.secret_hash, work.created_at),
+            )
+            results.append(None)
         elif isinstance(work, SetOverride):
             if work.value is None:
                 conn.execute("DELETE FROM overrides WHERE scope = ?", (work.scope,))
             else:
                 conn.execute("INSERT OR REPLACE INTO overrides (scope, value) VALUES (?, ?)", (work.scope, work.value))
             results.append(None)
-        else:
+        elif isinstance(work, Exec):
+            results.append(sum(conn.execute(sql, params).rowcount for sql, params in work.statements))
+        elif isinstance(work, Prune):
             results.append(_prune_chunk(conn, work))
+        else:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            conn.execute(f"PRAGMA user_version = {version}")  # dirties page 1: a real write
+            results.append(None)
     return results
 
 
@@ -197,7 +240,14 @@ def _prune_chunk(conn: sqlite3.Connection, work: Prune) -> int:
         "AND channel IN (SELECT value FROM json_each(?)) AND created_at < ? LIMIT ?)",
         (work.holding_channels, work.before, PRUNE_CHUNK),
     ).rowcount
-    return deleted + held
+    # Issued web chat conversations in which nobody ever said anything (e.g. a flood of hellos).
+    unused = conn.execute(
+        "DELETE FROM conversation_secrets WHERE rowid IN (SELECT c.rowid FROM conversation_secrets AS c "
+        "WHERE c.created_at < ? AND NOT EXISTS (SELECT 1 FROM sessions AS s "
+        "WHERE s.contact_id = c.endpoint || ':' || c.conversation) LIMIT ?)",
+        (work.before, PRUNE_CHUNK),
+    ).rowcount
+    return deleted + held + unused
 
 
 def _fail(future: asyncio.Future[Any], message: str, cause: BaseException) -> None:
