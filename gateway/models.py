@@ -142,12 +142,20 @@ class InboundEvent:
 
 @dataclass(slots=True)
 class StoredEvent:
-    """An inbound event as committed to the durable inbox, before the webhook's 2xx."""
+    """An inbound event as committed to the durable inbox, before the webhook's 2xx.
+
+    ``contact_known``: the store also read the conversation's contact as of that commit
+    (``contact``, None when there is none), so the message turn need not read it again; the
+    session manager keeps it only when nothing can change the contact before the turn.
+    """
 
     id: int
     endpoint: str
     arrival_at: float
     event: InboundEvent
+    # Not part of the event: left out of comparisons and repr.
+    contact: Contact | None = field(default=None, compare=False, repr=False)
+    contact_known: bool = field(default=False, compare=False, repr=False)
 
 
 @dataclass(slots=True)

@@ -85,7 +85,11 @@ class MessageTurn:
         if policy is None:  # endpoint removed while the event waited: nothing to answer with
             await self._store.commit(change)
             return
-        contact = await self._contact(stored.endpoint, event.conversation)
+        if stored.contact_known:  # read with the inbox commit, nothing could change it since
+            contact = stored.contact or self._new_contact(stored.endpoint, event.conversation)
+            stored.contact, stored.contact_known = None, False
+        else:
+            contact = await self._contact(stored.endpoint, event.conversation)
         now = self._clock()
         if event.kind is EventKind.REFRESH:
             await self._refresh(slot, change, contact, policy, now)
@@ -217,11 +221,12 @@ class MessageTurn:
             return FlowResult(replies=[self._error_reply] if self._error_reply else [])
 
     async def _contact(self, endpoint: str, conversation: str) -> Contact:
+        contact = await self._store.get_contact(contact_id_of(endpoint, conversation))
+        return contact if contact is not None else self._new_contact(endpoint, conversation)
+
+    def _new_contact(self, endpoint: str, conversation: str) -> Contact:
         contact_id = contact_id_of(endpoint, conversation)
-        contact = await self._store.get_contact(contact_id)
-        if contact is None:
-            contact = Contact(id=contact_id, endpoint=endpoint, conversation=conversation, created_at=self._clock())
-        return contact
+        return Contact(id=contact_id, endpoint=endpoint, conversation=conversation, created_at=self._clock())
 
     async def give_up_on(self, stored: StoredEvent) -> None:
         """An event whose handling raised unexpectedly (a bug, not a flow failure) is marked

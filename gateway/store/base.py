@@ -39,7 +39,10 @@ class Store(Protocol):
 
     # -- inbox -------------------------------------------------------------------------------
     async def add_inbound(self, endpoint: str, event: InboundEvent, arrival_at: float) -> StoredEvent | None:
-        """Commit an inbound event as pending; None when (endpoint, dedup_key) was seen before."""
+        """Commit an inbound event as pending; None when (endpoint, dedup_key) was seen before.
+
+        A store may also read the conversation's contact as of that commit and hand it over
+        (``StoredEvent.contact_known``): the message turn then does not read it again."""
 
     async def pending_inbound(self) -> list[StoredEvent]:
         """Events committed but not yet handled, in arrival order (id order)."""

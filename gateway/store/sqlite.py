@@ -26,7 +26,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import aiosqlite
 
 from gateway.errors import StoreError
-from gateway.models import Change, Contact, InboundEvent, OutboundMessage, Session, StoredEvent
+from gateway.models import Change, Contact, InboundEvent, OutboundMessage, Session, StoredEvent, contact_id_of
 from gateway.store import sqlite_rows as rows
 from gateway.store.base import SessionQuery
 from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
@@ -139,9 +139,14 @@ class SqliteStore:
 
     async def add_inbound(self, endpoint: str, event: InboundEvent, arrival_at: float) -> StoredEvent | None:
         """Commit ``event`` as pending; None when (endpoint, dedup_key) was seen before (a redelivery)."""
-        work = InboundRow(endpoint, event.dedup_key, rows.event_to_json(event), arrival_at)
-        event_id: int | None = await self._submit(work)
-        return None if event_id is None else StoredEvent(event_id, endpoint, arrival_at, event)
+        contact_id = contact_id_of(endpoint, event.conversation)
+        work = InboundRow(endpoint, event.dedup_key, rows.event_to_json(event), arrival_at, contact_id)
+        added: tuple[int, Contact | None] | None = await self._submit(work)
+        if added is None:
+            return None
+        # The contact as of this commit: the message turn need not read it (StoredEvent).
+        event_id, contact = added
+        return StoredEvent(event_id, endpoint, arrival_at, event, contact=contact, contact_known=True)
 
     async def commit(self, change: Change) -> None:
         """Apply ``change`` atomically, group-committed with concurrent writes.
