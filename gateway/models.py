@@ -147,6 +147,9 @@ class StoredEvent:
     With several instances (Redis) ``seq`` numbers the conversation's events in acceptance
     order (0 where the store does not number them) and ``owner`` names the instance that
     handles the conversation when that is another one (None: this instance).
+    ``contact_known``: the store also read the conversation's contact as of that commit
+    (``contact``, None when there is none), so the message turn need not read it again; the
+    session manager keeps it only when nothing can change the contact before the turn.
     """
 
     id: int
@@ -155,6 +158,9 @@ class StoredEvent:
     event: InboundEvent
     seq: int = 0
     owner: str | None = None
+    # Not part of the event: left out of comparisons and repr.
+    contact: Contact | None = field(default=None, compare=False, repr=False)
+    contact_known: bool = field(default=False, compare=False, repr=False)
 
 
 @dataclass(slots=True)

@@ -350,6 +350,27 @@ async def test_duplicate_events_in_one_batch(store: Store) -> None:
     assert len(await store.pending_inbound()) == 1
 
 
+async def test_an_added_event_carries_its_contact_as_of_the_commit(sqlite_store: SqliteStore) -> None:
+    store = sqlite_store  # SQLite reads the contact in the inbox commit; other stores may not
+    known = Contact(id="web:c1", endpoint="web", conversation="c1", created_at=T0, auth_profiles={"crm": {"t": 1}})
+    await store.commit(Change(contacts=[known]))
+    changed = dataclasses.replace(known, auth_profiles={})
+    # Queued together: the contact change before the second event is in what that event sees.
+    first, _, second, stranger = await asyncio.gather(
+        store.add_inbound("web", make_event("e1"), T0),
+        store.commit(Change(contacts=[changed])),
+        store.add_inbound("web", make_event("e2"), T0),
+        store.add_inbound("web", make_event("e3", conversation="c2"), T0),
+    )
+    assert first is not None and second is not None and stranger is not None
+    assert first.contact_known and second.contact_known and stranger.contact_known
+    assert first.contact == second.contact == changed  # as the batch commits, whatever the order
+    assert first.contact is not second.contact  # one object per event: turns change them
+    assert stranger.contact is None  # nobody there yet
+    # Events read back at a restart carry none: the turn reads the contact itself.
+    assert all(not stored.contact_known for stored in await store.pending_inbound())
+
+
 async def test_one_open_session_per_conversation(store: Store) -> None:
     first = make_session(1, conversation="shared")
     second = make_session(2, conversation="shared")

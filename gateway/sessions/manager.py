@@ -274,6 +274,10 @@ class SessionManager:
         ):
             # Move the deadline at acceptance (lazy re-arm: the handle re-arms when it fires).
             session.expires_at = max(session.expires_at, policy.deadline(stored.arrival_at) or 0.0)
+        if stored.contact_known and not self._scheduler.runs_next(slot):
+            # The contact read with the inbox commit holds only if no other item of the
+            # conversation (a turn, a close) can change it before this event's turn.
+            stored.contact, stored.contact_known = None, False
         self._scheduler.push(slot, stored)
 
     async def _handle(self, slot: Conversation, item: WorkItem) -> None:

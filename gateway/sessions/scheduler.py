@@ -138,6 +138,11 @@ class ConversationScheduler:
         return [slot for by_conversation in self._conversations.values() for slot in by_conversation.values()]
 
     @staticmethod
+    def runs_next(slot: Conversation) -> bool:
+        """An item pushed now is the conversation's next one: nothing is queued or in hand."""
+        return slot.state == SlotState.IDLE and not slot.queue
+
+    @staticmethod
     def is_held(slot: Conversation) -> bool:
         """Held by the batch closer (its session is being closed)."""
         return slot.state == SlotState.CLOSING

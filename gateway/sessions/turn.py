@@ -88,7 +88,11 @@ class MessageTurn:
         if policy is None:  # endpoint removed while the event waited: nothing to answer with
             await self._store.commit(change)
             return
-        contact = await self._contact(stored.endpoint, event.conversation)
+        if stored.contact_known:  # read with the inbox commit, nothing could change it since
+            contact = stored.contact or self._new_contact(stored.endpoint, event.conversation)
+            stored.contact, stored.contact_known = None, False
+        else:
+            contact = await self._contact(stored.endpoint, event.conversation)
         now = self._clock()
         if event.kind is EventKind.REFRESH:
             await self._refresh(slot, change, contact, policy, now)
@@ -237,11 +241,12 @@ class MessageTurn:
             self._metrics.observe("gateway_flow_seconds", time.perf_counter() - started, session.endpoint)
 
     async def _contact(self, endpoint: str, conversation: str) -> Contact:
+        contact = await self._store.get_contact(contact_id_of(endpoint, conversation))
+        return contact if contact is not None else self._new_contact(endpoint, conversation)
+
+    def _new_contact(self, endpoint: str, conversation: str) -> Contact:
         contact_id = contact_id_of(endpoint, conversation)
-        contact = await self._store.get_contact(contact_id)
-        if contact is None:
-            contact = Contact(id=contact_id, endpoint=endpoint, conversation=conversation, created_at=self._clock())
-        return contact
+        return Contact(id=contact_id, endpoint=endpoint, conversation=conversation, created_at=self._clock())
 
     async def give_up_on(self, stored: StoredEvent) -> None:
         """An event whose handling raised unexpectedly (a bug, not a flow failure) is marked

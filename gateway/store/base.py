@@ -58,6 +58,9 @@ class Store(Protocol):
         user interaction arriving before its deadline. A store shared by several instances moves
         it in the same step (the owner may be another instance); a single-process store may
         ignore it (the session manager moves it in memory).
+
+        A store may also read the conversation's contact as of that commit and hand it over
+        (``StoredEvent.contact_known``): the message turn then does not read it again.
         """
 
     async def pending_inbound(self) -> list[StoredEvent]:

@@ -163,9 +163,14 @@ class SqliteStore:
         ``extends_to`` is not stored: one process, so the session manager moves the deadline in
         memory at acceptance and commits it with the turn.
         """
-        work = InboundRow(endpoint, event.dedup_key, rows.event_to_json(event), arrival_at)
-        event_id: int | None = await self._submit(work)
-        return None if event_id is None else StoredEvent(event_id, endpoint, arrival_at, event)
+        contact_id = contact_id_of(endpoint, event.conversation)
+        work = InboundRow(endpoint, event.dedup_key, rows.event_to_json(event), arrival_at, contact_id)
+        added: tuple[int, Contact | None] | None = await self._submit(work)
+        if added is None:
+            return None
+        # The contact as of this commit: the message turn need not read it (StoredEvent).
+        event_id, contact = added
+        return StoredEvent(event_id, endpoint, arrival_at, event, contact=contact, contact_known=True)
 
     async def commit(self, change: Change) -> None:
         """Apply ``change`` atomically, group-committed with concurrent writes.

@@ -418,10 +418,12 @@ def select_outbox(conn: sqlite3.Connection, tail: str, params: Sequence[Any]) ->
     return [row_to_outbound(r) for r in conn.execute(sql, params)]
 
 
+SELECT_CONTACTS = f"SELECT {_names(CONTACT_COLUMNS)} FROM contacts WHERE id IN (SELECT value FROM json_each(?))"
+
+
 def select_contacts(conn: sqlite3.Connection, contact_ids: Sequence[str]) -> dict[str, Contact]:
     """The contacts that exist among ``contact_ids``, by id, in one query."""
-    sql = f"SELECT {_names(CONTACT_COLUMNS)} FROM contacts WHERE id IN (SELECT value FROM json_each(?))"
-    return {row[0]: row_to_contact(row) for row in conn.execute(sql, (json.dumps(list(contact_ids)),))}
+    return {row[0]: row_to_contact(row) for row in conn.execute(SELECT_CONTACTS, (json.dumps(list(contact_ids)),))}
 
 
 def select_pending_inbound(conn: sqlite3.Connection) -> list[StoredEvent]:

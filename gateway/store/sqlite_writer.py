@@ -51,6 +51,7 @@ class InboundRow:
     dedup_key: str
     payload: str
     arrival_at: float
+    contact_id: str  # read back as the batch commits (StoredEvent.contact)
 
 
 @dataclass(slots=True, frozen=True)
@@ -110,6 +111,7 @@ def _apply_batch(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
     try:
         for segment in _segments(works):
             results += _apply_segment(conn, segment)
+        _read_contacts(conn, works, results)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -202,6 +204,19 @@ def _apply_merged(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
             conn.execute(f"PRAGMA user_version = {version}")  # dirties page 1: a real write
             results.append(None)
     return results
+
+
+def _read_contacts(conn: sqlite3.Connection, works: list[Work], results: list[Any]) -> None:
+    """Each new inbound event's result becomes ``(event id, its contact as the batch commits
+    it, or None)``: one query for the batch, one object per event (callers change them)."""
+    new = [i for i, work in enumerate(works) if isinstance(work, InboundRow) and isinstance(results[i], int)]
+    if not new:
+        return
+    wanted = json.dumps([cast(InboundRow, works[i]).contact_id for i in new])
+    found = {row[0]: row for row in conn.execute(rows.SELECT_CONTACTS, (wanted,))}
+    for i in new:
+        row = found.get(cast(InboundRow, works[i]).contact_id)
+        results[i] = (results[i], None if row is None else rows.row_to_contact(row))
 
 
 def _bulk(conn: sqlite3.Connection, sql: str, batch: list[Any]) -> None:
