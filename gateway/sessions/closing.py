@@ -122,6 +122,14 @@ class SessionCloser:
         notify = policy is not None and policy.on_close.notify
         await self._close_now(slot, session, reason=CloseReason.INACTIVITY, notify=notify)
 
+    def _still_due(self, slot: Conversation, session: Session) -> bool:
+        """After an await: a message that arrived before the deadline may have moved it
+        meanwhile (the manager moves it at arrival); then the session lives on, re-armed."""
+        if self._timers.is_due(session):
+            return True
+        self._book.arm(slot)
+        return False
+
     async def handle_close(self, slot: Conversation, item: CloseItem) -> None:
         session = slot.session
         if session is None or session.id != item.session_id:
@@ -143,6 +151,8 @@ class SessionCloser:
         """Close one session in its own commit (a close claim: nothing else of it changed since
         its last commit). False when the store refused the claim (several instances)."""
         contact = await self._store.get_contact(session.contact_id)
+        if reason is CloseReason.INACTIVITY and not self._still_due(slot, session):
+            return False
         change = Change()
         policy = self._policies.get(session.endpoint)
         now = self._clock()
@@ -193,6 +203,15 @@ class SessionCloser:
         # auth profiles are to be cleared; mass expiry of silent endpoints reads none.
         wanted = [slot.session.contact_id for slot in closing if slot.session and self._needs_contact(slot.session)]
         contacts = await self._store.get_contacts(wanted) if wanted else {}
+        if wanted:  # re-checked after the read: a message may have moved a deadline meanwhile
+            still = [slot for slot in closing if slot.session is not None and self._timers.is_due(slot.session)]
+            for slot in closing:
+                if slot not in still:
+                    self._scheduler.release(slot)
+                    self._book.arm(slot)
+            closing = still
+            if not closing:
+                return
         change = Change()
         now = self._clock()
         for slot in closing:

@@ -226,6 +226,8 @@ class SessionManager:
         arrival = self._clock() if arrival_at is None else arrival_at
         policy = self._policies.get(endpoint)
         extends_to = policy.deadline(arrival) if policy is not None and event.is_interaction else None
+        if extends_to is not None and self._ownership.owns_everything:
+            self._extend_at_arrival(endpoint, event.conversation, arrival, extends_to)
         admitted: list[StoredEvent] = []
         with self._scheduler.admitting(endpoint):
             stored = await self._store.add_inbound(endpoint, event, arrival, extends_to=extends_to)
@@ -252,6 +254,16 @@ class SessionManager:
         else:
             self.enqueue(admitted)
         return True
+
+    def _extend_at_arrival(self, endpoint: str, conversation: str, arrival: float, extends_to: float) -> None:
+        """A user message arrived before its session's deadline: the deadline moves now, before
+        the inbox commit, so a timer firing during that commit finds the session not due (the
+        close paths re-check after every await). Only in memory; the turn commits it. A
+        redelivery found in the inbox moves it too: the user did write, and it is one period."""
+        slot = self._scheduler.find(endpoint, conversation)
+        session = slot.session if slot is not None else None
+        if session is not None and session.is_open and session.expires_at is not None and session.expires_at > arrival:
+            session.expires_at = max(session.expires_at, extends_to)
 
     def enqueue(self, events: list[StoredEvent]) -> None:
         """Queue events of owned conversations, in order (the ownership layer's hand-over)."""
