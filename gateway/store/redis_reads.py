@@ -221,7 +221,7 @@ class RedisReads:
 
     async def history(self, endpoint: str, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
         """The conversation's user lines and sent messages from ``since`` on, oldest first, the
-        last ``limit`` (as ``sqlite_rows.select_history``: same time, user first)."""
+        last ``limit`` (as ``sqlite_conversation.select_history``: same time, user first)."""
         inbound, outbound = await self._conversation_rows(endpoint, conversation, codec.number(since), "+inf")
         keyed: list[tuple[float, int, int, TranscriptLine]] = []
         for event_id, raw in inbound:
@@ -240,7 +240,7 @@ class RedisReads:
         self, endpoint: str, conversation: str, since: float, until: float, limit: int
     ) -> list[TranscriptEntry]:
         """The conversation's messages in ``[since, until]``, oldest first, the newest ``limit``
-        (as ``sqlite_rows.select_transcript``)."""
+        (as ``sqlite_conversation.select_transcript``)."""
         inbound, outbound = await self._conversation_rows(
             endpoint, conversation, codec.number(since), codec.number(until)
         )

@@ -37,6 +37,7 @@ from gateway.models import (
     TranscriptLine,
     contact_id_of,
 )
+from gateway.store import sqlite_conversation as conversation_reads
 from gateway.store import sqlite_health as health
 from gateway.store import sqlite_rows as rows
 from gateway.store.base import SessionQuery
@@ -443,7 +444,7 @@ class SqliteStore:
 
     async def history(self, endpoint: str, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
         """The conversation's user lines and sent messages from ``since`` on (see ``Store``)."""
-        return await self._read(rows.select_history, endpoint, conversation, since, limit)
+        return await self._read(conversation_reads.select_history, endpoint, conversation, since, limit)
 
     async def conversation_secret(self, endpoint: str, conversation: str) -> str | None:
         """The secret hash of an issued conversation, or None."""
@@ -476,7 +477,7 @@ class SqliteStore:
         self, endpoint: str, conversation: str, since: float, until: float, limit: int
     ) -> list[TranscriptEntry]:
         """The conversation's messages in ``[since, until]``, oldest first (the newest ``limit``)."""
-        return await self._read(rows.select_transcript, endpoint, conversation, since, until, limit)
+        return await self._read(conversation_reads.select_transcript, endpoint, conversation, since, until, limit)
 
     async def pending_inbound(self) -> list[StoredEvent]:
         """Events committed but not yet handled, in arrival (id) order."""
