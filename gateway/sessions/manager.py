@@ -261,9 +261,8 @@ class SessionManager:
         close paths re-check after every await). Only in memory; the turn commits it. A
         redelivery found in the inbox moves it too: the user did write, and it is one period."""
         slot = self._scheduler.find(endpoint, conversation)
-        session = slot.session if slot is not None else None
-        if session is not None and session.is_open and session.expires_at is not None and session.expires_at > arrival:
-            session.expires_at = max(session.expires_at, extends_to)
+        if slot is not None:
+            _move_deadline(slot.session, arrival, extends_to)
 
     def enqueue(self, events: list[StoredEvent]) -> None:
         """Queue events of owned conversations, in order (the ownership layer's hand-over)."""
@@ -274,18 +273,10 @@ class SessionManager:
 
     def _enqueue(self, stored: StoredEvent) -> None:
         slot = self._scheduler.slot(stored.endpoint, stored.event.conversation)
-        session = slot.session
         policy = self._policies.get(stored.endpoint)
-        if (
-            stored.event.is_interaction
-            and session is not None
-            and policy is not None
-            and not self._scheduler.is_held(slot)
-            and session.expires_at is not None
-            and session.expires_at > stored.arrival_at
-        ):
+        if stored.event.is_interaction and policy is not None and not self._scheduler.is_held(slot):
             # Move the deadline at acceptance (lazy re-arm: the handle re-arms when it fires).
-            session.expires_at = max(session.expires_at, policy.deadline(stored.arrival_at) or 0.0)
+            _move_deadline(slot.session, stored.arrival_at, policy.deadline(stored.arrival_at))
         if stored.contact_known and not self._scheduler.runs_next(slot):
             # The contact read with the inbox commit holds only if no other item of the
             # conversation (a turn, a close) can change it before this event's turn.
@@ -455,3 +446,16 @@ class SessionManager:
 
     def policy(self, endpoint: str) -> EndpointPolicy | None:
         return self._policies.get(endpoint)
+
+
+def _move_deadline(session: Session | None, arrival: float, deadline: float | None) -> None:
+    """A user message that arrived before the open session's deadline moves it to ``deadline``
+    (never earlier; in memory: the message's turn commits it)."""
+    if (
+        session is not None
+        and session.is_open
+        and deadline is not None
+        and session.expires_at is not None
+        and session.expires_at > arrival
+    ):
+        session.expires_at = max(session.expires_at, deadline)

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -27,6 +27,8 @@ from gateway.store import redis_codec as codec
 from gateway.store.base import SessionQuery
 from gateway.store.redis_keys import Keys
 from gateway.store.sqlite_rows import decode_cursor, encode_cursor, event_from_json
+
+T = TypeVar("T")
 
 CHUNK = 1000  # ids per pipelined read
 _USER_KINDS = (EventKind.MESSAGE.value, EventKind.POSTBACK.value)
@@ -86,15 +88,18 @@ class RedisReads:
 
     # -- reads -----------------------------------------------------------------------------------
 
-    async def _sessions(self, ids: Sequence[str]) -> list[Session]:
-        found: list[Session] = []
-        for start in range(0, len(ids), CHUNK):
-            chunk = ids[start : start + CHUNK]
+    async def _hashes(self, keys: Sequence[str], decode: Callable[[Any], T]) -> list[T]:
+        """The hashes at ``keys`` that exist, decoded, ``CHUNK`` per pipelined round trip."""
+        found: list[T] = []
+        for start in range(0, len(keys), CHUNK):
             pipe = self.client.pipeline(transaction=False)
-            for session_id in chunk:
-                pipe.hgetall(self.keys.session(session_id))
-            found += [codec.session_from(raw) for raw in await self._call(pipe.execute()) if raw]
+            for key in keys[start : start + CHUNK]:
+                pipe.hgetall(key)
+            found += [decode(raw) for raw in await self._call(pipe.execute()) if raw]
         return found
+
+    async def _sessions(self, ids: Sequence[str]) -> list[Session]:
+        return await self._hashes([self.keys.session(session_id) for session_id in ids], codec.session_from)
 
     async def open_sessions(self) -> AsyncIterator[Session]:
         """Every open session, ``CHUNK`` at a time (in no particular order)."""
@@ -175,14 +180,7 @@ class RedisReads:
         return [(*group, n) for group, n in counts.items()]
 
     async def _outbound(self, ids: Sequence[str | int]) -> list[OutboundMessage]:
-        found: list[OutboundMessage] = []
-        for start in range(0, len(ids), CHUNK):
-            chunk = ids[start : start + CHUNK]
-            pipe = self.client.pipeline(transaction=False)
-            for message_id in chunk:
-                pipe.hgetall(self.keys.outbound(message_id))
-            found += [codec.outbound_from(raw) for raw in await self._call(pipe.execute()) if raw]
-        return found
+        return await self._hashes([self.keys.outbound(message_id) for message_id in ids], codec.outbound_from)
 
     async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:
         """Messages still to send, in id order; none of ``skip_channels``."""
