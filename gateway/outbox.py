@@ -466,8 +466,11 @@ class Outbox(OutboxSink):
         delay_s = _RECORD_RETRY_S
         while True:
             try:
-                # Shielded: a shutdown must not lose the record of a message the platform accepted.
-                await asyncio.shield(write())
+                # A shutdown must not lose the record of a message the platform accepted. A
+                # store that queued the write already hands back a future (SqliteStore): it is
+                # applied even if this task is cancelled, and a shield would cost a task per send.
+                pending = write()
+                await (pending if isinstance(pending, asyncio.Future) else asyncio.shield(pending))
                 return
             except Exception:
                 log.exception("cannot record a delivery outcome; trying again in %.1f s", delay_s)

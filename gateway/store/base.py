@@ -8,7 +8,7 @@ an inbound event (with its dedup key) durably before the webhook is answered.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,10 +67,13 @@ class Store(Protocol):
         """Events committed but not yet handled, in arrival order (id order)."""
 
     # -- writes ------------------------------------------------------------------------------
-    async def commit(self, change: Change) -> None:
+    def commit(self, change: Change) -> Awaitable[None]:
         """Apply ``change`` atomically. Assigns ``id`` to each new outbox message; an outbox
         message whose ``key`` exists already is not inserted again (its ``id`` is set to the
-        existing row's)."""
+        existing row's).
+
+        A coroutine, or an ``asyncio.Future`` when the write is queued before this returns and
+        applied whether or not anyone awaits it (then callers need not shield it)."""
 
     # -- sessions and contacts ---------------------------------------------------------------
     def open_sessions(self) -> AsyncIterator[Session]:

@@ -18,7 +18,7 @@ import asyncio
 import copy
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from enum import Enum
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -173,13 +173,16 @@ class SqliteStore:
         event_id, contact = added
         return StoredEvent(event_id, endpoint, arrival_at, event, contact=contact, contact_known=True)
 
-    async def commit(self, change: Change) -> None:
+    def commit(self, change: Change) -> Awaitable[None]:
         """Apply ``change`` atomically, group-committed with concurrent writes.
 
         The change is captured when called (later edits to its objects are not written) and is
-        applied even if the caller stops waiting. New outbox messages get their ``id`` (for an
-        existing key, the existing row's). A closed session is final: an open copy of it is
-        ignored. Raises ``StoreError`` when this change fails; other writes are unaffected.
+        queued before this returns: what it returns is the writer's future, not a coroutine, so
+        the write is applied even if nobody awaits it, and a caller that must not lose it needs
+        no ``asyncio.shield`` task of its own (``Outbox._record``). New outbox messages get their
+        ``id`` (for an existing key, the existing row's). A closed session is final: an open copy
+        of it is ignored. Raises ``StoreError`` when this change fails; other writes are
+        unaffected.
         """
         try:
             work = ChangeRows(
@@ -193,7 +196,7 @@ class SqliteStore:
             )
         except (TypeError, ValueError) as exc:
             raise StoreError(f"cannot store change: {exc}") from exc
-        await self._submit(work, change)
+        return self._submit(work, change)
 
     async def record_parts_sent(self, message_id: int, parts_sent: int) -> None:
         """Set ``parts_sent`` of outbox message ``message_id`` and nothing else, group-committed.

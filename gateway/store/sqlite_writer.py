@@ -330,5 +330,6 @@ class GroupCommitWriter:
                 if op.change is not None:  # committed even if the caller stopped waiting
                     for message, message_id in zip(op.change.outbox, result, strict=True):
                         message.id = message_id
+                    result = None  # a commit's caller awaits None (Store.commit)
                 if not op.future.done():
                     op.future.set_result(result)
