@@ -132,10 +132,10 @@ def write_events(path: Path, tag: str, count: int, start: int = 0) -> None:
             out.write(timestamp + b"\tv0=" + signature.encode() + b"\t" + body + b"\n")
 
 
-async def warm_up(url: str, events: Path) -> None:
-    """Send the warm-up events (a few hundred, 32 at a time) before the measured run."""
+async def warm_up(url: str, events: Path, in_flight: int = 32) -> None:
+    """Send the warm-up events (a few hundred, ``in_flight`` at a time) before the measured run."""
     lines = events.read_bytes().splitlines()
-    semaphore = asyncio.Semaphore(32)
+    semaphore = asyncio.Semaphore(in_flight)
     async with aiohttp.ClientSession() as http:
 
         async def post(line: bytes) -> None:
@@ -218,7 +218,10 @@ def export_tree(ref: str, workdir: Path) -> Path:
     return tree
 
 
-def start_server(kind: str, port: int, api: str, directory: Path, before: Path | None) -> subprocess.Popen[bytes]:
+def start_server(
+    kind: str, port: int, api: str, directory: Path, before: Path | None, wrapper: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """The server ``kind`` in its own process (``wrapper``: a command it runs under, e.g. valgrind)."""
     log = open(directory / f"{kind}.log", "wb")  # the child writes it
     cwd = ROOT
     if kind in ("gateway", "before"):
@@ -232,13 +235,13 @@ def start_server(kind: str, port: int, api: str, directory: Path, before: Path |
     else:
         command = [sys.executable, str(BENCH / "ingest_servers.py"), kind, "--port", str(port), "--api", api]
         command += ["--secret", SECRET]
-    return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen([*wrapper, *command], cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
-async def wait_ready(kind: str, port: int, process: subprocess.Popen[bytes]) -> None:
+async def wait_ready(kind: str, port: int, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
     gateway = kind in ("gateway", "before")
     url = f"http://127.0.0.1:{port}" + ("/healthz" if gateway else PATH)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
             if process.poll() is not None:
