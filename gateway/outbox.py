@@ -337,9 +337,10 @@ class Outbox(OutboxSink):
         try:
             if adapter is None:
                 raise DeliveryError(f"endpoint {message.endpoint} is not configured", retryable=False)
-            throttled_s = await self._limiter.acquire(message.endpoint, message.conversation)
-            if throttled_s > 0:
-                self._metrics.inc("gateway_outbox_throttled_seconds_total", throttled_s, endpoint=message.endpoint)
+            if not self._limiter.try_acquire(message.endpoint, message.conversation):
+                throttled_s = await self._limiter.acquire(message.endpoint, message.conversation)
+                if throttled_s > 0:
+                    self._metrics.inc("gateway_outbox_throttled_seconds_total", throttled_s, endpoint=message.endpoint)
             if self._closing:
                 return True  # stays pending in the store for the next start
             lane.sending = True

@@ -131,6 +131,29 @@ class RateLimiter:
         """Per-conversation buckets held now (idle ones are dropped)."""
         return len(self._conversations)
 
+    def try_acquire(self, endpoint: str, conversation: str) -> bool:
+        """Count a send of ``conversation`` now if it may go without waiting; False (nothing
+        taken) when it must wait, then ``acquire`` does. The usual case, without a coroutine."""
+        limits = self._limits.get(endpoint)
+        if limits is None:
+            return True
+        now = self._clock()
+        endpoint_bucket = self._endpoints.get(endpoint)
+        # A bucket below one token has callers waiting for it (reservations): join them.
+        if endpoint_bucket is not None and endpoint_bucket.wait_s(now) > 0:
+            return False
+        rate_per_s = limits.per_conversation_per_second
+        if rate_per_s is not None:
+            bucket = self._conversation_bucket((endpoint, limits.scope(conversation)), rate_per_s)
+            if bucket.wait_s(now) > 0:
+                return False
+            bucket.take(now)
+        if endpoint_bucket is not None:
+            endpoint_bucket.take(now)
+        if rate_per_s is not None:
+            self._sweep(now)
+        return True
+
     async def acquire(self, endpoint: str, conversation: str) -> float:
         """Wait until ``conversation`` of ``endpoint`` may send once more, and count the send.
 

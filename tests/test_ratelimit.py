@@ -65,10 +65,12 @@ def limiter(vt: VirtualTime, **limits: Limits) -> RateLimiter:
 
 
 async def send_times(vt: VirtualTime, rl: RateLimiter, endpoint: str, conversation: str, count: int) -> list[float]:
-    """The virtual times at which ``count`` successive sends of one lane are allowed."""
+    """The virtual times at which ``count`` successive sends of one lane are allowed, asked as
+    the outbox asks: ``try_acquire`` first, ``acquire`` only when that says wait."""
     times = []
     for _ in range(count):
-        await rl.acquire(endpoint, conversation)
+        if not rl.try_acquire(endpoint, conversation):
+            await rl.acquire(endpoint, conversation)
         times.append(vt.now)
     return times
 
@@ -189,6 +191,19 @@ async def test_a_conversation_waiting_for_its_own_token_reserves_no_endpoint_tok
     a, b = await vt.run(send_times(vt, rl, "e", "A", 2), send_times(vt, rl, "e", "B", 1))
     assert b == [1001.0]  # the endpoint's next token after A's first send
     assert a == [1000.0, 1002.0]
+
+
+async def test_try_acquire_takes_nothing_when_it_says_wait() -> None:
+    vt = VirtualTime()
+    rl = limiter(vt, e=Limits(per_second=1.0, per_conversation_per_second=0.5))
+    assert rl.try_acquire("e", "A")
+    assert not rl.try_acquire("e", "A")  # A's own bucket is empty
+    assert not rl.try_acquire("e", "B")  # the endpoint's one token went to A
+    vt.now += 1.0
+    assert rl.try_acquire("e", "B")  # B's refused try took no token from B or the endpoint
+    assert not rl.try_acquire("e", "A")
+    vt.now += 1.0
+    assert rl.try_acquire("e", "A")  # 2 s after its first send
 
 
 async def test_acquire_reports_the_seconds_waited() -> None:
