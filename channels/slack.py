@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +41,7 @@ from enum import StrEnum
 from typing import Any
 
 import aiohttp
+import orjson
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetryHandler
 from slack_sdk.signature import Clock, SignatureVerifier
@@ -233,7 +233,7 @@ class SlackAdapter:
         """
         self._verify_signature(request)
         try:
-            payload = json.loads(request.body)
+            payload = orjson.loads(request.body)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise BadPayload("body is not JSON") from exc
         if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
@@ -316,7 +316,7 @@ class SlackAdapter:
         fields = {"channel": channel, "text": text}
         if thread_ts is not None:
             fields["thread_ts"] = thread_ts
-        body = json.dumps(fields, separators=(",", ":")).encode()
+        body = orjson.dumps(fields)
         # aiohttp's own per-request timeout: the session times every request anyway, so a
         # second timer (asyncio.timeout) would only add to the heap and to the cost.
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -404,7 +404,7 @@ def _answer_error(status: int, headers: Mapping[str, str], raw: bytes) -> Delive
     """None for a 200 whose JSON says ``ok``; else the error, judged as slack-sdk did: a body
     that is not a JSON object carries no error code, so only its status tells."""
     try:
-        data = json.loads(raw) if raw else None
+        data = orjson.loads(raw) if raw else None
     except ValueError:  # UnicodeDecodeError is a ValueError
         data = None
     if not isinstance(data, dict):
