@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -233,7 +234,7 @@ class SlackAdapter:
         """
         self._verify_signature(request)
         try:
-            payload = orjson.loads(request.body)
+            payload = _loads(request.body)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise BadPayload("body is not JSON") from exc
         if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
@@ -342,6 +343,15 @@ class SlackAdapter:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _loads(body: bytes) -> Any:
+    """The JSON of a signed body. orjson first (the hot path); what it refuses that is still
+    JSON to the standard library (a number beyond a double, 1e400) is read as before."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
