@@ -191,7 +191,8 @@ def read_in_time(read_timeout_s: float) -> Middleware:
         if guarded is not None:
             guarded.head_received()
         try:
-            if request.body_exists:
+            # A body that came whole with its head (most webhooks) needs no timer.
+            if request.body_exists and not request.content.is_eof():
                 try:
                     async with asyncio.timeout(read_timeout_s):
                         await request.read()  # kept by aiohttp: handlers read it again for free
