@@ -444,6 +444,8 @@ class Outbox(OutboxSink):
         self._metrics.inc("gateway_messages_out_total", endpoint=message.endpoint, outcome=state.value)
         # Per-message lines are DEBUG (DESIGN.md, logging); a dead letter is an operator's business.
         level = logging.WARNING if state is OutboxState.DEAD else logging.DEBUG
+        if not log.isEnabledFor(level):  # log_context costs a dict per call
+            return
         log.log(
             level,
             "message out %s: endpoint=%s conversation=%s kind=%s id=%d%s",

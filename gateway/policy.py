@@ -28,6 +28,14 @@ class EndpointPolicy:
     mode: SessionMode
     on_close: OnCloseSettings
     discard: DiscardSettings = field(default_factory=DiscardSettings)
+    # The discard words as a user's text is compared with them (casefolded), once per policy
+    # rather than once per message (session_rules.discard_command).
+    discard_words: frozenset[str] = field(init=False, compare=False, repr=False)
+    discard_all_words: frozenset[str] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "discard_words", frozenset(w.casefold() for w in self.discard.words))
+        object.__setattr__(self, "discard_all_words", frozenset(w.casefold() for w in self.discard.all_words))
 
     @property
     def expiration_s(self) -> float | None:

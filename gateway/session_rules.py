@@ -104,9 +104,9 @@ def discard_command(text: str | None, policy: EndpointPolicy) -> str | None:
     if not text:
         return None
     said = " ".join(text.split()).casefold()
-    if said in (w.casefold() for w in policy.discard.all_words):
+    if said in policy.discard_all_words:
         return "discard all"
-    if said in (w.casefold() for w in policy.discard.words):
+    if said in policy.discard_words:
         return "discard"
     return None
 

@@ -8,7 +8,7 @@ open count, its timer, metrics, listeners), then the committed messages go to th
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 from collections.abc import Callable, Iterable
 
 from gateway.logs import log_context
@@ -90,14 +90,15 @@ class SessionBook:
             self.after_close(slot, session)
         if opened is not None and opened.is_open:
             self._after_open(slot, opened)
-        for message in change.outbox:
-            log.debug(
-                "message out queued: endpoint=%s conversation=%s kind=%s",
-                message.endpoint,
-                message.conversation,
-                message.kind,
-                extra=log_context(message.endpoint, message.conversation, message.session_id),
-            )
+        if log.isEnabledFor(logging.DEBUG):  # log_context costs a dict per call
+            for message in change.outbox:
+                log.debug(
+                    "message out queued: endpoint=%s conversation=%s kind=%s",
+                    message.endpoint,
+                    message.conversation,
+                    message.kind,
+                    extra=log_context(message.endpoint, message.conversation, message.session_id),
+                )
         self._outbox.submit(change.outbox)
 
     def submit(self, messages: list[OutboundMessage]) -> None:
@@ -108,15 +109,16 @@ class SessionBook:
         slot.session = session
         self.open_count += 1
         self._metrics.inc("gateway_sessions_opened_total", endpoint=session.endpoint)
-        log.debug(
-            "session opened: %s endpoint=%s conversation=%s interactive=%s developer=%s",
-            session.id,
-            session.endpoint,
-            session.conversation,
-            session.interactive,
-            session.developer,
-            extra=log_context(session.endpoint, session.conversation, session.id),
-        )
+        if log.isEnabledFor(logging.DEBUG):  # log_context costs a dict per call
+            log.debug(
+                "session opened: %s endpoint=%s conversation=%s interactive=%s developer=%s",
+                session.id,
+                session.endpoint,
+                session.conversation,
+                session.interactive,
+                session.developer,
+                extra=log_context(session.endpoint, session.conversation, session.id),
+            )
         self.arm(slot)
         self.notify(session)
 
@@ -157,7 +159,7 @@ class SessionBook:
 
     def new_session(self, policy: EndpointPolicy, conversation: str, at: float, *, interactive: bool) -> Session:
         return Session(
-            id=uuid.uuid4().hex,
+            id=os.urandom(16).hex(),  # 128 random bits, as uuid4().hex has 122, without a UUID object
             endpoint=policy.endpoint,
             channel=policy.channel,
             conversation=conversation,

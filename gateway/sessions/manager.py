@@ -238,15 +238,16 @@ class SessionManager:
             self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="duplicate")
             return False
         self._metrics.inc("gateway_events_total", endpoint=endpoint, outcome="accepted")
-        log.debug(
-            "event in: endpoint=%s conversation=%s kind=%s id=%s%s",
-            endpoint,
-            event.conversation,
-            event.kind,
-            stored.id,
-            "" if stored.owner is None else f" (to instance {stored.owner})",
-            extra=log_context(endpoint, event.conversation),
-        )
+        if log.isEnabledFor(logging.DEBUG):  # log_context costs a dict per call
+            log.debug(
+                "event in: endpoint=%s conversation=%s kind=%s id=%s%s",
+                endpoint,
+                event.conversation,
+                event.kind,
+                stored.id,
+                "" if stored.owner is None else f" (to instance {stored.owner})",
+                extra=log_context(endpoint, event.conversation),
+            )
         if stored.owner is not None:
             return True  # another instance owns the conversation: the store woke it
         if self._ownership.owns_everything:
