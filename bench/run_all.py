@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/run_all.py [--rounds 3] [--quick] [--out DIR]
 
-- B1: ``bench/ingest.py`` (wrk against bare aiohttp, the relay, slack-bolt and the gateway);
+- B1: ``bench/ingest.py`` (wrk against bare aiohttp, the relay, slack-bolt and the gateway), and
+  once ``bench/instructions.py`` (instructions per message of the relay and the gateway under
+  callgrind: the B1 cost in a figure the machine's load does not move);
 - B2-B5: ``bench/sessions.py`` (1,000,000 sessions; ``--quick``: 200,000 with 20,000 due);
 - B6: ``bench/delivery.py`` (500 webhooks/s through the gateway and a bare baseline).
 
@@ -43,6 +45,7 @@ FIGURES = (
     "B3 ",
     "webhook",
     "replies",
+    "before",
 )
 
 
@@ -79,7 +82,7 @@ def main() -> int:
     python = sys.executable
     sessions = ["--sessions", "200000", "--due", "20000"] if args.quick else []
     ingest = ["--seconds", "5"] if args.quick else []
-    failed = 0
+    failed = run("B1-instructions", [python, str(BENCH / "instructions.py")], out) != 0
     for number in range(1, args.rounds + 1):
         failed += run(f"B1-ingest-{number}", [python, str(BENCH / "ingest.py"), *ingest], out) != 0
         failed += run(f"B2-B5-sessions-{number}", [python, str(BENCH / "sessions.py"), *sessions], out) != 0
