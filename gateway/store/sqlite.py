@@ -40,7 +40,7 @@ from gateway.models import (
 from gateway.store import sqlite_conversation as conversation_reads
 from gateway.store import sqlite_health as health
 from gateway.store import sqlite_rows as rows
-from gateway.store.base import SessionQuery
+from gateway.store.base import SessionQuery, decode_cursor, encode_cursor
 from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
 from gateway.store.sqlite_writer import (
     AddSecret,
@@ -344,7 +344,7 @@ class SqliteStore:
             params.append(query.endpoint)
         if query.cursor is not None:
             clauses.append("(started_at, id) < (?, ?)")
-            params.extend(rows.decode_cursor(query.cursor))
+            params.extend(decode_cursor(query.cursor))
         limit = max(1, query.limit)
         where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
         page = await self._read(
@@ -352,7 +352,7 @@ class SqliteStore:
         )
         if len(page) <= limit:
             return page, None
-        return page[:limit], rows.encode_cursor(page[limit - 1])
+        return page[:limit], encode_cursor(page[limit - 1])
 
     async def get_contact(self, contact_id: str) -> Contact | None:
         """The contact with this id, or None.

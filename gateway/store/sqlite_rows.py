@@ -8,8 +8,6 @@ the reader's thread, inside the ``select_*`` functions.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import sqlite3
 import sys
@@ -438,17 +436,3 @@ def select_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> lis
 def select_overrides(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     """scope -> runtime settings."""
     return {scope: json.loads(value) for scope, value in conn.execute("SELECT scope, value FROM overrides")}
-
-
-def encode_cursor(session: Session) -> str:
-    """The opaque ``list_sessions`` cursor after ``session`` (its sort key, base64 JSON)."""
-    return base64.urlsafe_b64encode(json.dumps([session.started_at, session.id]).encode()).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    """The sort key in a cursor; ValueError for anything ``encode_cursor`` did not produce."""
-    try:
-        started_at, session_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return float(started_at), str(session_id)
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise ValueError(f"invalid cursor {cursor!r}") from exc
