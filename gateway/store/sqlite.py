@@ -38,7 +38,9 @@ from gateway.models import (
     contact_id_of,
 )
 from gateway.store import sqlite_conversation as conversation_reads
+from gateway.store import sqlite_deletes as deletes
 from gateway.store import sqlite_health as health
+from gateway.store import sqlite_reads as reads
 from gateway.store import sqlite_rows as rows
 from gateway.store.base import SessionQuery, decode_cursor, encode_cursor
 from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
@@ -282,15 +284,15 @@ class SqliteStore:
         again, so a row that changed meanwhile stays."""
         total = 0
         for select, delete, cutoff in (
-            (rows.OLD_CLOSED_SESSIONS, rows.DELETE_CLOSED_SESSIONS, closed_sessions_before),
-            (rows.IDLE_CONTACTS, rows.DELETE_IDLE_CONTACTS, closed_sessions_before),
-            (rows.OLD_DONE_OUTBOX, rows.DELETE_DONE_OUTBOX, messages_before),
+            (deletes.OLD_CLOSED_SESSIONS, deletes.DELETE_CLOSED_SESSIONS, closed_sessions_before),
+            (deletes.IDLE_CONTACTS, deletes.DELETE_IDLE_CONTACTS, closed_sessions_before),
+            (deletes.OLD_DONE_OUTBOX, deletes.DELETE_DONE_OUTBOX, messages_before),
         ):
             after = ""  # contacts are paged by id; deleted sessions and messages leave the scan by themselves
-            while ids := await self._read(rows.select_ids, select, (cutoff, after, DELETE_CHUNK)):
+            while ids := await self._read(reads.select_ids, select, (cutoff, after, DELETE_CHUNK)):
                 deleted: int = await self._submit(Exec(((delete, (json.dumps(ids), cutoff)),)))
                 total += deleted
-                if len(ids) < DELETE_CHUNK or (deleted == 0 and select != rows.IDLE_CONTACTS):
+                if len(ids) < DELETE_CHUNK or (deleted == 0 and select != deletes.IDLE_CONTACTS):
                     break  # the last chunk, or rows that changed under us: the next run sees them
                 after = str(ids[-1])
         return total
@@ -307,13 +309,13 @@ class SqliteStore:
         through the partial index of open sessions."""
         first = "WHERE state = 'open' ORDER BY endpoint, conversation LIMIT ?"
         after = "WHERE state = 'open' AND (endpoint, conversation) > (?, ?) ORDER BY endpoint, conversation LIMIT ?"
-        chunk = await self._read(rows.select_sessions, first, [READ_CHUNK])
+        chunk = await self._read(reads.select_sessions, first, [READ_CHUNK])
         while chunk:
             # The next chunk is read while the caller takes this one (restore overlaps the two).
             ahead = None
             if len(chunk) == READ_CHUNK:
                 params = [chunk[-1].endpoint, chunk[-1].conversation, READ_CHUNK]
-                ahead = asyncio.ensure_future(self._read(rows.select_sessions, after, params))
+                ahead = asyncio.ensure_future(self._read(reads.select_sessions, after, params))
             try:
                 for session in chunk:
                     yield session
@@ -326,7 +328,7 @@ class SqliteStore:
 
     async def get_session(self, session_id: str) -> Session | None:
         """The session with this id, or None."""
-        found = await self._read(rows.select_sessions, "WHERE id = ?", [session_id])
+        found = await self._read(reads.select_sessions, "WHERE id = ?", [session_id])
         return found[0] if found else None
 
     async def list_sessions(self, query: SessionQuery) -> tuple[list[Session], str | None]:
@@ -348,7 +350,7 @@ class SqliteStore:
         limit = max(1, query.limit)
         where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
         page = await self._read(
-            rows.select_sessions, f"{where}ORDER BY started_at DESC, id DESC LIMIT ?", [*params, limit + 1]
+            reads.select_sessions, f"{where}ORDER BY started_at DESC, id DESC LIMIT ?", [*params, limit + 1]
         )
         if len(page) <= limit:
             return page, None
@@ -377,7 +379,7 @@ class SqliteStore:
 
     async def _read_contacts(self, waiting: list[tuple[str, asyncio.Future[Contact | None]]]) -> None:
         try:
-            found = await self._read(rows.select_contacts, list({contact_id for contact_id, _ in waiting}))
+            found = await self._read(reads.select_contacts, list({contact_id for contact_id, _ in waiting}))
         except Exception as exc:
             for _, future in waiting:
                 if not future.done():  # each caller its own exception instance
@@ -397,12 +399,12 @@ class SqliteStore:
 
     async def get_contacts(self, contact_ids: list[str]) -> dict[str, Contact]:
         """The contacts that exist among ``contact_ids``, by id, in one read."""
-        return await self._read(rows.select_contacts, contact_ids) if contact_ids else {}
+        return await self._read(reads.select_contacts, contact_ids) if contact_ids else {}
 
     async def contact_sessions(self, contact_id: str) -> list[Session]:
         """The contact's sessions (its conversation history, S6), newest first."""
         return await self._read(
-            rows.select_sessions, "WHERE contact_id = ? ORDER BY started_at DESC, id DESC", [contact_id]
+            reads.select_sessions, "WHERE contact_id = ? ORDER BY started_at DESC, id DESC", [contact_id]
         )
 
     async def session_analytics(
@@ -432,7 +434,7 @@ class SqliteStore:
     async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:
         """Messages still to send, in id order, except those of ``skip_channels``."""
         return await self._read(
-            rows.select_outbox,
+            reads.select_outbox,
             "WHERE state = 'pending' AND channel NOT IN (SELECT value FROM json_each(?)) ORDER BY id",
             [json.dumps(sorted(skip_channels))],
         )
@@ -440,7 +442,7 @@ class SqliteStore:
     async def pending_outbox_of(self, endpoint: str, conversation: str) -> list[OutboundMessage]:
         """One conversation's messages still to send, in id order (index outbox_by_conversation)."""
         return await self._read(
-            rows.select_outbox,
+            reads.select_outbox,
             "WHERE endpoint = ? AND conversation = ? AND state = 'pending' ORDER BY id",
             [endpoint, conversation],
         )
@@ -461,11 +463,11 @@ class SqliteStore:
 
     async def dead_letters(self, limit: int = 100) -> list[OutboundMessage]:
         """Messages given up on, newest first."""
-        return await self._read(rows.select_outbox, "WHERE state = 'dead' ORDER BY id DESC LIMIT ?", [limit])
+        return await self._read(reads.select_outbox, "WHERE state = 'dead' ORDER BY id DESC LIMIT ?", [limit])
 
     async def get_outbound(self, message_id: int) -> OutboundMessage | None:
         """The outbox message with this id, or None."""
-        found = await self._read(rows.select_outbox, "WHERE id = ?", [message_id])
+        found = await self._read(reads.select_outbox, "WHERE id = ?", [message_id])
         return found[0] if found else None
 
     async def count_dead_letters(self) -> int:
@@ -484,8 +486,8 @@ class SqliteStore:
 
     async def pending_inbound(self) -> list[StoredEvent]:
         """Events committed but not yet handled, in arrival (id) order."""
-        return await self._read(rows.select_pending_inbound)
+        return await self._read(reads.select_pending_inbound)
 
     async def get_overrides(self) -> dict[str, dict[str, Any]]:
         """scope -> runtime settings."""
-        return await self._read(rows.select_overrides)
+        return await self._read(reads.select_overrides)
