@@ -42,7 +42,7 @@ from gateway.store import sqlite_deletes as deletes
 from gateway.store import sqlite_health as health
 from gateway.store import sqlite_reads as reads
 from gateway.store import sqlite_rows as rows
-from gateway.store.base import SessionQuery, decode_cursor, encode_cursor
+from gateway.store.base import SessionQuery, decode_cursor
 from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
 from gateway.store.sqlite_writer import (
     AddSecret,
@@ -255,26 +255,12 @@ class SqliteStore:
 
     async def delete_dead_letter(self, message_id: int) -> bool:
         """Delete outbox message ``message_id`` if it is a dead letter."""
-        work = Exec((("DELETE FROM outbox WHERE id = ? AND state = 'dead'", (message_id,)),))
-        return bool(await self._submit(work))
+        return bool(await self._submit(Exec(((deletes.DELETE_DEAD_LETTER, (message_id,)),))))
 
     async def erase_contact(self, endpoint: str, conversation: str) -> int:
         """Delete the contact, its sessions, its conversation's outbox messages and handled
         inbound events, in one transaction; the number of rows deleted."""
-        contact_id = contact_id_of(endpoint, conversation)
-        # The inbox has no conversation column; its pending rows are left to be handled.
-        inbound = (
-            "DELETE FROM inbound WHERE endpoint = ? AND state = 'done' AND json_extract(payload, '$.conversation') = ?"
-        )
-        work = Exec(
-            (
-                ("DELETE FROM sessions WHERE contact_id = ?", (contact_id,)),
-                ("DELETE FROM contacts WHERE id = ?", (contact_id,)),
-                ("DELETE FROM outbox WHERE endpoint = ? AND conversation = ?", (endpoint, conversation)),
-                (inbound, (endpoint, conversation)),
-            )
-        )
-        deleted: int = await self._submit(work)
+        deleted: int = await self._submit(Exec(deletes.erase_contact(endpoint, conversation)))
         return deleted
 
     async def prune_history(self, *, closed_sessions_before: float, messages_before: float) -> int:
@@ -336,25 +322,8 @@ class SqliteStore:
 
         Raises ValueError for a cursor this store did not produce.
         """
-        clauses: list[str] = []
-        params: list[Any] = []
-        if query.state is not None:
-            clauses.append("state = ?")
-            params.append(query.state.value)
-        if query.endpoint is not None:
-            clauses.append("endpoint = ?")
-            params.append(query.endpoint)
-        if query.cursor is not None:
-            clauses.append("(started_at, id) < (?, ?)")
-            params.extend(decode_cursor(query.cursor))
-        limit = max(1, query.limit)
-        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
-        page = await self._read(
-            reads.select_sessions, f"{where}ORDER BY started_at DESC, id DESC LIMIT ?", [*params, limit + 1]
-        )
-        if len(page) <= limit:
-            return page, None
-        return page[:limit], encode_cursor(page[limit - 1])
+        after = None if query.cursor is None else decode_cursor(query.cursor)
+        return await self._read(reads.select_session_page, query, after)
 
     async def get_contact(self, contact_id: str) -> Contact | None:
         """The contact with this id, or None.
@@ -412,24 +381,7 @@ class SqliteStore:
     ) -> list[tuple[str, bool, bool, str | None, int]]:
         """Sessions started in ``[since, until)`` counted by (endpoint, interactive, developer,
         close_reason): one GROUP BY on the reader connection, over the ``sessions_by_start`` index."""
-        clauses: list[str] = []
-        params: list[float] = []
-        if since is not None:
-            clauses.append("started_at >= ?")
-            params.append(since)
-        if until is not None:
-            clauses.append("started_at < ?")
-            params.append(until)
-        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
-        sql = (
-            "SELECT endpoint, interactive, developer, close_reason, count(*) FROM sessions "
-            f"{where}GROUP BY endpoint, interactive, developer, close_reason"
-        )
-
-        def query(conn: sqlite3.Connection) -> list[tuple[str, bool, bool, str | None, int]]:
-            return [(e, bool(i), bool(d), r, n) for e, i, d, r, n in conn.execute(sql, params)]
-
-        return await self._read(query)
+        return await self._read(reads.count_sessions, since, until)
 
     async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:
         """Messages still to send, in id order, except those of ``skip_channels``."""
@@ -453,13 +405,7 @@ class SqliteStore:
 
     async def conversation_secret(self, endpoint: str, conversation: str) -> str | None:
         """The secret hash of an issued conversation, or None."""
-
-        def query(conn: sqlite3.Connection) -> str | None:
-            sql = "SELECT secret_hash FROM conversation_secrets WHERE endpoint = ? AND conversation = ?"
-            row = conn.execute(sql, (endpoint, conversation)).fetchone()
-            return None if row is None else str(row[0])
-
-        return await self._read(query)
+        return await self._read(reads.select_conversation_secret, endpoint, conversation)
 
     async def dead_letters(self, limit: int = 100) -> list[OutboundMessage]:
         """Messages given up on, newest first."""
@@ -472,11 +418,7 @@ class SqliteStore:
 
     async def count_dead_letters(self) -> int:
         """How many dead letters there are (one count over the ``outbox_by_state`` index)."""
-
-        def count(conn: sqlite3.Connection) -> int:
-            return int(conn.execute("SELECT count(*) FROM outbox WHERE state = 'dead'").fetchone()[0])
-
-        return await self._read(count)
+        return await self._read(reads.count_dead_letters)
 
     async def transcript(
         self, endpoint: str, conversation: str, since: float, until: float, limit: int

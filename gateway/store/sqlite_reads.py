@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.models import Contact, OutboundMessage, Session, StoredEvent
+from gateway.store.base import SessionQuery, encode_cursor
 from gateway.store.sqlite_rows import (
     OUTBOX_COLUMNS,
     SELECT_CONTACTS,
@@ -34,6 +35,56 @@ def select_outbox(conn: sqlite3.Connection, tail: str, params: Sequence[Any]) ->
     return [row_to_outbound(r) for r in conn.execute(sql, params)]
 
 
+def select_session_page(
+    conn: sqlite3.Connection, query: SessionQuery, after: tuple[float, str] | None
+) -> tuple[list[Session], str | None]:
+    """A ``list_sessions`` page: the sessions ``query`` selects sorted after ``after`` (its
+    decoded cursor), newest first (started_at, then id), and the next page's cursor."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if query.state is not None:
+        clauses.append("state = ?")
+        params.append(query.state.value)
+    if query.endpoint is not None:
+        clauses.append("endpoint = ?")
+        params.append(query.endpoint)
+    if after is not None:
+        clauses.append("(started_at, id) < (?, ?)")
+        params.extend(after)
+    limit = max(1, query.limit)
+    where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+    page = select_sessions(conn, f"{where}ORDER BY started_at DESC, id DESC LIMIT ?", [*params, limit + 1])
+    if len(page) <= limit:
+        return page, None
+    return page[:limit], encode_cursor(page[limit - 1])
+
+
+def count_sessions(
+    conn: sqlite3.Connection, since: float | None, until: float | None
+) -> list[tuple[str, bool, bool, str | None, int]]:
+    """Sessions started in ``[since, until)`` counted by (endpoint, interactive, developer,
+    close_reason), in one GROUP BY over the ``sessions_by_start`` index."""
+    clauses: list[str] = []
+    params: list[float] = []
+    if since is not None:
+        clauses.append("started_at >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append("started_at < ?")
+        params.append(until)
+    where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+    sql = (
+        "SELECT endpoint, interactive, developer, close_reason, count(*) FROM sessions "
+        f"{where}GROUP BY endpoint, interactive, developer, close_reason"
+    )
+    return [(e, bool(i), bool(d), r, n) for e, i, d, r, n in conn.execute(sql, params)]
+
+
+def count_dead_letters(conn: sqlite3.Connection) -> int:
+    """How many dead letters there are (one count over the ``outbox_by_state`` index)."""
+    return int(conn.execute("SELECT count(*) FROM outbox WHERE state = 'dead'").fetchone()[0])
+
+
 def select_contacts(conn: sqlite3.Connection, contact_ids: Sequence[str]) -> dict[str, Contact]:
     """The contacts that exist among ``contact_ids``, by id, in one query."""
     return {row[0]: row_to_contact(row) for row in conn.execute(SELECT_CONTACTS, (json.dumps(list(contact_ids)),))}
@@ -53,3 +104,10 @@ def select_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> lis
 def select_overrides(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     """scope -> runtime settings."""
     return {scope: json.loads(value) for scope, value in conn.execute("SELECT scope, value FROM overrides")}
+
+
+def select_conversation_secret(conn: sqlite3.Connection, endpoint: str, conversation: str) -> str | None:
+    """The secret hash of an issued conversation, or None."""
+    sql = "SELECT secret_hash FROM conversation_secrets WHERE endpoint = ? AND conversation = ?"
+    row = conn.execute(sql, (endpoint, conversation)).fetchone()
+    return None if row is None else str(row[0])
