@@ -15,7 +15,6 @@ aiosqlite runs each connection's calls on its own thread, one at a time (DESIGN.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
@@ -43,6 +42,7 @@ from gateway.store import sqlite_health as health
 from gateway.store import sqlite_reads as reads
 from gateway.store import sqlite_rows as rows
 from gateway.store.base import SessionQuery, decode_cursor
+from gateway.store.sqlite_contact_reads import ContactReadBatcher
 from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
 from gateway.store.sqlite_writer import (
     AddSecret,
@@ -86,8 +86,7 @@ class SqliteStore:
         self._reader: aiosqlite.Connection | None = None
         self._writer: GroupCommitWriter | None = None
         self._closing: asyncio.Future[None] | None = None
-        self._contact_reads: list[tuple[str, asyncio.Future[Contact | None]]] = []  # see get_contact
-        self._contact_tasks: set[asyncio.Future[None]] = set()
+        self._contacts = ContactReadBatcher(lambda contact_ids: self._read(reads.select_contacts, contact_ids))
         self._identity: health.FileIdentity | None = None  # the file opened (gone? replaced?)
 
     def __repr__(self) -> str:
@@ -142,7 +141,7 @@ class SqliteStore:
         try:
             if self._writer is not None:  # it drains the queue, then returns
                 await self._writer.stop()
-            await asyncio.gather(*self._contact_tasks, return_exceptions=True)  # reads in flight
+            await self._contacts.wait_reads()
             for conn in (self._reader, self._writer_conn):
                 if conn is not None:
                     await conn.close()
@@ -329,42 +328,11 @@ class SqliteStore:
         """The contact with this id, or None.
 
         Every message turn reads its contact: the reads asked for during one loop iteration go
-        to the reader thread as ONE query (a thread hop per message was ~5% of the gateway's
-        time under load, bench/ingest.py). Each caller gets its own object.
+        to the reader thread as ONE query (``ContactReadBatcher``). Each caller gets its own object.
         """
         if self._state is not _State.OPEN or self._reader is None:
             raise StoreError(f"store {self._path} is not open")
-        future: asyncio.Future[Contact | None] = asyncio.get_running_loop().create_future()
-        self._contact_reads.append((contact_id, future))
-        if len(self._contact_reads) == 1:
-            asyncio.get_running_loop().call_soon(self._start_contact_reads)
-        return await future
-
-    def _start_contact_reads(self) -> None:
-        waiting, self._contact_reads = self._contact_reads, []
-        task = asyncio.ensure_future(self._read_contacts(waiting))
-        self._contact_tasks.add(task)
-        task.add_done_callback(self._contact_tasks.discard)
-
-    async def _read_contacts(self, waiting: list[tuple[str, asyncio.Future[Contact | None]]]) -> None:
-        try:
-            found = await self._read(reads.select_contacts, list({contact_id for contact_id, _ in waiting}))
-        except Exception as exc:
-            for _, future in waiting:
-                if not future.done():  # each caller its own exception instance
-                    error = StoreError(f"cannot read contact: {exc}")
-                    error.__cause__ = exc
-                    future.set_exception(error)
-            return
-        handed: set[str] = set()
-        for contact_id, future in waiting:
-            if future.done():  # the caller stopped waiting
-                continue
-            contact = found.get(contact_id)
-            if contact is not None and contact_id in handed:
-                contact = copy.deepcopy(contact)  # callers change their contact: never share one
-            handed.add(contact_id)
-            future.set_result(contact)
+        return await self._contacts.get(contact_id)
 
     async def get_contacts(self, contact_ids: list[str]) -> dict[str, Contact]:
         """The contacts that exist among ``contact_ids``, by id, in one read."""
