@@ -6,7 +6,8 @@ aiosqlite runs each connection's calls on its own thread, one at a time (DESIGN.
   (sqlite_writer.py): all that is queued goes to the writer thread in one hop and commits as
   one transaction; each write still fails alone.
 - Reads use a second, ``query_only`` connection: admin, analytics and restore never wait behind
-  a write batch.
+  a write batch. Each is one hop to the reader's thread, running a function of sqlite_reads.py
+  or sqlite_conversation.py.
 - The file (sqlite_schema.py): one process per database (an ``flock`` the kernel releases when
   the process dies), WAL with ``synchronous=NORMAL`` (a commit survives kill -9, not a power
   loss), and a versioned schema migrated in place on open.
@@ -292,15 +293,13 @@ class SqliteStore:
     async def open_sessions(self) -> AsyncIterator[Session]:
         """Every open session, by (endpoint, conversation), fetched ``READ_CHUNK`` at a time
         through the partial index of open sessions."""
-        first = "WHERE state = 'open' ORDER BY endpoint, conversation LIMIT ?"
-        after = "WHERE state = 'open' AND (endpoint, conversation) > (?, ?) ORDER BY endpoint, conversation LIMIT ?"
-        chunk = await self._read(reads.select_sessions, first, [READ_CHUNK])
+        chunk = await self._read(reads.select_open_sessions, None, READ_CHUNK)
         while chunk:
             # The next chunk is read while the caller takes this one (restore overlaps the two).
             ahead = None
             if len(chunk) == READ_CHUNK:
-                params = [chunk[-1].endpoint, chunk[-1].conversation, READ_CHUNK]
-                ahead = asyncio.ensure_future(self._read(reads.select_sessions, after, params))
+                last = (chunk[-1].endpoint, chunk[-1].conversation)
+                ahead = asyncio.ensure_future(self._read(reads.select_open_sessions, last, READ_CHUNK))
             try:
                 for session in chunk:
                     yield session
@@ -313,8 +312,7 @@ class SqliteStore:
 
     async def get_session(self, session_id: str) -> Session | None:
         """The session with this id, or None."""
-        found = await self._read(reads.select_sessions, "WHERE id = ?", [session_id])
-        return found[0] if found else None
+        return await self._read(reads.select_session, session_id)
 
     async def list_sessions(self, query: SessionQuery) -> tuple[list[Session], str | None]:
         """A page of sessions, newest first (started_at, then id), and the next page's cursor.
@@ -340,9 +338,7 @@ class SqliteStore:
 
     async def contact_sessions(self, contact_id: str) -> list[Session]:
         """The contact's sessions (its conversation history, S6), newest first."""
-        return await self._read(
-            reads.select_sessions, "WHERE contact_id = ? ORDER BY started_at DESC, id DESC", [contact_id]
-        )
+        return await self._read(reads.select_contact_sessions, contact_id)
 
     async def session_analytics(
         self, since: float | None, until: float | None
@@ -353,19 +349,11 @@ class SqliteStore:
 
     async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:
         """Messages still to send, in id order, except those of ``skip_channels``."""
-        return await self._read(
-            reads.select_outbox,
-            "WHERE state = 'pending' AND channel NOT IN (SELECT value FROM json_each(?)) ORDER BY id",
-            [json.dumps(sorted(skip_channels))],
-        )
+        return await self._read(reads.select_pending_outbox, sorted(skip_channels))
 
     async def pending_outbox_of(self, endpoint: str, conversation: str) -> list[OutboundMessage]:
         """One conversation's messages still to send, in id order (index outbox_by_conversation)."""
-        return await self._read(
-            reads.select_outbox,
-            "WHERE endpoint = ? AND conversation = ? AND state = 'pending' ORDER BY id",
-            [endpoint, conversation],
-        )
+        return await self._read(reads.select_pending_outbox_of, endpoint, conversation)
 
     async def history(self, endpoint: str, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
         """The conversation's user lines and sent messages from ``since`` on (see ``Store``)."""
@@ -377,12 +365,11 @@ class SqliteStore:
 
     async def dead_letters(self, limit: int = 100) -> list[OutboundMessage]:
         """Messages given up on, newest first."""
-        return await self._read(reads.select_outbox, "WHERE state = 'dead' ORDER BY id DESC LIMIT ?", [limit])
+        return await self._read(reads.select_dead_letters, limit)
 
     async def get_outbound(self, message_id: int) -> OutboundMessage | None:
         """The outbox message with this id, or None."""
-        found = await self._read(reads.select_outbox, "WHERE id = ?", [message_id])
-        return found[0] if found else None
+        return await self._read(reads.select_outbound, message_id)
 
     async def count_dead_letters(self) -> int:
         """How many dead letters there are (one count over the ``outbox_by_state`` index)."""

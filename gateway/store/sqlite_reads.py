@@ -23,16 +23,39 @@ from gateway.store.sqlite_rows import (
 )
 
 
-def select_sessions(conn: sqlite3.Connection, tail: str, params: Sequence[Any]) -> list[Session]:
+def _sessions(conn: sqlite3.Connection, tail: str, params: Sequence[Any]) -> list[Session]:
     """Sessions matching ``tail`` (WHERE/ORDER BY/LIMIT)."""
     sql = f"SELECT {', '.join(SESSION_COLUMNS)} FROM sessions {tail}"
     return [row_to_session(r) for r in conn.execute(sql, params)]
 
 
-def select_outbox(conn: sqlite3.Connection, tail: str, params: Sequence[Any]) -> list[OutboundMessage]:
+def _outbox(conn: sqlite3.Connection, tail: str, params: Sequence[Any]) -> list[OutboundMessage]:
     """Outbox messages matching ``tail`` (WHERE/ORDER BY/LIMIT)."""
     sql = f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM outbox {tail}"
     return [row_to_outbound(r) for r in conn.execute(sql, params)]
+
+
+# -- sessions ------------------------------------------------------------------------------------
+
+
+def select_open_sessions(conn: sqlite3.Connection, after: tuple[str, str] | None, limit: int) -> list[Session]:
+    """Up to ``limit`` open sessions by (endpoint, conversation), those after ``after`` (the last
+    (endpoint, conversation) read before), through the partial index of open sessions."""
+    if after is None:
+        return _sessions(conn, "WHERE state = 'open' ORDER BY endpoint, conversation LIMIT ?", [limit])
+    tail = "WHERE state = 'open' AND (endpoint, conversation) > (?, ?) ORDER BY endpoint, conversation LIMIT ?"
+    return _sessions(conn, tail, [*after, limit])
+
+
+def select_session(conn: sqlite3.Connection, session_id: str) -> Session | None:
+    """The session with this id, or None."""
+    found = _sessions(conn, "WHERE id = ?", [session_id])
+    return found[0] if found else None
+
+
+def select_contact_sessions(conn: sqlite3.Connection, contact_id: str) -> list[Session]:
+    """The contact's sessions, newest first."""
+    return _sessions(conn, "WHERE contact_id = ? ORDER BY started_at DESC, id DESC", [contact_id])
 
 
 def select_session_page(
@@ -53,7 +76,7 @@ def select_session_page(
         params.extend(after)
     limit = max(1, query.limit)
     where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
-    page = select_sessions(conn, f"{where}ORDER BY started_at DESC, id DESC LIMIT ?", [*params, limit + 1])
+    page = _sessions(conn, f"{where}ORDER BY started_at DESC, id DESC LIMIT ?", [*params, limit + 1])
     if len(page) <= limit:
         return page, None
     return page[:limit], encode_cursor(page[limit - 1])
@@ -80,9 +103,38 @@ def count_sessions(
     return [(e, bool(i), bool(d), r, n) for e, i, d, r, n in conn.execute(sql, params)]
 
 
+# -- outbox ---------------------------------------------------------------------------------------
+
+
+def select_pending_outbox(conn: sqlite3.Connection, skip_channels: Sequence[str]) -> list[OutboundMessage]:
+    """Messages still to send, in id order, except those of ``skip_channels``."""
+    tail = "WHERE state = 'pending' AND channel NOT IN (SELECT value FROM json_each(?)) ORDER BY id"
+    return _outbox(conn, tail, [json.dumps(list(skip_channels))])
+
+
+def select_pending_outbox_of(conn: sqlite3.Connection, endpoint: str, conversation: str) -> list[OutboundMessage]:
+    """One conversation's messages still to send, in id order (index outbox_by_conversation)."""
+    tail = "WHERE endpoint = ? AND conversation = ? AND state = 'pending' ORDER BY id"
+    return _outbox(conn, tail, [endpoint, conversation])
+
+
+def select_dead_letters(conn: sqlite3.Connection, limit: int) -> list[OutboundMessage]:
+    """Messages given up on, newest first."""
+    return _outbox(conn, "WHERE state = 'dead' ORDER BY id DESC LIMIT ?", [limit])
+
+
+def select_outbound(conn: sqlite3.Connection, message_id: int) -> OutboundMessage | None:
+    """The outbox message with this id, or None."""
+    found = _outbox(conn, "WHERE id = ?", [message_id])
+    return found[0] if found else None
+
+
 def count_dead_letters(conn: sqlite3.Connection) -> int:
     """How many dead letters there are (one count over the ``outbox_by_state`` index)."""
     return int(conn.execute("SELECT count(*) FROM outbox WHERE state = 'dead'").fetchone()[0])
+
+
+# -- contacts, the inbox, settings ---------------------------------------------------------------
 
 
 def select_contacts(conn: sqlite3.Connection, contact_ids: Sequence[str]) -> dict[str, Contact]:
