@@ -21,7 +21,7 @@ import yaml
 from channels.registry import entry_path
 from gateway.runtime_settings import RuntimeSettings, to_json
 from gateway.settings import Settings, StorageBackend
-from gateway.store import sqlite_rows
+from gateway.store import sqlite_reads
 
 MASK = "***"
 BUSY_TIMEOUT_MS = 5000
@@ -107,7 +107,7 @@ def stored_overrides(settings: Settings) -> tuple[dict[str, dict[str, Any]], str
     try:
         conn = _connect(path)
         try:
-            return sqlite_rows.select_overrides(conn), f"read from {path}"
+            return sqlite_reads.select_overrides(conn), f"read from {path}"
         finally:
             conn.close()
     except sqlite3.Error as exc:

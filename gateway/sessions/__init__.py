@@ -7,11 +7,12 @@
     timers.py     one lazily re-armed loop handle per open session
     clockwatch.py notices wall-clock steps, so the manager re-arms every timer
     book.py       commits a change and keeps memory (open sessions, counts) in step
+    bulk.py       passes over many sessions: restore, takeover, a changed policy, a clock step
     state.py      the in-memory types: conversation slot, work items, counters
 
-Calls go one way: manager -> turn -> closing -> book -> timers (closing also hands conversations
-back to the scheduler); the scheduler and the timers only call back through the callables
-they were given.
+Calls go one way: manager -> turn (or bulk) -> closing -> book -> timers (closing also hands
+conversations back to the scheduler); the scheduler and the timers only call back through the
+callables they were given.
 """
 
 from gateway.sessions.manager import SessionManager

@@ -1,10 +1,10 @@
 """The session manager: one open session per conversation, each with its own inactivity timer.
 
 A facade over the parts of ``gateway.sessions``: the scheduler (per-conversation order), the
-message turn, the close paths, the timers, and the book that keeps memory in step with the
-store. Data flows one way: ``accept`` (called by the web layer once the event is parsed)
-commits the event to the durable inbox, moves the session's deadline at once, and queues the
-event on its conversation.
+message turn, the close paths, the timers, the book that keeps memory in step with the store,
+and the bulk passes (restore, takeover, a changed policy, a clock step). Data flows one way:
+``accept`` (called by the web layer once the event is parsed) commits the event to the durable
+inbox, moves the session's deadline at once, and queues the event on its conversation.
 
 The fire/message race: the fire is an item in the conversation's own queue (or, when the
 conversation is idle, a batch close that holds the conversation meanwhile), and every close
@@ -28,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.models import CloseReason, InboundEvent, Session, StoredEvent
 from gateway.policy import EndpointPolicy
 from gateway.sessions.book import SessionBook, SessionListener
+from gateway.sessions.bulk import BulkPasses
 from gateway.sessions.clockwatch import ClockWatch
 from gateway.sessions.closing import SessionCloser
 from gateway.sessions.ownership import Ownership, SoleOwner
@@ -44,12 +45,9 @@ from gateway.sessions.state import (
 )
 from gateway.sessions.timers import SessionTimers
 from gateway.sessions.turn import MessageTurn
-from gateway.settings import SessionMode
 from gateway.store.base import Store
 
 log = logging.getLogger("gateway.sessions")
-
-_RESTORE_YIELD_EVERY = 5000  # restore and re-arm this many sessions between yields to the loop
 
 
 class SessionManager:
@@ -113,6 +111,17 @@ class SessionManager:
             clock=clock,
             error_reply=error_reply,
         )
+        self._bulk = BulkPasses(
+            store,
+            self._ownership,
+            self._policies,
+            self._scheduler,
+            self._book,
+            self._closer,
+            self._timers,
+            queue=self._enqueue,
+            hand_over=self.enqueue,
+        )
         self._metrics.gauge("gateway_open_sessions", lambda: float(self._book.open_count))
         self._clock_watch = ClockWatch(clock, lambda _step: self.rearm_all())
 
@@ -140,37 +149,10 @@ class SessionManager:
 
     async def _restore(self) -> None:
         self._scheduler.start()
-        if not self._ownership.owns_everything:
-            self.ready = True
-            self._clock_watch.start()
-            return
-        removed: list[Session] = []
-        loaded = 0
-        # Seconds of inactivity by endpoint (None: never expires), looked up once, not per session.
-        expiration_s = {name: policy.expiration_s for name, policy in self._policies.items()}
-        async for session in self._store.open_sessions():
-            endpoint = session.endpoint
-            if endpoint not in expiration_s:
-                removed.append(session)
-                continue
-            # Deadlines derive from the current policy (EndpointPolicy.deadline): a setting
-            # changed while we were down applies to the restored sessions too.
-            seconds = expiration_s[endpoint]
-            session.expires_at = None if seconds is None else session.last_activity_at + seconds
-            self._book.restored(self._scheduler.slot(endpoint, session.conversation), session)
-            loaded += 1
-            if loaded % _RESTORE_YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-        await self._closer.close_removed(removed)
-        for stored in await self._store.pending_inbound():
-            self._enqueue(stored)
-        slots = [slot for slot in self._scheduler.slots() if slot.session is not None and slot.armed_at is None]
-        for start in range(0, len(slots), _RESTORE_YIELD_EVERY):
-            self._book.arm_all(slots[start : start + _RESTORE_YIELD_EVERY])
-            await asyncio.sleep(0)
+        if self._ownership.owns_everything:
+            await self._bulk.restore()
         self.ready = True
         self._clock_watch.start()
-        log.info("restored %d open sessions, %d pending events re-queued", loaded, self.pending_events)
 
     async def aclose(self) -> None:
         """Stop taking work, let workers finish the item in hand, cancel timers. Idempotent."""
@@ -321,30 +303,8 @@ class SessionManager:
         """Take over conversations (several instances): their open sessions join memory with
         their timers armed (overdue ones close at once), their pending events queue in order.
         A session's stored deadline stands (its pending events move it further when queued)."""
-        if self._closing:
-            return
-        removed: list[Session] = []
-        adopted: list[Conversation] = []
-        for n, session in enumerate(sessions, start=1):
-            if session.endpoint not in self._policies:
-                removed.append(session)
-                continue
-            slot = self._scheduler.slot(session.endpoint, session.conversation)
-            if slot.session is not None:
-                continue  # already here (a takeover raced a message)
-            self._book.restored(slot, session)
-            adopted.append(slot)
-            if n % _RESTORE_YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-        await self._closer.close_removed(removed)
-        self.enqueue(events)
-        for n, slot in enumerate(adopted, start=1):
-            if slot.session is not None and not self._scheduler.is_held(slot):
-                self._book.arm(slot)
-            if n % _RESTORE_YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-        for slot in adopted:
-            self._scheduler.forget_if_empty(slot)
+        if not self._closing:
+            await self._bulk.adopt(sessions, events)
 
     def has_conversation(self, endpoint: str, conversation: str) -> bool:
         """Whether this process has the conversation in memory (a session or work)."""
@@ -410,40 +370,12 @@ class SessionManager:
         With several instances the new deadlines are stored first (a close claim checks the
         stored deadline), then memory follows."""
         self._policies[policy.endpoint] = policy
-        if self._ownership.stores_deadlines:
-            slots = self._scheduler.slots(policy.endpoint)
-            for start in range(0, len(slots), _RESTORE_YIELD_EVERY):
-                chunk = slots[start : start + _RESTORE_YIELD_EVERY]
-                await self._ownership.deadlines_moved(
-                    [(s.session.id, policy.deadline(s.session.last_activity_at)) for s in chunk if s.session]
-                )
-                if self._policies.get(policy.endpoint) is not policy:
-                    return  # a newer policy took over meanwhile; it re-applies to every session
-        for done, slot in enumerate(self._scheduler.slots(policy.endpoint), start=1):
-            if done % _RESTORE_YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-                if self._policies.get(policy.endpoint) is not policy:
-                    return  # a newer policy took over; it re-applies to every session
-            session = slot.session
-            if session is None:
-                continue
-            session.expires_at = policy.deadline(session.last_activity_at)
-            if session.expires_at is None or policy.mode is SessionMode.LAZY:
-                self._timers.disarm(slot)
-            elif not self._scheduler.is_held(slot):
-                self._book.arm(slot)
+        await self._bulk.apply_policy(policy)
 
     async def rearm_all(self) -> None:
         """Re-arm every open session's timer for its wall-clock deadline (after the wall clock
-        stepped): the one loop wake-up moves earlier if the earliest wall-clock deadline needs it
-        (entries are keyed by it, so they stay), early ones re-arm themselves when they fire, and
-        sessions without an entry get one. Yields every few thousand sessions."""
-        self._timers.rewake()
-        for done, slot in enumerate(self._scheduler.slots(), start=1):
-            if done % _RESTORE_YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            if slot.session is not None and not self._scheduler.is_held(slot):
-                self._book.arm(slot)
+        stepped), yielding every few thousand sessions."""
+        await self._bulk.rearm_all()
 
     def policy(self, endpoint: str) -> EndpointPolicy | None:
         return self._policies.get(endpoint)

@@ -8,6 +8,9 @@ an inbound event (with its dedup key) durably before the webhook is answered.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import AsyncIterator, Awaitable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,6 +36,21 @@ class SessionQuery:
     endpoint: str | None = None
     cursor: str | None = None
     limit: int = 100
+
+
+def encode_cursor(session: Session) -> str:
+    """The opaque ``list_sessions`` cursor after ``session`` (its sort key, base64 JSON); both
+    stores give out the same form."""
+    return base64.urlsafe_b64encode(json.dumps([session.started_at, session.id]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The sort key in a cursor; ValueError for anything ``encode_cursor`` did not produce."""
+    try:
+        started_at, session_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(started_at), str(session_id)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise ValueError(f"invalid cursor {cursor!r}") from exc
 
 
 class Store(Protocol):

@@ -24,9 +24,9 @@ from gateway.models import (
     contact_id_of,
 )
 from gateway.store import redis_codec as codec
-from gateway.store.base import SessionQuery
+from gateway.store.base import SessionQuery, decode_cursor, encode_cursor
 from gateway.store.redis_keys import Keys
-from gateway.store.sqlite_rows import decode_cursor, encode_cursor, event_from_json
+from gateway.store.sqlite_rows import event_from_json
 
 T = TypeVar("T")
 

@@ -6,7 +6,8 @@ aiosqlite runs each connection's calls on its own thread, one at a time (DESIGN.
   (sqlite_writer.py): all that is queued goes to the writer thread in one hop and commits as
   one transaction; each write still fails alone.
 - Reads use a second, ``query_only`` connection: admin, analytics and restore never wait behind
-  a write batch.
+  a write batch. Each is one hop to the reader's thread, running a function of sqlite_reads.py
+  or sqlite_conversation.py.
 - The file (sqlite_schema.py): one process per database (an ``flock`` the kernel releases when
   the process dies), WAL with ``synchronous=NORMAL`` (a commit survives kill -9, not a power
   loss), and a versioned schema migrated in place on open.
@@ -15,7 +16,6 @@ aiosqlite runs each connection's calls on its own thread, one at a time (DESIGN.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
@@ -38,9 +38,12 @@ from gateway.models import (
     contact_id_of,
 )
 from gateway.store import sqlite_conversation as conversation_reads
+from gateway.store import sqlite_deletes as deletes
 from gateway.store import sqlite_health as health
+from gateway.store import sqlite_reads as reads
 from gateway.store import sqlite_rows as rows
-from gateway.store.base import SessionQuery
+from gateway.store.base import SessionQuery, decode_cursor
+from gateway.store.sqlite_contact_reads import ContactReadBatcher
 from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
 from gateway.store.sqlite_writer import (
     AddSecret,
@@ -84,8 +87,7 @@ class SqliteStore:
         self._reader: aiosqlite.Connection | None = None
         self._writer: GroupCommitWriter | None = None
         self._closing: asyncio.Future[None] | None = None
-        self._contact_reads: list[tuple[str, asyncio.Future[Contact | None]]] = []  # see get_contact
-        self._contact_tasks: set[asyncio.Future[None]] = set()
+        self._contacts = ContactReadBatcher(lambda contact_ids: self._read(reads.select_contacts, contact_ids))
         self._identity: health.FileIdentity | None = None  # the file opened (gone? replaced?)
 
     def __repr__(self) -> str:
@@ -140,7 +142,7 @@ class SqliteStore:
         try:
             if self._writer is not None:  # it drains the queue, then returns
                 await self._writer.stop()
-            await asyncio.gather(*self._contact_tasks, return_exceptions=True)  # reads in flight
+            await self._contacts.wait_reads()
             for conn in (self._reader, self._writer_conn):
                 if conn is not None:
                     await conn.close()
@@ -253,26 +255,12 @@ class SqliteStore:
 
     async def delete_dead_letter(self, message_id: int) -> bool:
         """Delete outbox message ``message_id`` if it is a dead letter."""
-        work = Exec((("DELETE FROM outbox WHERE id = ? AND state = 'dead'", (message_id,)),))
-        return bool(await self._submit(work))
+        return bool(await self._submit(Exec(((deletes.DELETE_DEAD_LETTER, (message_id,)),))))
 
     async def erase_contact(self, endpoint: str, conversation: str) -> int:
         """Delete the contact, its sessions, its conversation's outbox messages and handled
         inbound events, in one transaction; the number of rows deleted."""
-        contact_id = contact_id_of(endpoint, conversation)
-        # The inbox has no conversation column; its pending rows are left to be handled.
-        inbound = (
-            "DELETE FROM inbound WHERE endpoint = ? AND state = 'done' AND json_extract(payload, '$.conversation') = ?"
-        )
-        work = Exec(
-            (
-                ("DELETE FROM sessions WHERE contact_id = ?", (contact_id,)),
-                ("DELETE FROM contacts WHERE id = ?", (contact_id,)),
-                ("DELETE FROM outbox WHERE endpoint = ? AND conversation = ?", (endpoint, conversation)),
-                (inbound, (endpoint, conversation)),
-            )
-        )
-        deleted: int = await self._submit(work)
+        deleted: int = await self._submit(Exec(deletes.erase_contact(endpoint, conversation)))
         return deleted
 
     async def prune_history(self, *, closed_sessions_before: float, messages_before: float) -> int:
@@ -282,15 +270,15 @@ class SqliteStore:
         again, so a row that changed meanwhile stays."""
         total = 0
         for select, delete, cutoff in (
-            (rows.OLD_CLOSED_SESSIONS, rows.DELETE_CLOSED_SESSIONS, closed_sessions_before),
-            (rows.IDLE_CONTACTS, rows.DELETE_IDLE_CONTACTS, closed_sessions_before),
-            (rows.OLD_DONE_OUTBOX, rows.DELETE_DONE_OUTBOX, messages_before),
+            (deletes.OLD_CLOSED_SESSIONS, deletes.DELETE_CLOSED_SESSIONS, closed_sessions_before),
+            (deletes.IDLE_CONTACTS, deletes.DELETE_IDLE_CONTACTS, closed_sessions_before),
+            (deletes.OLD_DONE_OUTBOX, deletes.DELETE_DONE_OUTBOX, messages_before),
         ):
             after = ""  # contacts are paged by id; deleted sessions and messages leave the scan by themselves
-            while ids := await self._read(rows.select_ids, select, (cutoff, after, DELETE_CHUNK)):
+            while ids := await self._read(reads.select_ids, select, (cutoff, after, DELETE_CHUNK)):
                 deleted: int = await self._submit(Exec(((delete, (json.dumps(ids), cutoff)),)))
                 total += deleted
-                if len(ids) < DELETE_CHUNK or (deleted == 0 and select != rows.IDLE_CONTACTS):
+                if len(ids) < DELETE_CHUNK or (deleted == 0 and select != deletes.IDLE_CONTACTS):
                     break  # the last chunk, or rows that changed under us: the next run sees them
                 after = str(ids[-1])
         return total
@@ -305,15 +293,13 @@ class SqliteStore:
     async def open_sessions(self) -> AsyncIterator[Session]:
         """Every open session, by (endpoint, conversation), fetched ``READ_CHUNK`` at a time
         through the partial index of open sessions."""
-        first = "WHERE state = 'open' ORDER BY endpoint, conversation LIMIT ?"
-        after = "WHERE state = 'open' AND (endpoint, conversation) > (?, ?) ORDER BY endpoint, conversation LIMIT ?"
-        chunk = await self._read(rows.select_sessions, first, [READ_CHUNK])
+        chunk = await self._read(reads.select_open_sessions, None, READ_CHUNK)
         while chunk:
             # The next chunk is read while the caller takes this one (restore overlaps the two).
             ahead = None
             if len(chunk) == READ_CHUNK:
-                params = [chunk[-1].endpoint, chunk[-1].conversation, READ_CHUNK]
-                ahead = asyncio.ensure_future(self._read(rows.select_sessions, after, params))
+                last = (chunk[-1].endpoint, chunk[-1].conversation)
+                ahead = asyncio.ensure_future(self._read(reads.select_open_sessions, last, READ_CHUNK))
             try:
                 for session in chunk:
                     yield session
@@ -326,124 +312,48 @@ class SqliteStore:
 
     async def get_session(self, session_id: str) -> Session | None:
         """The session with this id, or None."""
-        found = await self._read(rows.select_sessions, "WHERE id = ?", [session_id])
-        return found[0] if found else None
+        return await self._read(reads.select_session, session_id)
 
     async def list_sessions(self, query: SessionQuery) -> tuple[list[Session], str | None]:
         """A page of sessions, newest first (started_at, then id), and the next page's cursor.
 
         Raises ValueError for a cursor this store did not produce.
         """
-        clauses: list[str] = []
-        params: list[Any] = []
-        if query.state is not None:
-            clauses.append("state = ?")
-            params.append(query.state.value)
-        if query.endpoint is not None:
-            clauses.append("endpoint = ?")
-            params.append(query.endpoint)
-        if query.cursor is not None:
-            clauses.append("(started_at, id) < (?, ?)")
-            params.extend(rows.decode_cursor(query.cursor))
-        limit = max(1, query.limit)
-        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
-        page = await self._read(
-            rows.select_sessions, f"{where}ORDER BY started_at DESC, id DESC LIMIT ?", [*params, limit + 1]
-        )
-        if len(page) <= limit:
-            return page, None
-        return page[:limit], rows.encode_cursor(page[limit - 1])
+        after = None if query.cursor is None else decode_cursor(query.cursor)
+        return await self._read(reads.select_session_page, query, after)
 
     async def get_contact(self, contact_id: str) -> Contact | None:
         """The contact with this id, or None.
 
         Every message turn reads its contact: the reads asked for during one loop iteration go
-        to the reader thread as ONE query (a thread hop per message was ~5% of the gateway's
-        time under load, bench/ingest.py). Each caller gets its own object.
+        to the reader thread as ONE query (``ContactReadBatcher``). Each caller gets its own object.
         """
         if self._state is not _State.OPEN or self._reader is None:
             raise StoreError(f"store {self._path} is not open")
-        future: asyncio.Future[Contact | None] = asyncio.get_running_loop().create_future()
-        self._contact_reads.append((contact_id, future))
-        if len(self._contact_reads) == 1:
-            asyncio.get_running_loop().call_soon(self._start_contact_reads)
-        return await future
-
-    def _start_contact_reads(self) -> None:
-        waiting, self._contact_reads = self._contact_reads, []
-        task = asyncio.ensure_future(self._read_contacts(waiting))
-        self._contact_tasks.add(task)
-        task.add_done_callback(self._contact_tasks.discard)
-
-    async def _read_contacts(self, waiting: list[tuple[str, asyncio.Future[Contact | None]]]) -> None:
-        try:
-            found = await self._read(rows.select_contacts, list({contact_id for contact_id, _ in waiting}))
-        except Exception as exc:
-            for _, future in waiting:
-                if not future.done():  # each caller its own exception instance
-                    error = StoreError(f"cannot read contact: {exc}")
-                    error.__cause__ = exc
-                    future.set_exception(error)
-            return
-        handed: set[str] = set()
-        for contact_id, future in waiting:
-            if future.done():  # the caller stopped waiting
-                continue
-            contact = found.get(contact_id)
-            if contact is not None and contact_id in handed:
-                contact = copy.deepcopy(contact)  # callers change their contact: never share one
-            handed.add(contact_id)
-            future.set_result(contact)
+        return await self._contacts.get(contact_id)
 
     async def get_contacts(self, contact_ids: list[str]) -> dict[str, Contact]:
         """The contacts that exist among ``contact_ids``, by id, in one read."""
-        return await self._read(rows.select_contacts, contact_ids) if contact_ids else {}
+        return await self._read(reads.select_contacts, contact_ids) if contact_ids else {}
 
     async def contact_sessions(self, contact_id: str) -> list[Session]:
         """The contact's sessions (its conversation history, S6), newest first."""
-        return await self._read(
-            rows.select_sessions, "WHERE contact_id = ? ORDER BY started_at DESC, id DESC", [contact_id]
-        )
+        return await self._read(reads.select_contact_sessions, contact_id)
 
     async def session_analytics(
         self, since: float | None, until: float | None
     ) -> list[tuple[str, bool, bool, str | None, int]]:
         """Sessions started in ``[since, until)`` counted by (endpoint, interactive, developer,
         close_reason): one GROUP BY on the reader connection, over the ``sessions_by_start`` index."""
-        clauses: list[str] = []
-        params: list[float] = []
-        if since is not None:
-            clauses.append("started_at >= ?")
-            params.append(since)
-        if until is not None:
-            clauses.append("started_at < ?")
-            params.append(until)
-        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
-        sql = (
-            "SELECT endpoint, interactive, developer, close_reason, count(*) FROM sessions "
-            f"{where}GROUP BY endpoint, interactive, developer, close_reason"
-        )
-
-        def query(conn: sqlite3.Connection) -> list[tuple[str, bool, bool, str | None, int]]:
-            return [(e, bool(i), bool(d), r, n) for e, i, d, r, n in conn.execute(sql, params)]
-
-        return await self._read(query)
+        return await self._read(reads.count_sessions, since, until)
 
     async def pending_outbox(self, *, skip_channels: Collection[str] = ()) -> list[OutboundMessage]:
         """Messages still to send, in id order, except those of ``skip_channels``."""
-        return await self._read(
-            rows.select_outbox,
-            "WHERE state = 'pending' AND channel NOT IN (SELECT value FROM json_each(?)) ORDER BY id",
-            [json.dumps(sorted(skip_channels))],
-        )
+        return await self._read(reads.select_pending_outbox, sorted(skip_channels))
 
     async def pending_outbox_of(self, endpoint: str, conversation: str) -> list[OutboundMessage]:
         """One conversation's messages still to send, in id order (index outbox_by_conversation)."""
-        return await self._read(
-            rows.select_outbox,
-            "WHERE endpoint = ? AND conversation = ? AND state = 'pending' ORDER BY id",
-            [endpoint, conversation],
-        )
+        return await self._read(reads.select_pending_outbox_of, endpoint, conversation)
 
     async def history(self, endpoint: str, conversation: str, since: float, limit: int) -> list[TranscriptLine]:
         """The conversation's user lines and sent messages from ``since`` on (see ``Store``)."""
@@ -451,30 +361,19 @@ class SqliteStore:
 
     async def conversation_secret(self, endpoint: str, conversation: str) -> str | None:
         """The secret hash of an issued conversation, or None."""
-
-        def query(conn: sqlite3.Connection) -> str | None:
-            sql = "SELECT secret_hash FROM conversation_secrets WHERE endpoint = ? AND conversation = ?"
-            row = conn.execute(sql, (endpoint, conversation)).fetchone()
-            return None if row is None else str(row[0])
-
-        return await self._read(query)
+        return await self._read(reads.select_conversation_secret, endpoint, conversation)
 
     async def dead_letters(self, limit: int = 100) -> list[OutboundMessage]:
         """Messages given up on, newest first."""
-        return await self._read(rows.select_outbox, "WHERE state = 'dead' ORDER BY id DESC LIMIT ?", [limit])
+        return await self._read(reads.select_dead_letters, limit)
 
     async def get_outbound(self, message_id: int) -> OutboundMessage | None:
         """The outbox message with this id, or None."""
-        found = await self._read(rows.select_outbox, "WHERE id = ?", [message_id])
-        return found[0] if found else None
+        return await self._read(reads.select_outbound, message_id)
 
     async def count_dead_letters(self) -> int:
         """How many dead letters there are (one count over the ``outbox_by_state`` index)."""
-
-        def count(conn: sqlite3.Connection) -> int:
-            return int(conn.execute("SELECT count(*) FROM outbox WHERE state = 'dead'").fetchone()[0])
-
-        return await self._read(count)
+        return await self._read(reads.count_dead_letters)
 
     async def transcript(
         self, endpoint: str, conversation: str, since: float, until: float, limit: int
@@ -484,8 +383,8 @@ class SqliteStore:
 
     async def pending_inbound(self) -> list[StoredEvent]:
         """Events committed but not yet handled, in arrival (id) order."""
-        return await self._read(rows.select_pending_inbound)
+        return await self._read(reads.select_pending_inbound)
 
     async def get_overrides(self) -> dict[str, dict[str, Any]]:
         """scope -> runtime settings."""
-        return await self._read(rows.select_overrides)
+        return await self._read(reads.select_overrides)

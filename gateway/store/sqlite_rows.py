@@ -1,17 +1,14 @@
 """Row <-> model conversion for the SQLite store: column lists, row tuples, JSON columns, and
-the statements and reads that depend on the column order (the schema itself is in sqlite_schema.py).
+the writer's statements, which depend on the column order (the schema itself is in sqlite_schema.py).
 
 Rows going in are built on the event loop when a write is submitted (a snapshot, so the writer
 thread never reads a model object the loop may be changing); rows coming out become models on
-the reader's thread, inside the ``select_*`` functions.
+the reader's thread, inside the ``select_*`` functions of sqlite_reads.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +24,6 @@ from gateway.models import (
     OutboxState,
     Session,
     SessionState,
-    StoredEvent,
 )
 
 Row = tuple[Any, ...]
@@ -170,37 +166,11 @@ CLOSE_SESSIONS = (
     "FROM json_each(?) AS c WHERE sessions.id = json_extract(c.value, '$[0]') AND sessions.state = 'open'"
 )
 
-# Retention (Store.prune_history). The selects run on the reader with (cutoff, after, limit); the
-# deletes on the writer with (JSON list of ids, cutoff), checking the condition again.
-# Sessions: through sessions_by_start (a session closed before the cutoff started before it).
-OLD_CLOSED_SESSIONS = "SELECT id FROM sessions WHERE started_at < ?1 AND state = 'closed' AND closed_at < ?1 LIMIT ?3"
-DELETE_CLOSED_SESSIONS = (
-    "DELETE FROM sessions WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'closed' AND closed_at < ?2"
-)
-# Contacts left with no session, silent since the cutoff; an opted-out contact stays (its opt-out
-# must hold). Paged by id: most contacts are kept, and a page must not read them again.
-_IDLE_CONTACT = (
-    "c.opted_out = 0 AND coalesce(c.last_user_message_at, c.created_at) < ?{cutoff} "
-    "AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.contact_id = c.id)"
-)
-IDLE_CONTACTS = (
-    f"SELECT c.id FROM contacts c WHERE {_IDLE_CONTACT.format(cutoff=1)} AND c.id > ?2 ORDER BY c.id LIMIT ?3"
-)
-DELETE_IDLE_CONTACTS = (
-    f"DELETE FROM contacts AS c WHERE c.id IN (SELECT value FROM json_each(?1)) AND {_IDLE_CONTACT.format(cutoff=2)}"
-)
-# Sent and skipped messages (their texts): through outbox_by_state, oldest ids first.
-OLD_DONE_OUTBOX = (
-    "SELECT id FROM outbox WHERE state IN ('sent', 'skipped') AND created_at < ?1 ORDER BY state, id LIMIT ?3"
-)
-DELETE_DONE_OUTBOX = (
-    "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?1)) "
-    "AND state IN ('sent', 'skipped') AND created_at < ?2"
-)
-
 OUTBOX_IDS = (
     "SELECT json_group_object(key, id) FROM outbox WHERE key IN (SELECT json_extract(value, '$[0]') FROM json_each(?))"
 )
+# Run by the writer (the contact of each inbox commit) and by sqlite_reads.select_contacts.
+SELECT_CONTACTS = f"SELECT {_names(CONTACT_COLUMNS)} FROM contacts WHERE id IN (SELECT value FROM json_each(?))"
 
 
 def _dump(value: JSONDict | None) -> str | None:
@@ -399,56 +369,3 @@ def event_from_json(text: str) -> InboundEvent:
         reply_token_expires_at=d["reply_token_expires_at"],
         sender_name=d["sender_name"],
     )
-
-
-# -- reads: run on the reader connection's thread ---------------------------------------------------
-
-
-def select_sessions(conn: sqlite3.Connection, tail: str, params: Sequence[Any]) -> list[Session]:
-    """Sessions matching ``tail`` (WHERE/ORDER BY/LIMIT)."""
-    sql = f"SELECT {_names(SESSION_COLUMNS)} FROM sessions {tail}"
-    return [row_to_session(r) for r in conn.execute(sql, params)]
-
-
-def select_outbox(conn: sqlite3.Connection, tail: str, params: Sequence[Any]) -> list[OutboundMessage]:
-    """Outbox messages matching ``tail`` (WHERE/ORDER BY/LIMIT)."""
-    sql = f"SELECT {_names(OUTBOX_COLUMNS)} FROM outbox {tail}"
-    return [row_to_outbound(r) for r in conn.execute(sql, params)]
-
-
-SELECT_CONTACTS = f"SELECT {_names(CONTACT_COLUMNS)} FROM contacts WHERE id IN (SELECT value FROM json_each(?))"
-
-
-def select_contacts(conn: sqlite3.Connection, contact_ids: Sequence[str]) -> dict[str, Contact]:
-    """The contacts that exist among ``contact_ids``, by id, in one query."""
-    return {row[0]: row_to_contact(row) for row in conn.execute(SELECT_CONTACTS, (json.dumps(list(contact_ids)),))}
-
-
-def select_pending_inbound(conn: sqlite3.Connection) -> list[StoredEvent]:
-    """Inbound events not yet handled, in id order."""
-    sql = "SELECT id, endpoint, arrival_at, payload FROM inbound WHERE state = 'pending' ORDER BY id"
-    return [StoredEvent(r[0], r[1], r[2], event_from_json(r[3])) for r in conn.execute(sql)]
-
-
-def select_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
-    """The first column of every row ``sql`` selects (retention candidates)."""
-    return [row[0] for row in conn.execute(sql, params)]
-
-
-def select_overrides(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-    """scope -> runtime settings."""
-    return {scope: json.loads(value) for scope, value in conn.execute("SELECT scope, value FROM overrides")}
-
-
-def encode_cursor(session: Session) -> str:
-    """The opaque ``list_sessions`` cursor after ``session`` (its sort key, base64 JSON)."""
-    return base64.urlsafe_b64encode(json.dumps([session.started_at, session.id]).encode()).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    """The sort key in a cursor; ValueError for anything ``encode_cursor`` did not produce."""
-    try:
-        started_at, session_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return float(started_at), str(session_id)
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise ValueError(f"invalid cursor {cursor!r}") from exc
