@@ -461,6 +461,13 @@ async def test_concurrent_commits_are_group_committed_and_durable(store: Store, 
         await store.aclose()
 
 
+def test_inbox_payload_keeps_what_only_the_standard_library_writes() -> None:
+    """The inbox payload is written with orjson; an integer past 64 bits in an attachment (a
+    platform's JSON may carry one) falls back to the standard library and reads back the same."""
+    event = InboundEvent(conversation="c", kind=EventKind.MESSAGE, dedup_key="d", attachments=({"size": 10**30},))
+    assert sqlite_rows.event_from_json(sqlite_rows.event_to_json(event)) == event
+
+
 async def test_bad_changes_fail_alone(store: Store) -> None:
     unserialisable = make_session(1)
     unserialisable.variables = {"x": object()}

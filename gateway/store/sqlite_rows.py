@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from gateway.models import (
     CloseReason,
     Contact,
@@ -336,22 +338,25 @@ def row_to_outbound(r: Row) -> OutboundMessage:
 
 
 def event_to_json(e: InboundEvent) -> str:
-    """The inbound event as the JSON payload of its inbox row."""
-    return json.dumps(
-        {
-            "conversation": e.conversation,
-            "kind": e.kind.value,
-            "dedup_key": e.dedup_key,
-            "message_id": e.message_id,
-            "text": e.text,
-            "attachments": list(e.attachments),
-            "timestamp": e.timestamp,
-            "reply_token": e.reply_token,
-            "reply_token_expires_at": e.reply_token_expires_at,
-            "sender_name": e.sender_name,
-        },
-        separators=(",", ":"),
-    )
+    """The inbound event as the JSON payload of its inbox row: orjson (once per message), or
+    the standard library for what orjson cannot write (an integer past 64 bits in a platform's
+    attachment) and the standard library reads back."""
+    payload = {
+        "conversation": e.conversation,
+        "kind": e.kind.value,
+        "dedup_key": e.dedup_key,
+        "message_id": e.message_id,
+        "text": e.text,
+        "attachments": list(e.attachments),
+        "timestamp": e.timestamp,
+        "reply_token": e.reply_token,
+        "reply_token_expires_at": e.reply_token_expires_at,
+        "sender_name": e.sender_name,
+    }
+    try:
+        return orjson.dumps(payload).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(payload, separators=(",", ":"))
 
 
 def event_from_json(text: str) -> InboundEvent:
