@@ -137,13 +137,14 @@ class SessionBook:
                 self._metrics.observe("gateway_close_lag_seconds", max(0.0, lag_s), session.endpoint)
             if self._stats.record_lags:
                 self._stats.close_lags_s.append(lag_s)
-        log.debug(
-            "session closed: %s reason=%s notice=%s",
-            session.id,
-            session.close_reason,
-            session.notice,
-            extra=log_context(session.endpoint, session.conversation, session.id),
-        )
+        if log.isEnabledFor(logging.DEBUG):  # log_context costs a dict per call
+            log.debug(
+                "session closed: %s reason=%s notice=%s",
+                session.id,
+                session.close_reason,
+                session.notice,
+                extra=log_context(session.endpoint, session.conversation, session.id),
+            )
         self.notify(session)
         for hook in self.close_hooks:
             hook(session)
