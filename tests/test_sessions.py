@@ -245,3 +245,44 @@ async def test_restore_gives_the_garbage_collector_back(tmp_path: Path, start_ga
     gateway = await start_gateway(make_settings(tmp_path, [webchat_endpoint()]))
     assert gateway.manager.ready
     assert gc.isenabled()
+
+
+async def test_a_burst_of_closes_lets_the_loop_run_between_chunks(tmp_path: Path, start_gateway: Any) -> None:
+    """Sessions due together close in batches of 500; each batch's committed closes leave memory
+    100 at a time with the loop running between (closing.AFTER_CLOSE_CHUNK), so a burst holds no
+    timer back for long. Counted in loop iterations, not time: a callback that re-schedules itself
+    each iteration numbers them, and the closes of one batch must span several."""
+    gateway = await start_gateway(make_settings(tmp_path, [webchat_endpoint(minutes=0.01)]))
+    loop = asyncio.get_running_loop()
+    iteration = 0
+    ticking = True
+
+    def tick() -> None:
+        nonlocal iteration
+        iteration += 1
+        if ticking:
+            loop.call_soon(tick)
+
+    closed_in: dict[str, int] = {}
+    all_closed = asyncio.Event()
+
+    def on_session(session: Any) -> None:
+        if not session.is_open:
+            closed_in[session.id] = iteration
+            if len(closed_in) == 600:
+                all_closed.set()
+
+    gateway.manager.listeners.append(on_session)
+    arrival = time.time()  # one arrival for all: one deadline, one fire, batches of 500 and 100
+    await asyncio.gather(*(gateway.manager.accept("web", _message(f"b{n}", "hi", n), arrival) for n in range(600)))
+    await gateway.settle()
+    loop.call_soon(tick)
+    try:
+        await asyncio.wait_for(all_closed.wait(), 30)
+    finally:
+        ticking = False
+    iterations = sorted(set(closed_in.values()))
+    # 600 closes, at most 100 per iteration and batch (two batches may share an iteration).
+    assert len(iterations) >= 4, iterations
+    per_iteration = [sum(1 for i in closed_in.values() if i == it) for it in iterations]
+    assert max(per_iteration) <= 200, per_iteration
