@@ -468,6 +468,32 @@ def test_inbox_payload_keeps_what_only_the_standard_library_writes() -> None:
     assert sqlite_rows.event_from_json(sqlite_rows.event_to_json(event)) == event
 
 
+async def test_a_queued_commit_is_applied_when_its_waiter_is_cancelled(sqlite_store: SqliteStore) -> None:
+    """SqliteStore.commit queues the write before it returns and hands back the writer's future:
+    cancelling the task that awaits it (a shutdown) while the write still waits in the queue
+    must not lose it. Outbox._record relies on this for a "sent" mark instead of a shield task."""
+    # The writer is busy with a big batch on its thread while the small write waits in the queue.
+    big = sqlite_store.commit(Change(sessions=[make_session(i) for i in range(100, 20100)]))
+    await asyncio.sleep(0)
+    session = make_session(1)
+    pending = sqlite_store.commit(Change(sessions=[session]))
+    assert isinstance(pending, asyncio.Future)
+
+    async def wait() -> None:
+        await pending
+
+    waiter = asyncio.create_task(wait())
+    await asyncio.sleep(0)  # the waiter is suspended on the queued write now
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert pending.cancelled()
+    await big
+    await sqlite_store.commit(Change())  # a later write: the batch before it has committed
+    stored = await sqlite_store.get_session(session.id)
+    assert stored is not None and stored.id == session.id
+
+
 async def test_bad_changes_fail_alone(store: Store) -> None:
     unserialisable = make_session(1)
     unserialisable.variables = {"x": object()}
