@@ -72,6 +72,9 @@ class GuardedProtocol(asyncio.Protocol):
         self._stage = _Stage.HEAD
         self._next_begun = False  # bytes of the next request came while one was handled
         self._timer: asyncio.TimerHandle | None = None
+        # Kept per connection, not looked up per request: on Python 3.11 every
+        # get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -137,7 +140,7 @@ class GuardedProtocol(asyncio.Protocol):
 
     def _arm(self) -> None:
         self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(self._guard.read_timeout_s, self._cut)
+        self._timer = self._loop.call_later(self._guard.read_timeout_s, self._cut)
 
     def _disarm(self) -> None:
         if self._timer is not None:

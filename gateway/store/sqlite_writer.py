@@ -297,12 +297,15 @@ class GroupCommitWriter:
         self._stopping = False
         self.batches_committed = 0
         self.ops_committed = 0
-        self._task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+        # Kept, not looked up per write: on Python 3.11 every get_running_loop() is a getpid()
+        # system call (three writes per message).
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._write_loop(), name="sqlite-writer")
 
     def submit(self, work: Work, change: Change | None = None) -> asyncio.Future[Any]:
         """Queue ``work``; the future gets its result once its batch committed. A write is applied
         even if the caller stops waiting (the future is not the write)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._queue.append(_Op(work, future, change))
         self._wakeup.set()
         return future
