@@ -11,8 +11,10 @@ each server of bench/ingest.py (the bare relay, the gateway, and with ``--before
 as of an earlier commit) under ``valgrind --tool=callgrind`` with counting off while it starts
 and warms up, then turns counting on (``callgrind_control -i on``), sends ``--messages`` signed
 Slack events (a new user and DM channel each, 16 in flight), waits until the fake Slack API
-counted every reply, and dumps the count (all the server's threads). Printed: instructions per
-message and the ratios. It says nothing about waiting (latency); bench/ingest.py does.
+counted every reply, and dumps the count (all the server's threads). Then, for the kernel's
+side that callgrind does not see, each server runs again without valgrind and ``strace -f -c``
+counts its system calls over five times as many messages. Printed: instructions and system
+calls per message, and the ratios. It says nothing about waiting (latency); bench/ingest.py does.
 
 Under callgrind a server runs ~50x slower; it takes a few minutes. Use it to see what a change
 to the hot path buys: ``--servers gateway --before HEAD``.
@@ -23,8 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +51,7 @@ from ingest import (
 
 WARMUP_MESSAGES = 100
 IN_FLIGHT = 16
+SYSCALL_RUN = 5  # the system call count runs at full speed: this many times --messages
 
 
 def callgrind_total(out_dir: Path) -> int:
@@ -99,15 +104,60 @@ async def count(kind: str, messages: int, fake: Fake, workdir: Path, before: Pat
         stop_server(process)
 
 
+def strace_calls(report: Path) -> dict[str, int]:
+    """System call -> calls, from ``strace -c``'s table (and ``total``)."""
+    calls: dict[str, int] = {}
+    for line in report.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[0].replace(".", "", 1).isdigit() and fields[3].isdigit():
+            calls[fields[-1]] = int(fields[3])
+    return calls
+
+
+async def count_syscalls(kind: str, messages: int, fake: Fake, workdir: Path, before: Path | None) -> dict[str, int]:
+    """System calls of server ``kind`` (all threads) while it handles ``messages`` events:
+    ``strace -f -c`` attached once it is warm, detached once every reply arrived."""
+    directory = workdir / f"{kind}-strace"
+    directory.mkdir()
+    port = free_port()
+    process = start_server(kind, port, fake.origin, directory, before)
+    try:
+        await wait_ready(kind, port, process)
+        url = f"http://127.0.0.1:{port}{PATH}"
+        warm, measured = directory / "warm.events", directory / "run.events"
+        write_events(warm, f"{kind[0]}W", WARMUP_MESSAGES)
+        write_events(measured, f"{kind[0]}S", messages, start=WARMUP_MESSAGES)
+        await send(url, warm)
+        await fake.replies_settled(WARMUP_MESSAGES, 60)
+        await fake.call("POST", "/reset")
+        report = directory / "strace.txt"
+        threads = [f"-p{tid}" for tid in os.listdir(f"/proc/{process.pid}/task")]
+        tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(report), *threads], stderr=subprocess.DEVNULL)
+        await asyncio.sleep(1.0)  # attached to every thread
+        await send(url, measured)
+        replies = await fake.replies_settled(messages, 120)
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(30)
+        if replies < messages:
+            raise RuntimeError(f"{kind}: {replies} of {messages} replies arrived")
+        return strace_calls(report)
+    finally:
+        stop_server(process)
+
+
 async def run(args: argparse.Namespace) -> int:
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("valgrind is missing: apt-get install -y valgrind", flush=True)
         subprocess.run(["apt-get", "install", "-y", "valgrind"], check=True, stdout=subprocess.DEVNULL)
+    if not shutil.which("strace"):
+        print("strace is missing: apt-get install -y strace", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "strace"], check=True, stdout=subprocess.DEVNULL)
     servers = [s for s in args.servers.split(",") if s]
     if args.before and "before" not in servers:
         servers.insert(servers.index("gateway") if "gateway" in servers else len(servers), "before")
     fake = Fake(free_port())
     per_message: dict[str, float] = {}
+    syscalls: dict[str, float] = {}
     try:
         with contextlib.ExitStack() as stack:
             if args.keep:
@@ -124,11 +174,22 @@ async def run(args: argparse.Namespace) -> int:
                     f"({time.monotonic() - started:.0f} s)",
                     flush=True,
                 )
+                calls = await count_syscalls(kind, args.messages * SYSCALL_RUN, fake, Path(tmp), before)
+                per_call = {name: n / (args.messages * SYSCALL_RUN) for name, n in calls.items()}
+                syscalls[kind] = per_call.pop("total", 0.0)
+                top = sorted(per_call.items(), key=lambda item: -item[1])[:6]
+                print(
+                    f"{kind:8} {syscalls[kind]:8.1f} system calls per message ("
+                    + ", ".join(f"{name} {n:.1f}" for name, n in top)
+                    + ")",
+                    flush=True,
+                )
     finally:
         fake.stop()
     for a, b in (("gateway", "relay"), ("gateway", "before")):
         if a in per_message and b in per_message:
             print(f"ratio {a}/{b} instructions per message: {per_message[a] / per_message[b]:.3f}")
+            print(f"ratio {a}/{b} system calls per message: {syscalls[a] / syscalls[b]:.3f}")
     return 0
 
 
