@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import gc
 import subprocess
 import sys
@@ -171,7 +172,7 @@ async def baseline(sessions: int, due: int) -> None:
         handle.cancel()
 
 
-async def main(sessions: int, due: int, messages: int, *, freeze: bool = True) -> None:
+async def main(sessions: int, due: int, messages: int, *, freeze: bool = True, profile: Path | None = None) -> None:
     with tempfile.TemporaryDirectory() as directory:
         db = Path(directory) / "bench.db"
         seeded_at = time.time()
@@ -255,9 +256,16 @@ async def main(sessions: int, due: int, messages: int, *, freeze: bool = True) -
         print(f"re-arm earlier (setting shortened): {due / (time.perf_counter() - started):,.0f}/s")
         stall = StallMeter()
         stall.start()
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:
+            profiler.enable()
         while manager.stats.closes_committed < due and time.time() < window_start + 30:
             await asyncio.sleep(0.05)
         await stall.stop()
+        if profiler is not None and profile is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+            print(f"event loop profile of the burst (cProfile, it slows the loop): {profile}")
         fire_p99_ms = percentile(manager.stats.fire_lags_s, 99) * 1000
         print(lag_line("fire lag (timer ran - deadline)", manager.stats.fire_lags_s) + " (B3: vs bare, below)")
         print(lag_line("close lag (close committed - deadline)", manager.stats.close_lags_s) + " (contract: < 100 ms)")
@@ -285,6 +293,7 @@ if __name__ == "__main__":
     parser.add_argument("--seeded-at", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-freeze", action="store_true", help="skip gc.freeze() after restore (to compare)")
+    parser.add_argument("--profile-burst", type=Path, metavar="FILE", help="cProfile the event loop in the burst")
     args = parser.parse_args()
     if args.baseline:
         asyncio.run(baseline(args.sessions, args.due))
@@ -292,4 +301,4 @@ if __name__ == "__main__":
         asyncio.run(seed(args.seed, args.sessions, args.due, args.seeded_at))
     else:
         messages = min(args.messages, args.sessions - args.due)
-        asyncio.run(main(args.sessions, args.due, messages, freeze=not args.no_freeze))
+        asyncio.run(main(args.sessions, args.due, messages, freeze=not args.no_freeze, profile=args.profile_burst))
