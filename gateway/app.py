@@ -38,7 +38,8 @@ from gateway.keys import ADAPTERS, CLOCK, MANAGER, METRICS, OUTBOX, OWNERSHIP, S
 from gateway.logs import log_context
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.models import Session
-from gateway.outbox import Outbox, RetryPolicy
+from gateway.outbox import Outbox
+from gateway.outbox_outcomes import RetryPolicy
 from gateway.ratelimit import RateLimiter
 from gateway.runtime_settings import apply_stored_settings, load_policies
 from gateway.serving import GuardedSite, log_loop_exceptions, make_runner, raise_open_files_limit, read_in_time

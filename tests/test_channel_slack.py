@@ -15,7 +15,8 @@ from slack_sdk.signature import SignatureVerifier
 import channels.slack as slack
 from channels.base import WebhookRequest
 from channels.registry import Channel, create_adapter
-from channels.slack import SlackAdapter, conversation_of, is_user_message, split_conversation
+from channels.slack import SlackAdapter
+from channels.slack_parse import conversation_of, is_user_message, split_conversation
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
 from gateway.models import EventKind, OutboundMessage
 from gateway.settings import EndpointSettings, Secret

@@ -24,7 +24,8 @@ from channels.line import retry_key
 from channels.registry import Channel, create_adapter
 from gateway.errors import StoreError
 from gateway.models import Change, MessageKind, OutboundMessage, OutboxState
-from gateway.outbox import Outbox, RetryPolicy
+from gateway.outbox import Outbox
+from gateway.outbox_outcomes import RetryPolicy
 from gateway.settings import EndpointSettings, Secret
 from gateway.store.sqlite import SqliteStore
 from tests.fakeplatform import Answer, FakePlatform, RecordedRequest

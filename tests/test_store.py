@@ -471,7 +471,7 @@ def test_inbox_payload_keeps_what_only_the_standard_library_writes() -> None:
 async def test_a_queued_commit_is_applied_when_its_waiter_is_cancelled(sqlite_store: SqliteStore) -> None:
     """SqliteStore.commit queues the write before it returns and hands back the writer's future:
     cancelling the task that awaits it (a shutdown) while the write still waits in the queue
-    must not lose it. Outbox._record relies on this for a "sent" mark instead of a shield task."""
+    must not lose it. gateway.outbox_outcomes._record relies on this for a "sent" mark instead of a shield task."""
     # The writer is busy with a big batch on its thread while the small write waits in the queue.
     big = sqlite_store.commit(Change(sessions=[make_session(i) for i in range(100, 20100)]))
     await asyncio.sleep(0)
