@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import platform
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -162,11 +162,20 @@ class Metrics:
 
     def observe(self, name: str, seconds: float, endpoint: str) -> None:
         """Record ``seconds`` in histogram ``name`` (one of ``HISTOGRAMS``) for ``endpoint``."""
+        self._histogram(name, endpoint).observe(seconds)
+
+    def observe_many(self, name: str, values: Iterable[float], endpoint: str) -> None:
+        """``observe`` each of ``values``: one lookup for a burst (a mass expiry's closes)."""
+        observe = self._histogram(name, endpoint).observe
+        for seconds in values:
+            observe(seconds)
+
+    def _histogram(self, name: str, endpoint: str) -> _Histogram:
         series = self._histograms[name]
         histogram = series.get(endpoint)
         if histogram is None:
             histogram = series[endpoint] = _Histogram(HISTOGRAMS[name].buckets)
-        histogram.observe(seconds)
+        return histogram
 
     # -- start and scrape ---------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from gateway.store.base import SessionQuery
 from gateway.wire import parse_iso
 from tests.conftest import make_settings, webchat_endpoint
 from tests.scripted_flow import ScriptedFlow
+from tests.test_metrics import scrape, value
 
 
 def _message(conversation: str, text: str, n: int) -> InboundEvent:
@@ -286,3 +287,8 @@ async def test_a_burst_of_closes_lets_the_loop_run_between_chunks(tmp_path: Path
     assert len(iterations) >= 4, iterations
     per_iteration = [sum(1 for i in closed_in.values() if i == it) for it in iterations]
     assert max(per_iteration) <= 200, per_iteration
+    # Their metrics are counted per batch and per timer round, not per session: none is lost.
+    samples, _ = await scrape(gateway)
+    assert value(samples, "gateway_sessions_closed_total", endpoint="web", reason="inactivity") == 600
+    assert value(samples, "gateway_close_lag_seconds_count", endpoint="web") == 600
+    assert value(samples, "gateway_timer_fire_lag_seconds_count", endpoint="web") == 600

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from gateway.logs import log_context
 from gateway.metrics import Metrics
@@ -124,30 +124,45 @@ class SessionBook:
 
     def after_close(self, slot: Conversation, session: Session) -> None:
         """A close of ``session`` committed: it leaves memory; listeners and hooks hear of it."""
-        if slot.session is session:
-            slot.session = None
-            self._timers.disarm(slot)
-            self.open_count -= 1
-        self._metrics.inc("gateway_sessions_closed_total", endpoint=session.endpoint, reason=str(session.close_reason))
-        self._stats.closes_committed += 1
-        if session.close_reason is CloseReason.INACTIVITY and session.expires_at:
-            lag_s = self._clock() - session.expires_at
-            policy = self._policies.get(session.endpoint)
-            if policy is not None and policy.mode is SessionMode.PROACTIVE:
-                self._metrics.observe("gateway_close_lag_seconds", max(0.0, lag_s), session.endpoint)
-            if self._stats.record_lags:
-                self._stats.close_lags_s.append(lag_s)
-        if log.isEnabledFor(logging.DEBUG):  # log_context costs a dict per call
-            log.debug(
-                "session closed: %s reason=%s notice=%s",
-                session.id,
-                session.close_reason,
-                session.notice,
-                extra=log_context(session.endpoint, session.conversation, session.id),
-            )
-        self.notify(session)
-        for hook in self.close_hooks:
-            hook(session)
+        self.after_closes([(slot, session)])
+
+    def after_closes(self, closed: Sequence[tuple[Conversation, Session]]) -> None:
+        """``after_close`` for closes committed together (a batch of due sessions): each leaves
+        memory and is announced; their metrics are counted once per endpoint, not per session
+        (in a mass expiry the event loop's work per close is what limits it)."""
+        now = self._clock()  # they committed together
+        counts: dict[tuple[str, str], int] = {}
+        lags: dict[str, list[float]] = {}
+        for slot, session in closed:
+            if slot.session is session:
+                slot.session = None
+                self._timers.disarm(slot)
+                self.open_count -= 1
+            key = (session.endpoint, str(session.close_reason))
+            counts[key] = counts.get(key, 0) + 1
+            if session.close_reason is CloseReason.INACTIVITY and session.expires_at:
+                lag_s = now - session.expires_at
+                policy = self._policies.get(session.endpoint)
+                if policy is not None and policy.mode is SessionMode.PROACTIVE:
+                    lags.setdefault(session.endpoint, []).append(max(0.0, lag_s))
+                if self._stats.record_lags:
+                    self._stats.close_lags_s.append(lag_s)
+            if log.isEnabledFor(logging.DEBUG):  # log_context costs a dict per call
+                log.debug(
+                    "session closed: %s reason=%s notice=%s",
+                    session.id,
+                    session.close_reason,
+                    session.notice,
+                    extra=log_context(session.endpoint, session.conversation, session.id),
+                )
+            self.notify(session)
+            for hook in self.close_hooks:
+                hook(session)
+        self._stats.closes_committed += len(closed)
+        for (endpoint, reason), count in counts.items():
+            self._metrics.inc("gateway_sessions_closed_total", count, endpoint=endpoint, reason=reason)
+        for endpoint, values in lags.items():
+            self._metrics.observe_many("gateway_close_lag_seconds", values, endpoint)
 
     def notify(self, session: Session) -> None:
         for listener in self.listeners:

@@ -234,14 +234,17 @@ class SessionCloser:
             change.closes.append(slot.session)  # nothing else changed since its last commit
         await self._store.commit(change)
         refused = change.refused_closes
-        for n, (slot, session) in enumerate(zip(closing, change.closes, strict=True)):
-            if n and n % AFTER_CLOSE_CHUNK == 0:
+        closed = list(zip(closing, change.closes, strict=True))
+        for start in range(0, len(closed), AFTER_CLOSE_CHUNK):
+            if start:
                 await asyncio.sleep(0)
-            if session.id in refused:
-                await self._refused(slot, session, refused[session.id])
-            else:
-                self._book.after_close(slot, session)
-            self._scheduler.release(slot)
+            chunk = closed[start : start + AFTER_CLOSE_CHUNK]
+            for slot, session in chunk:
+                if session.id in refused:
+                    await self._refused(slot, session, refused[session.id])
+            self._book.after_closes([(slot, session) for slot, session in chunk if session.id not in refused])
+            for slot, _ in chunk:
+                self._scheduler.release(slot)
         self._book.submit([m for m in change.outbox if m.id])  # a refused close queued no notice
 
     def _needs_contact(self, session: Session) -> bool:

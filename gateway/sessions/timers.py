@@ -135,17 +135,21 @@ class SessionTimers:
             self._stats.timer_rearms += 1  # woke before its wall-clock deadline (a step back): re-arms below
         heap = self._heap
         ran = 0
+        lags: dict[str, list[float]] = {}  # fire lags by endpoint, into the metrics once per round
         while heap and heap[0][0] <= due_by and ran < RUN_PER_CALLBACK:
             deadline, slot = heapq.heappop(heap)
             if slot.armed_at is not deadline:
                 continue  # stale: disarmed, or re-armed earlier since
             slot.armed_at = None
             ran += 1
-            self._fire(slot)
+            self._fire(slot, lags)
+        if self._metrics is not None:
+            for endpoint, values in lags.items():
+                self._metrics.observe_many("gateway_timer_fire_lag_seconds", values, endpoint)
         if heap and not self._stopped and heap[0][0] < self._wakeup_at:
             self._wake_for(heap[0][0])  # due already after a full round: runs next iteration
 
-    def _fire(self, slot: Conversation) -> None:
+    def _fire(self, slot: Conversation, lags: dict[str, list[float]]) -> None:
         session = slot.session
         if session is None:
             return
@@ -156,8 +160,7 @@ class SessionTimers:
             return
         if session.expires_at is not None:
             lag_s = self._clock() - session.expires_at
-            if self._metrics is not None:
-                self._metrics.observe("gateway_timer_fire_lag_seconds", max(0.0, lag_s), slot.endpoint)
+            lags.setdefault(slot.endpoint, []).append(max(0.0, lag_s))
             if self._stats.record_lags:
                 self._stats.fire_lags_s.append(lag_s)
         self._on_due(slot, session)
