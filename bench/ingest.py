@@ -68,16 +68,18 @@ WARMUP_EVENTS = 300
 # -- machine and tools -------------------------------------------------------------------------------
 
 
-def ensure_wrk() -> str:
-    """The wrk binary; installed from Debian's packages when missing (needs root)."""
-    found = shutil.which("wrk")
+def ensure_tool(binary: str, package: str | None = None) -> str:
+    """The path of ``binary``; installed from Debian's ``package`` (default: the same name) when
+    missing (needs root)."""
+    found = shutil.which(binary)
     if found:
         return found
-    print("wrk is missing: apt-get install -y wrk", flush=True)
-    subprocess.run(["apt-get", "install", "-y", "wrk"], check=True, stdout=subprocess.DEVNULL)
-    found = shutil.which("wrk")
+    package = package or binary
+    print(f"{binary} is missing: apt-get install -y {package}", flush=True)
+    subprocess.run(["apt-get", "install", "-y", package], check=True, stdout=subprocess.DEVNULL)
+    found = shutil.which(binary)
     if not found:
-        raise SystemExit("wrk could not be installed")
+        raise SystemExit(f"{binary} could not be installed")
     return found
 
 
@@ -401,7 +403,7 @@ def verdict(results: list[Result], found: dict[str, float]) -> list[str]:
 
 
 async def run_all(args: argparse.Namespace) -> int:
-    wrk = ensure_wrk()
+    wrk = ensure_tool("wrk")
     servers = [s for s in args.servers.split(",") if s]
     if args.before and "before" not in servers:
         servers.insert(servers.index("gateway") if "gateway" in servers else len(servers), "before")

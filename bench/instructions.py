@@ -27,17 +27,18 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ingest import (
     PATH,
     Fake,
+    ensure_tool,
     export_tree,
     free_port,
     load,
@@ -72,36 +73,68 @@ async def send(url: str, events: Path) -> None:
     await warm_up(url, events, in_flight=IN_FLIGHT)
 
 
-async def count(kind: str, messages: int, fake: Fake, workdir: Path, before: Path | None) -> float:
-    """Instructions per message of server ``kind``."""
-    directory = workdir / kind
+async def measure(
+    kind: str,
+    messages: int,
+    fake: Fake,
+    directory: Path,
+    before: Path | None,
+    *,
+    begin: Callable[[int], Awaitable[None]],
+    end: Callable[[int], Awaitable[None]],
+    wrapper: tuple[str, ...] = (),
+) -> None:
+    """Start server ``kind`` (under ``wrapper``), warm it up, ``begin(pid)``, send ``messages``
+    events and wait for every reply, ``end(pid)``; the server stops in any case."""
     directory.mkdir()
     port = free_port()
-    wrapper = (
-        "valgrind",
-        "--tool=callgrind",
-        "--instr-atstart=no",
-        f"--callgrind-out-file={directory}/callgrind.out.%p",
-    )
     process = start_server(kind, port, fake.origin, directory, before, wrapper)
     try:
         await wait_ready(kind, port, process, timeout_s=600)
         url = f"http://127.0.0.1:{port}{PATH}"
         warm, measured = directory / "warm.events", directory / "run.events"
-        write_events(warm, f"{kind[0]}w", WARMUP_MESSAGES)
-        write_events(measured, kind[0], messages, start=WARMUP_MESSAGES)
+        write_events(warm, f"{directory.name}w", WARMUP_MESSAGES)
+        write_events(measured, directory.name, messages, start=WARMUP_MESSAGES)
         await send(url, warm)
         await fake.replies_settled(WARMUP_MESSAGES, 120)
         await fake.call("POST", "/reset")
-        subprocess.run(["callgrind_control", "-i", "on", str(process.pid)], check=True, capture_output=True)
+        await begin(process.pid)
         await send(url, measured)
         replies = await fake.replies_settled(messages, 300)
-        subprocess.run(["callgrind_control", "-d", str(process.pid)], check=True, capture_output=True)
+        await end(process.pid)
         if replies < messages:
             raise RuntimeError(f"{kind}: {replies} of {messages} replies arrived")
-        return callgrind_total(directory) / messages
     finally:
         stop_server(process)
+
+
+async def count(kind: str, messages: int, fake: Fake, workdir: Path, before: Path | None) -> float:
+    """Instructions per message of server ``kind``: counting on once it is warm, dumped once
+    every reply arrived."""
+    directory = workdir / kind
+
+    async def counting_on(pid: int) -> None:
+        subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True)
+
+    async def dump(pid: int) -> None:
+        subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+
+    await measure(
+        kind,
+        messages,
+        fake,
+        directory,
+        before,
+        begin=counting_on,
+        end=dump,
+        wrapper=(
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={directory}/callgrind.out.%p",
+        ),
+    )
+    return callgrind_total(directory) / messages
 
 
 def strace_calls(report: Path) -> dict[str, int]:
@@ -118,40 +151,26 @@ async def count_syscalls(kind: str, messages: int, fake: Fake, workdir: Path, be
     """System calls of server ``kind`` (all threads) while it handles ``messages`` events:
     ``strace -f -c`` attached once it is warm, detached once every reply arrived."""
     directory = workdir / f"{kind}-strace"
-    directory.mkdir()
-    port = free_port()
-    process = start_server(kind, port, fake.origin, directory, before)
-    try:
-        await wait_ready(kind, port, process)
-        url = f"http://127.0.0.1:{port}{PATH}"
-        warm, measured = directory / "warm.events", directory / "run.events"
-        write_events(warm, f"{kind[0]}W", WARMUP_MESSAGES)
-        write_events(measured, f"{kind[0]}S", messages, start=WARMUP_MESSAGES)
-        await send(url, warm)
-        await fake.replies_settled(WARMUP_MESSAGES, 60)
-        await fake.call("POST", "/reset")
-        report = directory / "strace.txt"
-        threads = [f"-p{tid}" for tid in os.listdir(f"/proc/{process.pid}/task")]
-        tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(report), *threads], stderr=subprocess.DEVNULL)
+    report = directory / "strace.txt"
+    tracers: list[subprocess.Popen[bytes]] = []
+
+    async def attach(pid: int) -> None:
+        threads = [f"-p{tid}" for tid in os.listdir(f"/proc/{pid}/task")]
+        tracers.append(subprocess.Popen(["strace", "-f", "-c", "-o", str(report), *threads], stderr=subprocess.DEVNULL))
         await asyncio.sleep(1.0)  # attached to every thread
-        await send(url, measured)
-        replies = await fake.replies_settled(messages, 120)
-        tracer.send_signal(signal.SIGINT)
-        tracer.wait(30)
-        if replies < messages:
-            raise RuntimeError(f"{kind}: {replies} of {messages} replies arrived")
-        return strace_calls(report)
-    finally:
-        stop_server(process)
+
+    async def detach(pid: int) -> None:
+        for tracer in tracers:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(30)
+
+    await measure(kind, messages, fake, directory, before, begin=attach, end=detach)
+    return strace_calls(report)
 
 
 async def run(args: argparse.Namespace) -> int:
-    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
-        print("valgrind is missing: apt-get install -y valgrind", flush=True)
-        subprocess.run(["apt-get", "install", "-y", "valgrind"], check=True, stdout=subprocess.DEVNULL)
-    if not shutil.which("strace"):
-        print("strace is missing: apt-get install -y strace", flush=True)
-        subprocess.run(["apt-get", "install", "-y", "strace"], check=True, stdout=subprocess.DEVNULL)
+    ensure_tool("callgrind_control", "valgrind")
+    ensure_tool("strace")
     servers = [s for s in args.servers.split(",") if s]
     if args.before and "before" not in servers:
         servers.insert(servers.index("gateway") if "gateway" in servers else len(servers), "before")
