@@ -14,6 +14,7 @@ the instances. Checked against the issue's promises:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -125,6 +126,19 @@ class Recipient:
                 pass
 
 
+@contextlib.asynccontextmanager
+async def delivering_cluster(
+    cluster: Callable[[str], Cluster], instances: int, *, minutes: float
+) -> AsyncIterator[tuple[Cluster, Recipient]]:
+    """``instances`` gateways sending to one fake Send API, whose answers ``Recipient`` gives."""
+    recipient = Recipient()
+    async with FakePlatform() as api:
+        api.respond(SEND_PATH, recipient.answer)
+        nodes = cluster(api.url)
+        await nodes.start(instances, minutes=minutes)
+        yield nodes, recipient
+
+
 async def post(http: aiohttp.ClientSession, node: GatewayProcess, psid: str, text: str) -> None:
     inbound = MESSENGER.text(text, user=psid, event_id=f"{psid}-{text}")
     status = await MESSENGER.post_to(http, node.url, inbound, path=f"/webhooks/{ENDPOINT}")
@@ -167,11 +181,7 @@ async def wait_recorded(prefix: str, psids: list[str], timeout_s: float = 10.0) 
 async def test_round_robin_over_three_instances_one_reply_each_in_order_and_one_close_each(
     cluster: Callable[[str], Cluster],
 ) -> None:
-    recipient = Recipient()
-    async with FakePlatform() as api:
-        api.respond(SEND_PATH, recipient.answer)
-        nodes = cluster(api.url)
-        await nodes.start(3, minutes=0.04)  # 2.4 s of inactivity
+    async with delivering_cluster(cluster, 3, minutes=0.04) as (nodes, recipient):  # 2.4 s of inactivity
         psids = [f"U{i}" for i in range(12)]
         texts = [f"m{j}" for j in range(5)]
         async with aiohttp.ClientSession() as http:
@@ -200,11 +210,7 @@ async def test_round_robin_over_three_instances_one_reply_each_in_order_and_one_
 async def test_kill_9_of_one_instance_its_sessions_close_once_and_its_pending_messages_go_once(
     cluster: Callable[[str], Cluster],
 ) -> None:
-    recipient = Recipient()
-    async with FakePlatform() as api:
-        api.respond(SEND_PATH, recipient.answer)
-        nodes = cluster(api.url)
-        await nodes.start(3, minutes=0.05)  # 3 s of inactivity
+    async with delivering_cluster(cluster, 3, minutes=0.05) as (nodes, recipient):  # 3 s of inactivity
         victim, survivors = nodes.nodes[0], nodes.nodes[1:]
         mine = [f"V{i}" for i in range(6)]  # first message to the victim: it owns them
         stuck = [f"P{i}" for i in range(3)]  # owned by the victim, their replies failing
@@ -246,11 +252,7 @@ async def test_kill_9_of_one_instance_its_sessions_close_once_and_its_pending_me
 
 
 async def test_a_settings_change_through_one_instance_applies_on_all(cluster: Callable[[str], Cluster]) -> None:
-    recipient = Recipient()
-    async with FakePlatform() as api:
-        api.respond(SEND_PATH, recipient.answer)
-        nodes = cluster(api.url)
-        await nodes.start(3, minutes=10)
+    async with delivering_cluster(cluster, 3, minutes=10) as (nodes, recipient):
         psids = [f"S{i}" for i in range(6)]
         async with aiohttp.ClientSession() as http:
             await asyncio.gather(*(post(http, nodes.nodes[i % 3], p, "hi") for i, p in enumerate(psids)))
@@ -274,11 +276,7 @@ async def test_a_settings_change_through_one_instance_applies_on_all(cluster: Ca
 
 
 async def test_operator_actions_through_any_instance_reach_the_owner(cluster: Callable[[str], Cluster]) -> None:
-    recipient = Recipient()
-    async with FakePlatform() as api:
-        api.respond(SEND_PATH, recipient.answer)
-        nodes = cluster(api.url)
-        await nodes.start(2, minutes=10)
+    async with delivering_cluster(cluster, 2, minutes=10) as (nodes, recipient):
         owner, other = nodes.nodes
         async with aiohttp.ClientSession() as http:
             await post(http, owner, "A1", "hi")
@@ -309,11 +307,7 @@ async def test_operator_actions_through_any_instance_reach_the_owner(cluster: Ca
 async def test_a_dead_letter_retried_through_another_instance_is_sent_once_by_the_owner(
     cluster: Callable[[str], Cluster],
 ) -> None:
-    recipient = Recipient()
-    async with FakePlatform() as api:
-        api.respond(SEND_PATH, recipient.answer)
-        nodes = cluster(api.url)
-        await nodes.start(2, minutes=10)
+    async with delivering_cluster(cluster, 2, minutes=10) as (nodes, recipient):
         owner, other = nodes.nodes
         async with aiohttp.ClientSession() as http:
             recipient.refusing.add("D1")
