@@ -49,9 +49,9 @@ import redis
 import yaml
 from aiohttp import web
 from delivery import APP_SECRET, ENDPOINT, PAGE_TOKEN, SEND_PATH, percentile, signed_webhook
-from sessions import SilentFlow, StallMeter, lag_line, policy
+from sessions import BULK, DUE, SilentFlow, StallMeter, lag_line, policy, seeded_changes
 
-from gateway.models import Change, Session
+from gateway.models import Session
 from gateway.outbox import Outbox
 from gateway.sessions import SessionManager
 from gateway.sessions.ownership import SoleOwner
@@ -302,25 +302,8 @@ async def mass_expiry(prefix: str, sessions: int, due: int) -> None:
     await store.open()
     seeded_at = time.time()
     started = time.perf_counter()
-    chunk = 2000
     writes = []
-    for start in range(0, sessions, chunk):
-        change = Change()
-        for n in range(start, min(sessions, start + chunk)):
-            is_due = n < due
-            at = seeded_at + (n / due if is_due else 0.0)
-            change.sessions.append(
-                Session(
-                    id=f"{n:032x}",
-                    endpoint="due" if is_due else "bulk",
-                    channel="webchat",
-                    conversation=f"conversation-{n:07d}",
-                    started_at=at,
-                    last_activity_at=at,
-                    expires_at=at + 3600,
-                    message_count=1,
-                )
-            )
+    for change in seeded_changes(sessions, due, seeded_at, chunk=2000):
         writes.append(store.commit(change))
         if len(writes) >= 8:
             await asyncio.gather(*writes)
@@ -337,7 +320,7 @@ async def mass_expiry(prefix: str, sessions: int, due: int) -> None:
         async def deadlines_moved(self, deadlines: list[tuple[str, float | None]]) -> None:
             await store.set_deadlines(deadlines)
 
-    policies = {"bulk": policy("bulk", 60.0), "due": policy("due", 60.0)}
+    policies = {BULK: policy(BULK, 60.0), DUE: policy(DUE, 60.0)}
     outbox = Outbox(store, {})
     manager = SessionManager(store, SilentFlow(), outbox, policies, max_pending_events=10**9, ownership=OwnsAll())
     started = time.perf_counter()
@@ -350,7 +333,7 @@ async def mass_expiry(prefix: str, sessions: int, due: int) -> None:
     window_start = time.time() + 15.0
     manager.stats.record_lags = True
     started = time.perf_counter()
-    await manager.set_policy(replace(policies["due"], expiration_minutes=(window_start - seeded_at) / 60))
+    await manager.set_policy(replace(policies[DUE], expiration_minutes=(window_start - seeded_at) / 60))
     print(f"re-arm earlier (setting shortened; deadlines stored first): {due / (time.perf_counter() - started):,.0f}/s")
     if time.time() > window_start:
         print("WARNING: the re-arm ended after the window started; the lags below include that")

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,11 +81,9 @@ def policy(endpoint: str, minutes: float) -> EndpointPolicy:
     )
 
 
-async def seed(db: Path, sessions: int, due: int, seeded_at: float) -> None:
-    """Write ``sessions`` open sessions; the ``due`` ones' last activity is spread over 1 s."""
-    store = SqliteStore(db)
-    await store.open()
-    chunk = 20_000
+def seeded_changes(sessions: int, due: int, seeded_at: float, chunk: int) -> Iterator[Change]:
+    """``sessions`` open sessions, ``chunk`` to a change; the ``due`` ones' last activity is
+    spread over 1 s from ``seeded_at`` (also the Redis mass expiry of bench/scale.py)."""
     for start in range(0, sessions, chunk):
         change = Change()
         for n in range(start, min(sessions, start + chunk)):
@@ -102,6 +101,14 @@ async def seed(db: Path, sessions: int, due: int, seeded_at: float) -> None:
                     message_count=1,
                 )
             )
+        yield change
+
+
+async def seed(db: Path, sessions: int, due: int, seeded_at: float) -> None:
+    """Write ``sessions`` open sessions into a SQLite file (``seeded_changes``)."""
+    store = SqliteStore(db)
+    await store.open()
+    for change in seeded_changes(sessions, due, seeded_at, chunk=20_000):
         await store.commit(change)
     await store.aclose()
 
