@@ -4,6 +4,8 @@ tokens, takeover and release. Conventions as in ``redis_scripts``: ``ARGV[1]`` i
 
 from __future__ import annotations
 
+from gateway.store.redis_scripts import GRANT_LEASE
+
 # -- several instances (redis_ownership.py): leases with fencing tokens --------------------------
 # Liveness is the instance's heartbeat in {P}:instances, in Redis's own clock (TIME), so the
 # instances' clocks never matter. A conversation's lease is {owner, token}; every new owner gets
@@ -36,6 +38,7 @@ return redis.call('ZRANGEBYSCORE', ARGV[1]..':instances', '-inf', '('..(now - to
 # ARGV: prefix, dead, me, ttl_ms, count -> {'alive'} | {'ok'|'done', contact, token, ...}
 ADOPT = (
     _NOW_MS
+    + GRANT_LEASE
     + """
 local P, dead, me = ARGV[1], ARGV[2], ARGV[3]
 local score = redis.call('ZSCORE', P..':instances', dead)
@@ -46,11 +49,8 @@ for _, contact in ipairs(redis.call('SRANDMEMBER', owned, tonumber(ARGV[5]))) do
   redis.call('SREM', owned, contact)
   local lease = P..':lease:'..contact
   if redis.call('HGET', lease, 'owner') == dead then
-    local token = t[1]..'.'..redis.call('INCR', P..':fence')
-    redis.call('HSET', lease, 'owner', me, 'token', token)
-    redis.call('SADD', P..':owned:'..me, contact)
     out[#out + 1] = contact
-    out[#out + 1] = token
+    out[#out + 1] = grant_lease(P, me, contact, lease, t[1])
   end
 end
 if redis.call('SCARD', owned) == 0 then
@@ -67,6 +67,7 @@ return out
 # ARGV: prefix, me, ttl_ms, session ids... -> {contact, token, ...}
 ORPHANS = (
     _NOW_MS
+    + GRANT_LEASE
     + """
 local P, me, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out = {}
@@ -86,11 +87,8 @@ for i = 4, #ARGV do
     end
     if not alive then
       if owner then redis.call('SREM', P..':owned:'..owner, contact) end
-      local token = t[1]..'.'..redis.call('INCR', P..':fence')
-      redis.call('HSET', lease, 'owner', me, 'token', token)
-      redis.call('SADD', P..':owned:'..me, contact)
       out[#out + 1] = contact
-      out[#out + 1] = token
+      out[#out + 1] = grant_lease(P, me, contact, lease, t[1])
     end
   end
 end
@@ -102,15 +100,13 @@ return out
 # -> {'acquired'|'mine', token} | {'other'|'dead', owner}
 ACQUIRE = (
     _NOW_MS
+    + GRANT_LEASE
     + """
 local P, me, contact = ARGV[1], ARGV[2], ARGV[4]
 local lease = P..':lease:'..contact
 local owner = redis.call('HGET', lease, 'owner')
 if not owner then
-  local token = t[1]..'.'..redis.call('INCR', P..':fence')
-  redis.call('HSET', lease, 'owner', me, 'token', token)
-  redis.call('SADD', P..':owned:'..me, contact)
-  return {'acquired', token}
+  return {'acquired', grant_lease(P, me, contact, lease, t[1])}
 end
 if owner == me then return {'mine', redis.call('HGET', lease, 'token')} end
 local seen = redis.call('ZSCORE', P..':instances', owner)

@@ -9,6 +9,18 @@ because a script that fails halfway keeps the writes it made.
 
 from __future__ import annotations
 
+# A Lua function the scripts that hand a conversation's lease to an instance begin with: the new
+# owner gets a new fencing token ("<Redis seconds>.<INCR {P}:fence>", see redis_lease_scripts),
+# recorded on the lease and in the owner's set. -> the token
+GRANT_LEASE = """
+local function grant_lease(P, me, contact, lease, seconds)
+  local token = seconds..'.'..redis.call('INCR', P..':fence')
+  redis.call('HSET', lease, 'owner', me, 'token', token)
+  redis.call('SADD', P..':owned:'..me, contact)
+  return token
+end
+"""
+
 # add_inbound: the event durable (dedup id SET NX with the retention TTL, inbox hash, the
 # conversation's pending list) and, in the same step, the deadline moves at acceptance (DESIGN.md
 # "the fire/message race"): when the conversation's open session is not yet due at the arrival,
@@ -18,7 +30,9 @@ from __future__ import annotations
 # ARGV: prefix, endpoint, dedup_key, contact, payload, arrival_at, interaction ('1'|''),
 #       extends_to (''|time), me (''|instance id), retention_s
 # -> {0} for a redelivery, else {id, seq, 'acquired'|'mine'|'forwarded', token|owner}
-ADD_INBOUND = """
+ADD_INBOUND = (
+    GRANT_LEASE
+    + """
 local P = ARGV[1]
 local contact = ARGV[4]
 if not redis.call('SET', P..':dedup:'..ARGV[2]..':'..ARGV[3], '1', 'NX', 'EX', ARGV[10]) then
@@ -46,17 +60,14 @@ if me == '' then return {id, seq, 'mine', ''} end
 local lease = P..':lease:'..contact
 local owner = redis.call('HGET', lease, 'owner')
 if not owner then
-  local t = redis.call('TIME')
-  local token = t[1]..'.'..redis.call('INCR', P..':fence')
-  redis.call('HSET', lease, 'owner', me, 'token', token)
-  redis.call('SADD', P..':owned:'..me, contact)
-  return {id, seq, 'acquired', token}
+  return {id, seq, 'acquired', grant_lease(P, me, contact, lease, redis.call('TIME')[1])}
 end
 if owner == me then return {id, seq, 'mine', redis.call('HGET', lease, 'token')} end
 redis.call('XADD', P..':wake:'..owner, 'MAXLEN', '~', '100000', '*', 'kind', 'event', 'contact', contact,
   'seq', seq, 'id', id, 'endpoint', ARGV[2], 'arrival_at', ARGV[6], 'payload', ARGV[5])
 return {id, seq, 'forwarded', owner}
 """
+)
 
 # commit: a models.Change as one JSON document (ARGV[2]; see RedisStore.commit).
 # 1. fences: every [contact, token] must still be the conversation's lease, else nothing is
