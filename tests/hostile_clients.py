@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -29,6 +30,7 @@ HEADERS_PER_S = 100
 UNSIGNED_PER_S = 150
 WEBHOOKS = ("/webhooks/fb", "/webhooks/sl", "/webhooks/ln", "/webhooks/sms")
 FORM = b"a=&" * (1_048_000 // 3)
+UNSIGNED_BODY = b'{"object":"page","entry":[]}'
 
 
 class Pace:
@@ -70,18 +72,29 @@ async def slowloris(port: int, until: float, counts: Counter[str], start_after_s
             writer.close()
 
 
-async def form_flood(http: aiohttp.ClientSession, port: int, until: float, counts: Counter[str]) -> None:
-    headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": "forged"}
-    pace = Pace(FORMS_PER_S)
+async def post_flood(
+    http: aiohttp.ClientSession,
+    port: int,
+    until: float,
+    counts: Counter[str],
+    *,
+    kind: str,
+    per_s: float,
+    data: bytes,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """POSTs of ``data`` to the webhook routes in turn, ``per_s`` a second; counted by status
+    as ``<kind>_<status>``."""
+    pace = Pace(per_s)
     n = 0
     while time.monotonic() < until:
         await pace.next()
         path = WEBHOOKS[n % len(WEBHOOKS)]
         n += 1
         with contextlib.suppress(aiohttp.ClientError):
-            async with http.post(f"http://127.0.0.1:{port}{path}", data=FORM, headers=headers) as response:
+            async with http.post(f"http://127.0.0.1:{port}{path}", data=data, headers=headers) as response:
                 await response.read()
-                counts[f"form_{response.status}"] += 1
+                counts[f"{kind}_{response.status}"] += 1
 
 
 async def header_flood(port: int, until: float, counts: Counter[str]) -> None:
@@ -105,28 +118,17 @@ async def header_flood(port: int, until: float, counts: Counter[str]) -> None:
             counts["headers_error"] += 1
 
 
-async def unsigned_flood(http: aiohttp.ClientSession, port: int, until: float, counts: Counter[str]) -> None:
-    body = b'{"object":"page","entry":[]}'
-    pace = Pace(UNSIGNED_PER_S)
-    n = 0
-    while time.monotonic() < until:
-        await pace.next()
-        path = WEBHOOKS[n % len(WEBHOOKS)]
-        n += 1
-        with contextlib.suppress(aiohttp.ClientError):
-            async with http.post(f"http://127.0.0.1:{port}{path}", data=body) as response:
-                await response.read()
-                counts[f"unsigned_{response.status}"] += 1
-
-
 async def main(port: int, seconds: float) -> dict[str, int]:
     counts: Counter[str] = Counter()
     until = time.monotonic() + seconds
     async with aiohttp.ClientSession() as http:
         tasks = [slowloris(port, until, counts, 2.0 * n / SLOWLORIS) for n in range(SLOWLORIS)]
-        tasks += [form_flood(http, port, until, counts) for _ in range(FORM_FLOODERS)]
+        forged = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": "forged"}
+        form = functools.partial(post_flood, kind="form", per_s=FORMS_PER_S, data=FORM, headers=forged)
+        unsigned = functools.partial(post_flood, kind="unsigned", per_s=UNSIGNED_PER_S, data=UNSIGNED_BODY)
+        tasks += [form(http, port, until, counts) for _ in range(FORM_FLOODERS)]
         tasks += [header_flood(port, until, counts) for _ in range(HEADER_FLOODERS)]
-        tasks += [unsigned_flood(http, port, until, counts) for _ in range(UNSIGNED_FLOODERS)]
+        tasks += [unsigned(http, port, until, counts) for _ in range(UNSIGNED_FLOODERS)]
         await asyncio.wait_for(asyncio.gather(*tasks), seconds + 10)
     return dict(counts)
 
