@@ -88,20 +88,21 @@ async def test_connections_past_max_connections_are_closed_at_once(serve: Callab
             raise AssertionError("no room after connections closed")
 
 
+async def trickle(writer: asyncio.StreamWriter, byte: bytes) -> None:
+    """A byte every 50 ms for 2 s, as a slow client sends, until the gateway cuts it."""
+    with contextlib.suppress(ConnectionError):
+        for _ in range(40):
+            writer.write(byte)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+
 async def test_a_request_head_that_trickles_in_is_cut_after_read_timeout(serve: Callable[..., Any]) -> None:
     gateway = await serve(read_timeout_seconds=0.5)
     async with connections(gateway.port, 2) as [(slow, slow_writer), (silent, _)]:
         started = time.monotonic()
         slow_writer.write(b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-
-        async def trickle() -> None:
-            with contextlib.suppress(ConnectionError):
-                for _ in range(40):
-                    slow_writer.write(b"X")
-                    await slow_writer.drain()
-                    await asyncio.sleep(0.05)
-
-        trickling = asyncio.create_task(trickle())
+        trickling = asyncio.create_task(trickle(slow_writer, b"X"))
         assert await closed_within(slow, 3.0)
         assert time.monotonic() - started < 2.0
         assert await closed_within(silent, 2.0)  # connected and never said a word: cut as well
@@ -118,15 +119,7 @@ async def test_a_request_body_that_trickles_in_is_cut_after_read_timeout(serve: 
             b"POST /webhooks/none HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000\r\n\r\n{"
         )
-
-        async def trickle() -> None:
-            with contextlib.suppress(ConnectionError):
-                for _ in range(40):
-                    writer.write(b" ")
-                    await writer.drain()
-                    await asyncio.sleep(0.05)
-
-        trickling = asyncio.create_task(trickle())
+        trickling = asyncio.create_task(trickle(writer, b" "))
         assert await closed_within(reader, 3.0)
         assert time.monotonic() - started < 2.0
         trickling.cancel()
