@@ -31,6 +31,7 @@ from gateway.models import (
     SessionState,
     TranscriptEntry,
 )
+from gateway.session_rules import close_session
 from gateway.store import redis_lifecycle, redis_reads, sqlite_rows, sqlite_writer
 from gateway.store import sqlite as sqlite_module
 from gateway.store.base import SessionQuery, Store
@@ -440,6 +441,26 @@ async def test_a_batch_applies_changes_in_order(store: Store) -> None:
     assert got_a is not None and got_b is not None
     assert (got_a.notice, got_a.message_count) == ("queued", 3)
     assert (got_b.notice, got_b.message_count) == ("failed: HTTP 500", 2)
+
+
+async def test_closes_committed_together_keep_their_own_columns(store: Store) -> None:
+    """Closes of one group commit, as a batch of due sessions and concurrent closes give them:
+    each session keeps its own closed_at, reason, notice and deadline, and of two closes of one
+    session the first committed wins."""
+    sessions = [make_session(n) for n in range(1, 7)]
+    await store.commit(Change(sessions=sessions))
+    closes: list[Change] = []
+    for n, session in enumerate(sessions):
+        closing = dataclasses.replace(session, expires_at=T0 + 30 + n)  # each its own deadline
+        close_session(closing, CloseReason.INACTIVITY if n < 4 else CloseReason.ADMIN, T0 + (40 if n < 3 else 50))
+        closing.notice = "none" if n % 2 else "queued"
+        closes.append(Change(closes=[closing]))
+    again = dataclasses.replace(closes[0].closes[0])
+    close_session(again, CloseReason.ADMIN, T0 + 70)
+    await asyncio.gather(*(store.commit(change) for change in [*closes, Change(closes=[again])]))
+    for change in closes:
+        [expected] = change.closes
+        assert fields(await store.get_session(expected.id)) == fields(expected)
 
 
 async def test_concurrent_commits_are_group_committed_and_durable(store: Store, db_path: Path) -> None:

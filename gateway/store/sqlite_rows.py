@@ -159,13 +159,13 @@ SET_NOTICES = (
     "WHERE sessions.id = json_extract(n.value, '$[0]')"
 )
 
-# Rows of close_row(); a session already closed in the store stays as it was (closed is final).
+# Closes sharing (closed_at, close_reason, notice) -- a batch of due sessions shares all three --
+# go in as one JSON object {session id: expires_at}: json_each's key and value need no
+# json_extract per row, which made the 5-column form 1.5x the writer's CPU per close (1M rows).
+# A session already closed in the store stays as it was (closed is final).
 CLOSE_SESSIONS = (
-    "UPDATE sessions SET state = 'closed', closed_at = json_extract(c.value, '$[1]'), "
-    "close_reason = json_extract(c.value, '$[2]'), notice = json_extract(c.value, '$[3]'), "
-    "expires_at = json_extract(c.value, '$[4]'), "
-    "variables = NULL, context = NULL "
-    "FROM json_each(?) AS c WHERE sessions.id = json_extract(c.value, '$[0]') AND sessions.state = 'open'"
+    "UPDATE sessions SET state = 'closed', closed_at = ?, close_reason = ?, notice = ?, expires_at = c.value, "
+    "variables = NULL, context = NULL FROM json_each(?) AS c WHERE sessions.id = c.key AND sessions.state = 'open'"
 )
 
 OUTBOX_IDS = (

@@ -165,7 +165,7 @@ def _apply_merged(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
     outbox_ids = _insert_outbox(conn, [row for change in changes for row in change.outbox])
     sessions = [row for change in changes for row in change.sessions]
     _bulk(conn, rows.UPSERT_CLOSED_SESSIONS, [row for row in sessions if row[rows.SESSION_STATE] != SessionState.OPEN])
-    _bulk(conn, rows.CLOSE_SESSIONS, [row for change in changes for row in change.closes])
+    _close_sessions(conn, [row for change in changes for row in change.closes])
     _bulk(conn, rows.UPSERT_OPEN_SESSIONS, [row for row in sessions if row[rows.SESSION_STATE] == SessionState.OPEN])
     _bulk(conn, rows.UPSERT_CONTACTS, [row for change in changes for row in change.contacts])
     _bulk(conn, rows.MARK_HANDLED, [event_id for change in changes for event_id in change.handled])
@@ -222,6 +222,16 @@ def _read_contacts(conn: sqlite3.Connection, works: list[Work], results: list[An
 def _bulk(conn: sqlite3.Connection, sql: str, batch: list[Any]) -> None:
     if batch:
         conn.execute(sql, (_json_text(batch),))
+
+
+def _close_sessions(conn: sqlite3.Connection, closes: list[rows.Row]) -> None:
+    """``close_row`` rows, one statement per (closed_at, close_reason, notice) in order of first
+    appearance; of two closes of one session the first applied wins (closed is final)."""
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for session_id, closed_at, reason, notice, expires_at in closes:
+        groups.setdefault((closed_at, reason, notice), {}).setdefault(session_id, expires_at)
+    for (closed_at, reason, notice), expiries in groups.items():
+        conn.execute(rows.CLOSE_SESSIONS, (closed_at, reason, notice, orjson.dumps(expiries).decode()))
 
 
 def _json_text(rows: list[Any]) -> str:
