@@ -121,3 +121,73 @@ async def test_stopped_timers_fire_nothing() -> None:
     timers.stop()
     await asyncio.sleep(0.1)
     assert fired.slots == []
+
+
+async def test_only_the_near_future_is_in_the_heap_and_far_buckets_move_in_chunks() -> None:
+    """Entries due later than about half a second wait in buckets outside the heap; a bucket
+    bigger than one callback's share moves in over several loop iterations, drops its stale
+    entries on the way, and every live entry still fires once."""
+    count = 2 * timers_module.PROMOTE_PER_CALLBACK + 11
+    fired = Fired(count)
+    timers = SessionTimers(time.time, ManagerStats(), on_due=fired)
+    far = [_slot(n, 30.0) for n in range(50)]
+    timers.arm_all(far)
+    due = time.time() + 1.2
+    soon = [_slot(1000 + n, 1.2) for n in range(count + 100)]
+    for slot in soon:
+        assert slot.session is not None
+        slot.session.expires_at = due  # one quarter-second bucket
+    timers.arm_all(soon)
+    for slot in soon[count:]:
+        timers.disarm(slot)  # closed meanwhile: stale entries
+    assert timers.heap_entries == 0 and timers.entries == count + 150
+    moved: list[int] = []
+
+    async def watch() -> None:
+        while not fired.all.is_set():
+            moved.append(timers.heap_entries)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.wait_for(fired.all.wait(), 5)
+    await watcher
+    assert sorted(map(id, fired.slots)) == sorted(map(id, soon[:count]))
+    assert all(at >= due for at in fired.at)
+    steps = sorted(set(moved))
+    assert max(b - a for a, b in zip([0, *steps], steps, strict=False)) <= timers_module.PROMOTE_PER_CALLBACK
+    assert max(moved) == count  # the stale ones never reached the heap
+    assert timers.entries == len(far) and timers.heap_entries == 0  # the far ones still wait
+    timers.stop()
+
+
+class SteppedClock:
+    def __init__(self) -> None:
+        self.step_s = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.step_s
+
+
+async def test_a_step_back_undone_within_a_second_still_fires_on_the_wall_clock() -> None:
+    """The wall clock steps back an hour and is corrected before anyone re-arms (ClockWatch
+    checks once a second and can miss it): the timer, which woke early meanwhile and found its
+    entry an hour away, never sleeps longer than MAX_SLEEP_S, so it fires soon after the fix."""
+    clock = SteppedClock()
+    stats = ManagerStats()
+    fired = Fired(1)
+    timers = SessionTimers(clock, stats, on_due=fired)
+    slot = _slot(1, 0.3)
+    timers.arm(slot)
+    clock.step_s = -3600.0
+
+    async def rearmed() -> None:  # woke at its loop time, found its entry an hour ahead
+        while stats.timer_rearms == 0:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(rearmed(), 5)
+    assert fired.slots == []
+    clock.step_s = 0.0
+    corrected_at = time.monotonic()
+    await asyncio.wait_for(fired.all.wait(), 5)
+    assert time.monotonic() - corrected_at <= timers_module.MAX_SLEEP_S + 0.5
+    timers.stop()
