@@ -5,6 +5,7 @@ aiosqlite runs each connection's calls on its own thread, one at a time (DESIGN.
 - Writes (``add_inbound``, ``commit``, overrides, prune) are queued to the group-commit writer
   (sqlite_writer.py): all that is queued goes to the writer thread in one hop and commits as
   one transaction; each write still fails alone.
+- A third connection checkpoints the WAL, off the writer's path (sqlite_checkpoint.py).
 - Reads use a second, ``query_only`` connection: admin, analytics and restore never wait behind
   a write batch. Each is one hop to the reader's thread, running a function of sqlite_reads.py
   or sqlite_conversation.py.
@@ -43,8 +44,16 @@ from gateway.store import sqlite_health as health
 from gateway.store import sqlite_reads as reads
 from gateway.store import sqlite_rows as rows
 from gateway.store.base import SessionQuery, decode_cursor
+from gateway.store.sqlite_checkpoint import Checkpointer
 from gateway.store.sqlite_contact_reads import ContactReadBatcher
-from gateway.store.sqlite_schema import prepare_reader, prepare_writer, release_lock, run, take_lock
+from gateway.store.sqlite_schema import (
+    prepare_checkpointer,
+    prepare_reader,
+    prepare_writer,
+    release_lock,
+    run,
+    take_lock,
+)
 from gateway.store.sqlite_writer import (
     AddSecret,
     ChangeRows,
@@ -86,6 +95,8 @@ class SqliteStore:
         self._writer_conn: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._writer: GroupCommitWriter | None = None
+        self._checkpointer_conn: aiosqlite.Connection | None = None
+        self.checkpointer: Checkpointer | None = None
         self._closing: asyncio.Future[None] | None = None
         self._contacts = ContactReadBatcher(lambda contact_ids: self._read(reads.select_contacts, contact_ids))
         self._identity: health.FileIdentity | None = None  # the file opened (gone? replaced?)
@@ -115,11 +126,14 @@ class SqliteStore:
             await run(self._writer_conn, prepare_writer)
             self._reader = await self._connect()
             await run(self._reader, prepare_reader)
+            self._checkpointer_conn = await self._connect()
+            await run(self._checkpointer_conn, prepare_checkpointer)
             self._identity = await asyncio.to_thread(health.FileIdentity.of, self._path)
         except BaseException:
             await self.aclose()
             raise
         self._writer = GroupCommitWriter(self._writer_conn)
+        self.checkpointer = Checkpointer(self._checkpointer_conn, self._writer)
 
     async def _connect(self) -> aiosqlite.Connection:
         try:
@@ -140,10 +154,13 @@ class SqliteStore:
     async def _shutdown(self) -> None:
         self._state = _State.CLOSED  # refuse new work; queued work is still flushed
         try:
+            if self.checkpointer is not None:
+                await self.checkpointer.aclose()
             if self._writer is not None:  # it drains the queue, then returns
                 await self._writer.stop()
             await self._contacts.wait_reads()
-            for conn in (self._reader, self._writer_conn):
+            # The writer's connection last: the last to close checkpoints the WAL and removes it.
+            for conn in (self._checkpointer_conn, self._reader, self._writer_conn):
                 if conn is not None:
                     await conn.close()
         finally:

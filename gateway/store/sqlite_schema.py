@@ -142,6 +142,7 @@ def prepare_writer(conn: sqlite3.Connection) -> None:
     if mode != "wal":
         raise StoreError(f"cannot switch the database to WAL mode (got {mode!r})")
     conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")  # the Checkpointer's job (sqlite_checkpoint.py)
     conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the session indexes of a 1M-session run stay hot
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version > len(MIGRATIONS):
@@ -156,6 +157,12 @@ def prepare_writer(conn: sqlite3.Connection) -> None:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def prepare_checkpointer(conn: sqlite3.Connection) -> None:
+    """Its checkpoints sync the file as the writer's own did (``synchronous=NORMAL``)."""
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA synchronous = NORMAL")
 
 
 def prepare_reader(conn: sqlite3.Connection) -> None:

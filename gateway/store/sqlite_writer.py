@@ -94,7 +94,13 @@ class Probe:
     """A write that changes nothing: rewrites the header page (``user_version``) and commits."""
 
 
-Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent | Exec | AddSecret | Probe
+@dataclass(slots=True, frozen=True)
+class Checkpoint:
+    """Checkpoint the WAL right after this batch commits, before the next one begins (the
+    WAL grew too long for the checkpointer's own, see sqlite_checkpoint.py)."""
+
+
+Work = ChangeRows | InboundRow | SetOverride | Prune | PartsSent | Exec | AddSecret | Probe | Checkpoint
 
 
 @dataclass(slots=True)
@@ -117,6 +123,13 @@ def _apply_batch(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    for i, work in enumerate(works):
+        if isinstance(work, Checkpoint):  # outside the transaction; its failure is its own
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                results[i] = exc
+            break
     return results
 
 
@@ -180,7 +193,7 @@ def _apply_merged(conn: sqlite3.Connection, works: list[Work]) -> list[Any]:
             results.append([outbox_ids[row[0]] for row in work.outbox])
         elif isinstance(work, InboundRow):
             results.append(next(inbound_ids))
-        elif isinstance(work, PartsSent):
+        elif isinstance(work, PartsSent | Checkpoint):
             results.append(None)
         elif isinstance(work, AddSecret):
             conn.execute(
