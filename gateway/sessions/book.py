@@ -131,36 +131,46 @@ class SessionBook:
         memory and is announced; their metrics are counted once per endpoint, not per session
         (in a mass expiry the event loop's work per close is what limits it)."""
         now = self._clock()  # they committed together
-        counts: dict[tuple[str, str], int] = {}
+        counts: dict[tuple[str, CloseReason | None], int] = {}
         lags: dict[str, list[float]] = {}
+        proactive: dict[str, bool] = {}  # by endpoint: its close lags go into the histogram
+        record_lags, debug = self._stats.record_lags, log.isEnabledFor(logging.DEBUG)
+        listeners, hooks, disarm = self.listeners, self.close_hooks, self._timers.disarm
+        left = 0
         for slot, session in closed:
             if slot.session is session:
                 slot.session = None
-                self._timers.disarm(slot)
-                self.open_count -= 1
-            key = (session.endpoint, str(session.close_reason))
+                disarm(slot)
+                left += 1
+            endpoint, reason = session.endpoint, session.close_reason
+            key = (endpoint, reason)
             counts[key] = counts.get(key, 0) + 1
-            if session.close_reason is CloseReason.INACTIVITY and session.expires_at:
+            if reason is CloseReason.INACTIVITY and session.expires_at:
                 lag_s = now - session.expires_at
-                policy = self._policies.get(session.endpoint)
-                if policy is not None and policy.mode is SessionMode.PROACTIVE:
-                    lags.setdefault(session.endpoint, []).append(max(0.0, lag_s))
-                if self._stats.record_lags:
+                counted = proactive.get(endpoint)
+                if counted is None:
+                    policy = self._policies.get(endpoint)
+                    counted = proactive[endpoint] = policy is not None and policy.mode is SessionMode.PROACTIVE
+                if counted:
+                    lags.setdefault(endpoint, []).append(max(0.0, lag_s))
+                if record_lags:
                     self._stats.close_lags_s.append(lag_s)
-            if log.isEnabledFor(logging.DEBUG):  # log_context costs a dict per call
+            if debug:  # log_context costs a dict per call
                 log.debug(
                     "session closed: %s reason=%s notice=%s",
                     session.id,
-                    session.close_reason,
+                    reason,
                     session.notice,
-                    extra=log_context(session.endpoint, session.conversation, session.id),
+                    extra=log_context(endpoint, session.conversation, session.id),
                 )
-            self.notify(session)
-            for hook in self.close_hooks:
+            if listeners:
+                self.notify(session)
+            for hook in hooks:
                 hook(session)
+        self.open_count -= left
         self._stats.closes_committed += len(closed)
         for (endpoint, reason), count in counts.items():
-            self._metrics.inc("gateway_sessions_closed_total", count, endpoint=endpoint, reason=reason)
+            self._metrics.inc("gateway_sessions_closed_total", count, endpoint=endpoint, reason=str(reason))
         for endpoint, values in lags.items():
             self._metrics.observe_many("gateway_close_lag_seconds", values, endpoint)
 

@@ -195,8 +195,10 @@ class SessionCloser:
     async def close_due(self, batch: list[Conversation]) -> None:
         """Close the held conversations' sessions still due, in one commit; release them all."""
         closing: list[Conversation] = []
+        due_by = self._timers.due_by()
         for slot in batch:
-            if slot.session is not None and self._timers.is_due(slot.session):
+            session = slot.session
+            if session is not None and session.expires_at is not None and session.expires_at <= due_by:
                 closing.append(slot)
             else:  # a message moved the deadline since the fire
                 self._scheduler.release(slot)
@@ -251,7 +253,8 @@ class SessionCloser:
         policy = self._policies.get(session.endpoint)
         if policy is None:
             return False
-        return (policy.on_close.notify and session.interactive) or policy.on_close.clear_auth_profiles
+        on_close = policy.on_close
+        return on_close.clear_auth_profiles or (on_close.notify and session.interactive)
 
     async def close_removed(self, sessions: list[Session]) -> None:
         """Close sessions of endpoints no longer configured (reason ``endpoint_removed``)."""
@@ -274,8 +277,10 @@ class SessionCloser:
     # -- close scripts (S12) -----------------------------------------------------------------
 
     def _start_close_script(self, session: Session) -> None:
+        if self._scripts is None:
+            return  # none configured (every close of a mass expiry comes here)
         policy = self._policies.get(session.endpoint)
-        if self._scripts is None or policy is None or not policy.on_close.script:
+        if policy is None or not policy.on_close.script:
             return
         task = asyncio.create_task(self._run_close_script(self._scripts, session, policy.on_close.script, policy))
         self._script_tasks.add(task)

@@ -110,6 +110,11 @@ class SessionTimers:
     def is_due(self, session: Session) -> bool:
         return session.expires_at is not None and session.expires_at - self._clock() <= EARLY_TOLERANCE_S
 
+    def due_by(self) -> float:
+        """Sessions whose deadline is at or before this (wall clock) are due now (``is_due``
+        for many sessions at once)."""
+        return self._clock() + EARLY_TOLERANCE_S
+
     def arm(self, slot: Conversation) -> None:
         """Make sure the slot's entry comes due no later than its session's deadline."""
         session = slot.session
@@ -236,13 +241,13 @@ class SessionTimers:
         if session is None:
             return
         self._stats.timer_fires += 1
-        if not self.is_due(session):
+        expires_at = session.expires_at
+        lag_s = self._clock() - expires_at if expires_at is not None else -math.inf
+        if lag_s < -EARLY_TOLERANCE_S:  # not due (``is_due``): a message moved the deadline
             self._stats.timer_rearms += 1
             self.arm(slot)
             return
-        if session.expires_at is not None:
-            lag_s = self._clock() - session.expires_at
-            lags.setdefault(slot.endpoint, []).append(max(0.0, lag_s))
-            if self._stats.record_lags:
-                self._stats.fire_lags_s.append(lag_s)
+        lags.setdefault(slot.endpoint, []).append(max(0.0, lag_s))
+        if self._stats.record_lags:
+            self._stats.fire_lags_s.append(lag_s)
         self._on_due(slot, session)

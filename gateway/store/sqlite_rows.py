@@ -214,13 +214,9 @@ def session_to_row(s: Session) -> Row:
 
 def close_row(s: Session) -> Row:
     """The closing columns of a closed session, for ``CLOSE_SESSIONS``."""
-    return (
-        s.id,
-        s.closed_at,
-        s.close_reason.value if s.close_reason else None,
-        s.notice,
-        s.expires_at,
-    )
+    # The reason as its StrEnum member, a str to sqlite3: ``.value`` is a Python-level
+    # descriptor, a measurable cost when a mass expiry closes 100,000 sessions a second.
+    return (s.id, s.closed_at, s.close_reason, s.notice, s.expires_at)
 
 
 # Enum members by value: a dict lookup, where calling the enum costs ~1 us (restore: a million).
