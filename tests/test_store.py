@@ -477,7 +477,7 @@ async def test_concurrent_commits_are_group_committed_and_durable(store: Store, 
         for s in sessions:
             assert fields(await store.get_session(s.id)) == fields(s)
         assert len(await store.pending_outbox()) == 500
-        assert sorted([s.id async for s in store.open_sessions()]) == sorted(s.id for s in sessions)
+        assert sorted([s.id async for chunk in store.open_sessions() for s in chunk]) == sorted(s.id for s in sessions)
     finally:
         await store.aclose()
 
@@ -531,7 +531,7 @@ async def test_bad_changes_fail_alone(store: Store) -> None:
         return_exceptions=True,
     )
     assert [type(o) for o in outcomes] == [type(None)] * 3 + [StoreError] + [type(None)] * 3
-    assert sorted([s.id async for s in store.open_sessions()]) == [s.id for s in good]
+    assert sorted([s.id async for chunk in store.open_sessions() for s in chunk]) == [s.id for s in good]
 
 
 async def test_list_sessions_filters_and_pages(store: Store) -> None:
@@ -585,7 +585,11 @@ async def test_open_sessions_streams_every_open_session(store: Store, monkeypatc
     sessions = [make_session(i, state=SessionState.CLOSED if i in (4, 7) else SessionState.OPEN) for i in range(11)]
     sessions.append(make_session(11, started_at=T0 + 2))
     await store.commit(Change(sessions=sessions))
-    streamed = [s async for s in store.open_sessions()]
+    chunks = [chunk async for chunk in store.open_sessions()]
+    assert all(chunks)  # no empty chunk; SQLite's are READ_CHUNK long (Redis's SSCAN count is a hint)
+    if isinstance(store, SqliteStore):
+        assert [len(chunk) for chunk in chunks] == [3, 3, 3, 1]
+    streamed = [s for chunk in chunks for s in chunk]
     expected = sorted((s for s in sessions if s.is_open), key=lambda s: (s.endpoint, s.conversation))
     if isinstance(store, RedisStore):  # Redis streams them in no particular order
         streamed.sort(key=lambda s: (s.endpoint, s.conversation))
@@ -655,7 +659,7 @@ async def test_aclose_flushes_queued_writes_and_is_idempotent(sqlite_store: Sqli
         await sqlite_store.get_session("s0001")
     store = await reopen(sqlite_store, db_path)
     try:
-        assert len([s async for s in store.open_sessions()]) == 50
+        assert len([s async for chunk in store.open_sessions() for s in chunk]) == 50
     finally:
         await store.aclose()
 

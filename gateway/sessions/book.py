@@ -62,10 +62,12 @@ class SessionBook:
         lazy = {name for name, policy in self._policies.items() if policy.mode is SessionMode.LAZY}
         self._timers.arm_all(slot for slot in slots if slot.endpoint in self._policies and slot.endpoint not in lazy)
 
-    def restored(self, slot: Conversation, session: Session) -> None:
-        """A session loaded at start is open again (its timer is armed later, in bulk)."""
-        slot.session = session
-        self.open_count += 1
+    def restored(self, slots: list[Conversation], sessions: list[Session]) -> None:
+        """Sessions loaded at start are open again, each in its slot (their timers are armed
+        later, in bulk)."""
+        for slot, session in zip(slots, sessions, strict=True):
+            slot.session = session
+        self.open_count += len(sessions)
 
     def forget(self, slot: Conversation) -> None:
         """The slot's session leaves memory without a close here: another instance has it now,

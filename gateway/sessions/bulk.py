@@ -61,26 +61,32 @@ class BulkPasses:
         longer configured, re-queue pending inbound events (they move deadlines), then arm every
         timer; sessions overdue since before the restart close at once."""
         removed: list[Session] = []
-        loaded = 0
+        restored: list[Conversation] = []
         # Seconds of inactivity by endpoint (None: never expires), looked up once, not per session.
         expiration_s = {name: policy.expiration_s for name, policy in self._policies.items()}
-        async for session in self._store.open_sessions():
-            endpoint = session.endpoint
-            if endpoint not in expiration_s:
-                removed.append(session)
-                continue
-            # Deadlines derive from the current policy (EndpointPolicy.deadline): a setting
-            # changed while we were down applies to the restored sessions too.
-            seconds = expiration_s[endpoint]
-            session.expires_at = None if seconds is None else session.last_activity_at + seconds
-            self._book.restored(self._scheduler.slot(endpoint, session.conversation), session)
-            loaded += 1
-            if loaded % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
+        async for chunk in self._store.open_sessions():
+            by_endpoint: dict[str, list[Session]] = {}
+            for session in chunk:
+                endpoint = session.endpoint
+                if endpoint not in expiration_s:
+                    removed.append(session)
+                    continue
+                # Deadlines derive from the current policy (EndpointPolicy.deadline): a setting
+                # changed while we were down applies to the restored sessions too.
+                seconds = expiration_s[endpoint]
+                session.expires_at = None if seconds is None else session.last_activity_at + seconds
+                by_endpoint.setdefault(endpoint, []).append(session)
+            for endpoint, sessions in by_endpoint.items():
+                slots = self._scheduler.restored_slots(endpoint, [session.conversation for session in sessions])
+                self._book.restored(slots, sessions)
+                restored += slots
+            await asyncio.sleep(0)  # a chunk is a few thousand sessions (YIELD_EVERY)
+        loaded = len(restored)
         await self._closer.close_removed(removed)
         for stored in await self._store.pending_inbound():
             self._queue(stored)
-        slots = [slot for slot in self._scheduler.slots() if slot.session is not None and slot.armed_at is None]
+        slots = [slot for slot in restored if slot.session is not None and slot.armed_at is None]
+        restored.clear()
         for start in range(0, len(slots), YIELD_EVERY):
             self._book.arm_all(slots[start : start + YIELD_EVERY])
             await asyncio.sleep(0)
@@ -99,7 +105,7 @@ class BulkPasses:
             slot = self._scheduler.slot(session.endpoint, session.conversation)
             if slot.session is not None:
                 continue  # already here (a takeover raced a message)
-            self._book.restored(slot, session)
+            self._book.restored([slot], [session])
             adopted.append(slot)
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)

@@ -94,8 +94,9 @@ class Store(Protocol):
         applied whether or not anyone awaits it (then callers need not shield it)."""
 
     # -- sessions and contacts ---------------------------------------------------------------
-    def open_sessions(self) -> AsyncIterator[Session]:
-        """Every open session (for restore at start), streamed."""
+    def open_sessions(self) -> AsyncIterator[list[Session]]:
+        """Every open session (for restore at start), streamed a chunk at a time (a step of an
+        async generator per session cost more than building the session, a million times)."""
 
     async def get_session(self, session_id: str) -> Session | None: ...
 

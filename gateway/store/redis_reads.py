@@ -101,14 +101,14 @@ class RedisReads:
     async def _sessions(self, ids: Sequence[str]) -> list[Session]:
         return await self._hashes([self.keys.session(session_id) for session_id in ids], codec.session_from)
 
-    async def open_sessions(self) -> AsyncIterator[Session]:
-        """Every open session, ``CHUNK`` at a time (in no particular order)."""
+    async def open_sessions(self) -> AsyncIterator[list[Session]]:
+        """Every open session, about ``CHUNK`` at a time (in no particular order)."""
         cursor = 0
         while True:
             cursor, ids = await self._call(self.client.sscan(self.keys.open_ids, cursor, count=CHUNK))
-            for session in await self._sessions(ids):
-                if session.is_open:
-                    yield session
+            chunk = [session for session in await self._sessions(ids) if session.is_open]
+            if chunk:
+                yield chunk
             if cursor == 0:
                 return
 

@@ -307,9 +307,9 @@ class SqliteStore:
             raise StoreError(f"store {self._path} is not open")
         return await run(self._reader, fn, *args, **kwargs)
 
-    async def open_sessions(self) -> AsyncIterator[Session]:
-        """Every open session, by (endpoint, conversation), fetched ``READ_CHUNK`` at a time
-        through the partial index of open sessions."""
+    async def open_sessions(self) -> AsyncIterator[list[Session]]:
+        """Every open session, by (endpoint, conversation), ``READ_CHUNK`` at a time through the
+        partial index of open sessions."""
         chunk = await self._read(reads.select_open_sessions, None, READ_CHUNK)
         while chunk:
             # The next chunk is read while the caller takes this one (restore overlaps the two).
@@ -318,8 +318,7 @@ class SqliteStore:
                 last = (chunk[-1].endpoint, chunk[-1].conversation)
                 ahead = asyncio.ensure_future(self._read(reads.select_open_sessions, last, READ_CHUNK))
             try:
-                for session in chunk:
-                    yield session
+                yield chunk
             except BaseException:
                 if ahead is not None:
                     ahead.cancel()
