@@ -122,7 +122,8 @@ class SqliteStore:
         self._state = _State.OPEN  # from here on aclose() has something to undo
         try:
             self._lock_fd = await asyncio.to_thread(take_lock, self._path)
-            self._writer_conn = await self._connect()
+            # Not tied to its thread: the writer commits small batches on the loop's (sqlite_writer.py).
+            self._writer_conn = await self._connect(check_same_thread=False)
             await run(self._writer_conn, prepare_writer)
             self._reader = await self._connect()
             await run(self._reader, prepare_reader)
@@ -135,10 +136,10 @@ class SqliteStore:
         self._writer = GroupCommitWriter(self._writer_conn)
         self.checkpointer = Checkpointer(self._checkpointer_conn, self._writer)
 
-    async def _connect(self) -> aiosqlite.Connection:
+    async def _connect(self, *, check_same_thread: bool = True) -> aiosqlite.Connection:
         try:
             # isolation_level=None: no implicit BEGIN; the writer issues BEGIN/COMMIT itself.
-            return await aiosqlite.connect(self._path, isolation_level=None)
+            return await aiosqlite.connect(self._path, isolation_level=None, check_same_thread=check_same_thread)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self._path}: {exc}") from exc
 

@@ -96,13 +96,28 @@ async def run(
 
     aiosqlite offers no public call for "run this function on your thread"; its private
     ``_execute`` and ``_conn`` do exactly that, which is why pyproject pins aiosqlite <0.23.
-    This is the only place that touches them. sqlite3 errors come back as ``StoreError``.
+    This and ``run_here`` are the only places that touch them. sqlite3 errors come back as ``StoreError``.
     """
     try:
         result = await conn._execute(fn, conn._conn, *args, **kwargs)  # type: ignore[no-untyped-call]
     except sqlite3.Error as exc:
         raise StoreError(f"sqlite: {exc}") from exc
     return cast(T, result)
+
+
+def run_here(
+    conn: aiosqlite.Connection, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """Run ``fn(raw_connection, ...)`` on the calling thread, as ``run`` does on the connection's.
+
+    Only for a connection opened with ``check_same_thread=False`` whose own thread is idle: the
+    writer's, between its hops (it never has two calls in flight). sqlite3 errors come back as
+    ``StoreError``.
+    """
+    try:
+        return fn(conn._conn, *args, **kwargs)
+    except sqlite3.Error as exc:
+        raise StoreError(f"sqlite: {exc}") from exc
 
 
 def take_lock(path: Path) -> int:

@@ -13,7 +13,9 @@ never reads a model object the loop may be changing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,9 +27,22 @@ import orjson
 from gateway.errors import StoreError
 from gateway.models import Change, SessionState
 from gateway.store import sqlite_rows as rows
-from gateway.store.sqlite_schema import run
+from gateway.store.sqlite_schema import run, run_here
+
+log = logging.getLogger("gateway.store")
 
 MAX_BATCH_OPS = 2000  # writes per transaction
+# A batch of at most this many rows commits on the event loop's own thread. The hop to the
+# writer thread and back (its wake-up, the loop's self-pipe, two more loop iterations) took
+# ~1.2 ms at the median against ~0.2 ms for such a transaction itself (bench/delivery.py,
+# 500 webhooks/s: 1.4 writes per batch), and a message waits for two of them before its reply
+# goes out. Bigger batches (a mass expiry, a prune) still go to the thread, so that the loop
+# and SQLite can work at once (bench/ingest.py: 64 rows bought 1.13x req/s over 16; 256 no more).
+INLINE_ROWS = 64
+# An inline transaction slower than INLINE_SLOW_S (a disk that stalls) sends every batch to the
+# writer thread for INLINE_PAUSE_S: a stalled write must not hold the event loop twice in a row.
+INLINE_SLOW_S = 0.02
+INLINE_PAUSE_S = 10.0
 PRUNE_CHUNK = 5000  # rows per table per delete, so a big prune never holds the writer long
 
 
@@ -295,6 +310,28 @@ def _prune_chunk(conn: sqlite3.Connection, work: Prune) -> int:
     return deleted + held + unused
 
 
+def _rows(works: list[Work]) -> int:
+    """About how many rows ``works`` write; large for work of unknown size (deletes, prunes,
+    checkpoints), which never runs on the loop."""
+    rows = 0
+    for work in works:
+        if isinstance(work, ChangeRows):
+            rows += (
+                len(work.sessions)
+                + len(work.closes)
+                + len(work.contacts)
+                + len(work.outbox)
+                + len(work.handled)
+                + len(work.updates)
+                + len(work.notices)
+            )
+        elif isinstance(work, Exec | Prune | Checkpoint):
+            return MAX_BATCH_OPS * 1000
+        else:
+            rows += 1
+    return rows
+
+
 def _fail(future: asyncio.Future[Any], message: str, cause: BaseException) -> None:
     """Fail one caller with its own StoreError (an exception instance is never shared)."""
     if not future.done():
@@ -320,6 +357,8 @@ class GroupCommitWriter:
         self._stopping = False
         self.batches_committed = 0
         self.ops_committed = 0
+        self.inline_batches = 0  # committed on the event loop's thread (INLINE_ROWS)
+        self._inline_paused_until = 0.0  # loop time
         # Kept, not looked up per write: on Python 3.11 every get_running_loop() is a getpid()
         # system call (three writes per message).
         self._loop = asyncio.get_running_loop()
@@ -339,6 +378,22 @@ class GroupCommitWriter:
         self._wakeup.set()
         await asyncio.gather(self._task, return_exceptions=True)
 
+    def _apply_inline(self, works: list[Work]) -> list[Any]:
+        started = time.perf_counter()
+        try:
+            return run_here(self._conn, _apply_batch, works)
+        finally:
+            self.inline_batches += 1
+            took_s = time.perf_counter() - started
+            if took_s > INLINE_SLOW_S:
+                self._inline_paused_until = self._loop.time() + INLINE_PAUSE_S
+                log.warning(
+                    "a small write batch took %.0f ms on the event loop; the writer thread takes every "
+                    "batch for the next %.0f s",
+                    took_s * 1000,
+                    INLINE_PAUSE_S,
+                )
+
     async def _write_loop(self) -> None:
         while True:
             if not self._queue:
@@ -348,8 +403,12 @@ class GroupCommitWriter:
                 await self._wakeup.wait()
                 continue
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH_OPS))]
+            works = [op.work for op in batch]
             try:
-                results = await run(self._conn, _apply_batch, [op.work for op in batch])
+                if _rows(works) <= INLINE_ROWS and self._loop.time() >= self._inline_paused_until:
+                    results = self._apply_inline(works)
+                else:
+                    results = await run(self._conn, _apply_batch, works)
             except Exception as exc:  # the whole transaction failed, so did every write in it
                 for op in batch:
                     _fail(op.future, f"write batch failed: {exc}", exc)
