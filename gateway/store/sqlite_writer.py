@@ -1,10 +1,11 @@
 """The SQLite store's group-commit writer: every write goes through one queue and one connection.
 
 aiosqlite runs each connection's calls on its own thread, one at a time (DESIGN.md, known traps).
-So the writer task takes all that is queued (up to ``MAX_BATCH_OPS``) to the writer thread in
-ONE hop and applies it as one transaction with one commit. Rows of one shape go in as one
-statement (see sqlite_rows.py). Each write still fails alone: a failing batch is rolled back to
-its savepoint and bisected.
+So the writer task takes all that is queued (up to ``MAX_BATCH_OPS``) and applies it as one
+transaction with one commit: a small batch (``INLINE_ROWS``) right there on the event loop's
+thread, a bigger one on the writer thread in ONE hop. Rows of one shape go in as one statement
+(see sqlite_rows.py). Each write still fails alone: a failing batch is rolled back to its
+savepoint and bisected.
 
 Writes are plain data (``Work``), built on the event loop when submitted, so the writer thread
 never reads a model object the loop may be changing.
@@ -263,8 +264,8 @@ def _close_sessions(conn: sqlite3.Connection, closes: list[rows.Row]) -> None:
 
 
 def _json_text(rows: list[Any]) -> str:
-    """Rows as one JSON array for ``json_each``. orjson, not json: this runs on the writer thread
-    holding the GIL, and formats floats (every timestamp) several times faster. A NaN has no JSON
+    """Rows as one JSON array for ``json_each``. orjson, not json: this runs holding the GIL (on
+    the writer thread or the loop's), and formats floats (every timestamp) several times faster. A NaN has no JSON
     form; orjson writes ``null`` for it, which the NOT NULL columns refuse (the write fails alone)."""
     return orjson.dumps(rows).decode()
 
@@ -311,8 +312,8 @@ def _prune_chunk(conn: sqlite3.Connection, work: Prune) -> int:
 
 
 def _rows(works: list[Work]) -> int:
-    """About how many rows ``works`` write; large for work of unknown size (deletes, prunes,
-    checkpoints), which never runs on the loop."""
+    """About how many rows ``works`` write, counted up to just past ``INLINE_ROWS``; large for
+    work of unknown size (deletes, prunes, checkpoints), which never runs on the loop."""
     rows = 0
     for work in works:
         if isinstance(work, ChangeRows):
@@ -329,6 +330,8 @@ def _rows(works: list[Work]) -> int:
             return MAX_BATCH_OPS * 1000
         else:
             rows += 1
+        if rows > INLINE_ROWS:
+            break  # enough to know
     return rows
 
 
@@ -379,6 +382,7 @@ class GroupCommitWriter:
         await asyncio.gather(self._task, return_exceptions=True)
 
     def _apply_inline(self, works: list[Work]) -> list[Any]:
+        """Apply a small batch on the loop's thread; a slow one pauses this for a while."""
         started = time.perf_counter()
         try:
             return run_here(self._conn, _apply_batch, works)
