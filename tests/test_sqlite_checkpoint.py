@@ -82,8 +82,10 @@ async def test_a_writer_that_never_pauses_keeps_the_wal_bounded(
 
     await write_until(3)
     first_sessions, first_size = n, os.path.getsize(wal)
-    await write_until(12)
-    assert n > 2 * first_sessions  # more than twice as much written again...
-    assert os.path.getsize(wal) < 1.5 * first_size  # ...and the WAL, reused from its start, did not grow with it
+    await write_until(30)
+    # Five times as much written again (without the writer's checkpoints the WAL grows with
+    # it)... while the WAL, reused from its start, stays within what a busy moment adds.
+    assert n > 5 * first_sessions
+    assert os.path.getsize(wal) < 3 * first_size
     await checkpointer.aclose()
     assert sessions_in_the_database_file(tmp_path / "gateway.db") > first_sessions
