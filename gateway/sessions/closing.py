@@ -197,8 +197,7 @@ class SessionCloser:
         closing: list[Conversation] = []
         due_by = self._timers.due_by()
         for slot in batch:
-            session = slot.session
-            if session is not None and session.expires_at is not None and session.expires_at <= due_by:
+            if slot.session is not None and self._timers.is_due(slot.session, due_by):
                 closing.append(slot)
             else:  # a message moved the deadline since the fire
                 self._scheduler.release(slot)
@@ -210,7 +209,8 @@ class SessionCloser:
         wanted = [slot.session.contact_id for slot in closing if slot.session and self._needs_contact(slot.session)]
         contacts = await self._store.get_contacts(wanted) if wanted else {}
         if wanted:  # re-checked after the read: a message may have moved a deadline meanwhile
-            still = [slot for slot in closing if slot.session is not None and self._timers.is_due(slot.session)]
+            due_by = self._timers.due_by()
+            still = [slot for slot in closing if slot.session is not None and self._timers.is_due(slot.session, due_by)]
             for slot in closing:
                 if slot not in still:
                     self._scheduler.release(slot)

@@ -107,12 +107,14 @@ class SessionTimers:
         """Entries in the near heap (for tests and benchmarks)."""
         return len(self._near)
 
-    def is_due(self, session: Session) -> bool:
-        return session.expires_at is not None and session.expires_at - self._clock() <= EARLY_TOLERANCE_S
+    def is_due(self, session: Session, due_by: float | None = None) -> bool:
+        """The session's deadline has come (``due_by``, from ``due_by()``: one clock read for
+        checking many sessions)."""
+        expires_at = session.expires_at
+        return expires_at is not None and expires_at <= (self.due_by() if due_by is None else due_by)
 
     def due_by(self) -> float:
-        """Sessions whose deadline is at or before this (wall clock) are due now (``is_due``
-        for many sessions at once)."""
+        """Sessions whose deadline is at or before this (wall clock) are due now."""
         return self._clock() + EARLY_TOLERANCE_S
 
     def arm(self, slot: Conversation) -> None:
