@@ -131,10 +131,7 @@ class ConversationScheduler:
     def restored_slots(self, endpoint: str, conversations: list[str]) -> list[Conversation]:
         """The slots of ``conversations`` of ``endpoint``, new ones created (restore: one
         dictionary lookup each where ``slot`` takes two)."""
-        by_conversation = self._conversations.get(endpoint)
-        if by_conversation is None:
-            by_conversation = self._conversations[endpoint] = {}
-        add = by_conversation.setdefault
+        add = self._conversations.setdefault(endpoint, {}).setdefault
         return [add(conversation, Conversation(endpoint, conversation)) for conversation in conversations]
 
     def find(self, endpoint: str, conversation: str) -> Conversation | None:

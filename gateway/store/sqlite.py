@@ -3,8 +3,8 @@
 aiosqlite runs each connection's calls on its own thread, one at a time (DESIGN.md, known traps):
 
 - Writes (``add_inbound``, ``commit``, overrides, prune) are queued to the group-commit writer
-  (sqlite_writer.py): all that is queued goes to the writer thread in one hop and commits as
-  one transaction; each write still fails alone.
+  (sqlite_writer.py): all that is queued commits as one transaction, a small batch on the event
+  loop's thread, a bigger one on the writer thread in one hop; each write still fails alone.
 - A third connection checkpoints the WAL, off the writer's path (sqlite_checkpoint.py).
 - Reads use a second, ``query_only`` connection: admin, analytics and restore never wait behind
   a write batch. Each is one hop to the reader's thread, running a function of sqlite_reads.py

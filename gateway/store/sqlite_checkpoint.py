@@ -33,10 +33,11 @@ EVERY_S = 0.5
 WAL_LIMIT_PAGES = 16_384  # 64 MiB of 4 KiB pages
 
 
-def passive_checkpoint(conn: sqlite3.Connection) -> tuple[int, int]:
-    """Checkpoint what it can without waiting; (frames in the WAL, frames copied)."""
-    _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    return int(frames), int(copied)
+def passive_checkpoint(conn: sqlite3.Connection) -> int:
+    """Checkpoint what it can without waiting; the frames in the WAL (copied or not: SQLite
+    reuses the file from its start only once a writer finds every frame copied)."""
+    _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(frames)
 
 
 class Checkpointer:
@@ -81,12 +82,12 @@ class Checkpointer:
                 continue  # nothing written since the last look
             self._seen_batches = self._writer.batches_committed
             try:
-                frames, copied = await run(self._conn, passive_checkpoint)
+                frames = await run(self._conn, passive_checkpoint)
             except StoreError as exc:  # the writer's own writes are unaffected; try again later
                 log.warning("WAL checkpoint failed: %s", exc)
                 continue
             self.checkpoints += 1
-            if frames - copied > self._wal_limit_pages or frames > self._wal_limit_pages:
+            if frames > self._wal_limit_pages:
                 self.writer_checkpoints += 1
                 try:
                     await self._writer.submit(Checkpoint())

@@ -347,7 +347,8 @@ def _fail(future: asyncio.Future[Any], message: str, cause: BaseException) -> No
 
 
 class GroupCommitWriter:
-    """Applies submitted writes on ``conn``, everything queued in one transaction per hop.
+    """Applies submitted writes on ``conn``, everything queued in one transaction (on the loop's
+    thread when small, ``INLINE_ROWS``; else in one hop to the connection's thread).
 
     Created inside the running loop (it starts its task). ``batches_committed`` counts write
     transactions and ``ops_committed`` the writes in them; their ratio is the group-commit factor.
