@@ -1,4 +1,4 @@
-"""Slack Events API in, ``chat.postMessage`` out: slack-sdk's own verifier, and one lean aiohttp POST.
+"""Slack Events API in, ``chat.postMessage`` out: slack-sdk's own verifier, and one lean HTTP/1.1 POST.
 
 Inbound: the signature is checked with the SDK's ``SignatureVerifier``, then the body is read
 by ``channels.slack_parse`` (which also owns the conversation ids: ``<channel>``, or
@@ -8,11 +8,13 @@ replies in a thread stay in that thread.
 Text passes through unchanged both ways: inbound text is Slack's own markup (``&lt;``,
 ``<@U123>``), and replies are posted as Slack mrkdwn, so an echo round-trips exactly.
 
-Replies and notices are posted with one aiohttp request on the shared session, not through
-slack-sdk's ``AsyncWebClient`` (kept for ``auth.test`` at start): measured under load
-(bench/ingest.py with py-spy), the SDK's path held the GIL for ~28% of the gateway's samples,
-building debug strings whenever its logger's own level is unset, copying headers and wrapping
-the answer. The lean path keeps the SDK's semantics: JSON body with the bot token as a bearer,
+Replies and notices are posted on the endpoint's own keep-alive connections to the API
+(``channels.http1``), not through slack-sdk's ``AsyncWebClient`` (kept for ``auth.test`` at
+start) nor through aiohttp's session: measured under load (bench/ingest.py with py-spy), the
+SDK's path held the GIL for ~28% of the gateway's samples, building debug strings whenever its
+logger's own level is unset, copying headers and wrapping the answer; aiohttp's
+``ClientSession.post`` then still took a third of the loop's samples, ~200 us per post, against
+~65 us on ``Http1Client``. The lean path keeps the SDK's semantics: JSON body with the bot token as a bearer,
 connection errors retried once after ``CONNECTION_RETRY_S`` (what the SDK's
 ``AsyncConnectionErrorRetryHandler`` did), nothing else retried here, and every answer judged
 as the SDK did (``_answer_error``).
@@ -40,6 +42,7 @@ import time
 from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -50,6 +53,7 @@ from slack_sdk.version import __version__ as slack_sdk_version
 from slack_sdk.web.async_client import AsyncWebClient
 
 from channels.base import ParsedWebhook, Progress, WebhookRequest, WebhookResponse, send_parts
+from channels.http1 import Answer, ConnectionFailed, Http1Client, Http1Error
 from channels.slack_parse import read_payload, split_conversation
 from channels.text import retry_after_s, split_text
 from gateway.errors import BadPayload, BadSignature, ConfigError, DeliveryError, DeliverySkipped
@@ -66,8 +70,6 @@ TIMESTAMP_HEADER = "X-Slack-Request-Timestamp"
 MAX_TEXT_CHARS = 3500
 REQUEST_TIMEOUT_S = 10.0
 CONNECTION_RETRY_S = 0.5  # one retry of a connection error, after this long (as slack-sdk's handler)
-# What slack-sdk's handler retried: refused, reset, or closed before an answer.
-_CONNECTION_ERRORS = (aiohttp.ServerConnectionError, aiohttp.ClientOSError)
 # ok:false codes that a later attempt can cure; any other code is permanent (channel_not_found,
 # not_in_channel, is_archived, invalid_auth, account_inactive, token_revoked, msg_too_long, ...).
 RETRYABLE_ERRORS = frozenset({"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"})
@@ -107,9 +109,9 @@ class SlackAdapter:
         self._base_url = (endpoint.api_base_url or DEFAULT_API_BASE_URL).rstrip("/") + "/api/"
         self._bot_user_id: str | None = endpoint.credential("bot_user_id") or None
         self._state = _State.NEW
-        self._http: aiohttp.ClientSession | None = None
         self._client: AsyncWebClient | None = None
-        self._post_url = self._base_url + "chat.postMessage"
+        self._poster: Http1Client | None = None
+        self._post_head = b""
         token = endpoint.credential("bot_token")
         self._post_headers = {
             "Content-Type": "application/json;charset=utf-8",
@@ -140,14 +142,18 @@ class SlackAdapter:
             logger=logging.getLogger(f"{__name__}.sdk"),
         )
         client.proxy = None  # see the module docstring: the session decides about proxies
-        self._http, self._client, self._state = http, client, _State.RUNNING
+        poster = Http1Client(self._base_url)
+        self._post_head = poster.prepare("POST", urlsplit(self._base_url).path + "chat.postMessage", self._post_headers)
+        self._client, self._poster, self._state = client, poster, _State.RUNNING
         if self._bot_user_id is None:
             await self._learn_bot_user(client)
 
     async def aclose(self) -> None:
-        # The session is shared and owned by the app: only forget it.
+        # The aiohttp session is shared and owned by the app: only forget it.
         self._client = None
-        self._http = None
+        if self._poster is not None:
+            await self._poster.aclose()
+            self._poster = None
         self._state = _State.CLOSED
 
     async def _learn_bot_user(self, client: AsyncWebClient) -> None:
@@ -204,16 +210,16 @@ class SlackAdapter:
             raise DeliveryError(f"slack: no channel in conversation {message.conversation!r}", retryable=False)
         if not message.text.strip():
             raise DeliverySkipped("empty text")
-        http = self._http
-        if self._client is None or http is None or http.closed:
+        poster = self._poster
+        if poster is None or poster.closed:
             raise DeliveryError("slack adapter is not running", retryable=True)
         parts = split_text(message.text, MAX_TEXT_CHARS, prefer_line_breaks=True)
-        post = functools.partial(self._send_part, http, channel, thread_ts, message.conversation, len(parts))
+        post = functools.partial(self._send_part, poster, channel, thread_ts, message.conversation, len(parts))
         await send_parts(message, parts, post, progress)
 
     async def _send_part(
         self,
-        http: aiohttp.ClientSession,
+        poster: Http1Client,
         channel: str,
         thread_ts: str | None,
         conversation: str,
@@ -222,7 +228,7 @@ class SlackAdapter:
         text: str,
     ) -> None:
         try:
-            await self._post(http, channel, thread_ts, text)
+            await self._post(poster, channel, thread_ts, text)
         except DeliveryError as exc:
             logger.warning(
                 "slack send on %s to %s failed (part %d/%d): %s",
@@ -234,34 +240,25 @@ class SlackAdapter:
             )
             raise
 
-    async def _post(self, http: aiohttp.ClientSession, channel: str, thread_ts: str | None, text: str) -> None:
+    async def _post(self, poster: Http1Client, channel: str, thread_ts: str | None, text: str) -> None:
         """One ``chat.postMessage``; raises ``DeliveryError`` unless Slack answered ``ok``."""
         fields = {"channel": channel, "text": text}
         if thread_ts is not None:
             fields["thread_ts"] = thread_ts
         body = orjson.dumps(fields)
-        # aiohttp's own per-request timeout: the session times every request anyway, so a
-        # second timer (asyncio.timeout) would only add to the heap and to the cost.
-        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
         try:
             try:
-                status, headers, raw = await self._request(http, body, timeout)
-            except _CONNECTION_ERRORS as exc:
-                if isinstance(exc, TimeoutError):
-                    raise  # a timeout is the outbox's to retry, as when the SDK's call timed out
+                answer = await poster.request(self._post_head, body, REQUEST_TIMEOUT_S)
+            except ConnectionFailed:
+                # Refused, reset, or closed before an answer: retried once, as slack-sdk's
+                # handler did. A timeout is the outbox's to retry, as when the SDK's call timed out.
                 await asyncio.sleep(CONNECTION_RETRY_S)
-                status, headers, raw = await self._request(http, body, timeout)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                answer = await poster.request(self._post_head, body, REQUEST_TIMEOUT_S)
+        except (Http1Error, TimeoutError) as exc:
             raise _failure_of(exc) from exc
-        error = _answer_error(status, headers, raw)
+        error = _answer_error(answer)
         if error is not None:
             raise error
-
-    async def _request(
-        self, http: aiohttp.ClientSession, body: bytes, timeout: aiohttp.ClientTimeout
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        async with http.post(self._post_url, data=body, headers=self._post_headers, timeout=timeout) as response:
-            return response.status, response.headers, await response.read()
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -283,7 +280,7 @@ def _failure_of(exc: BaseException) -> DeliveryError:
         return _api_error(exc.response)
     if isinstance(exc, aiohttp.ClientResponseError):  # a session with raise_for_status
         return _status_error(exc.status, None, exc.headers)
-    if isinstance(exc, aiohttp.ClientError | TimeoutError):
+    if isinstance(exc, Http1Error | aiohttp.ClientError | TimeoutError):
         detail = str(exc) or "timeout"
         return DeliveryError(f"slack: {type(exc).__name__}: {detail}", retryable=True)
     if isinstance(exc, AttributeError):  # a 200 that is not JSON (see the module docstring)
@@ -291,9 +288,10 @@ def _failure_of(exc: BaseException) -> DeliveryError:
     return DeliveryError(f"slack: {type(exc).__name__}", retryable=False)
 
 
-def _answer_error(status: int, headers: Mapping[str, str], raw: bytes) -> DeliveryError | None:
+def _answer_error(answer: Answer) -> DeliveryError | None:
     """None for a 200 whose JSON says ``ok``; else the error, judged as slack-sdk did: a body
     that is not a JSON object carries no error code, so only its status tells."""
+    status, headers, raw = answer.status, answer.headers, answer.body
     try:
         data = orjson.loads(raw) if raw else None
     except ValueError:  # UnicodeDecodeError is a ValueError
