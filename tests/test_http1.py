@@ -236,6 +236,41 @@ async def test_at_most_max_connections_are_open(scripted) -> None:
     await client.aclose()
 
 
+async def test_a_dropped_connection_lets_a_waiting_request_open_its_own(scripted) -> None:
+    async def hang_up_first(peer: Peer, request: bytes) -> None:
+        if peer.number == 1:
+            await asyncio.sleep(0.05)
+            peer.close()
+        else:
+            peer.write(OK)
+
+    server = await scripted(hang_up_first)
+    client = Http1Client(server.url, max_connections=1)
+    first, second = await asyncio.gather(post(client), post(client), return_exceptions=True)
+    assert isinstance(first, ConnectionFailed)
+    assert second == (200, b'{"ok":true}')
+    assert (server.connections, server.most_open) == (2, 1)
+    await client.aclose()
+
+
+async def test_waiting_for_a_connection_counts_against_the_timeout(scripted) -> None:
+    async def slow_first(peer: Peer, request: bytes) -> None:
+        if len(server.requests) == 1:
+            await asyncio.sleep(0.3)
+        peer.write(OK)
+
+    server = await scripted(slow_first)
+    client = Http1Client(server.url, max_connections=1)
+    slow = asyncio.create_task(post(client))
+    await asyncio.sleep(0.05)
+    with pytest.raises(TimeoutError):
+        await post(client, timeout_s=0.1)  # it never got the one connection
+    assert await slow == (200, b'{"ok":true}')
+    assert await post(client) == (200, b'{"ok":true}')
+    assert (server.connections, len(server.requests)) == (1, 2)
+    await client.aclose()
+
+
 async def test_idle_connections_close_after_the_idle_timeout(scripted) -> None:
     server = await scripted(answer_ok)
     client = Http1Client(server.url, idle_timeout_s=0.2)
