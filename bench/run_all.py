@@ -6,7 +6,9 @@
   once ``bench/instructions.py`` (instructions per message of the relay and the gateway under
   callgrind: the B1 cost in a figure the machine's load does not move);
 - B2-B5: ``bench/sessions.py`` (1,000,000 sessions; ``--quick``: 200,000 with 20,000 due);
-- B6: ``bench/delivery.py`` (500 webhooks/s through the gateway and a bare baseline).
+- B6: ``bench/delivery.py`` (500 webhooks/s through the gateway and a bare baseline);
+- once ``bench/http1_client.py`` (CPU per send call: aiohttp's client session against the
+  adapters' ``channels/http1.py``).
 
 Each runs ``--rounds`` times (the machine is shared: compare ratios, not single figures); the
 full output of every run goes to ``--out`` (default: a new ``bench-results-<time>`` directory
@@ -46,6 +48,7 @@ FIGURES = (
     "webhook",
     "replies",
     "before",
+    "http1",
 )
 
 
@@ -83,6 +86,7 @@ def main() -> int:
     sessions = ["--sessions", "200000", "--due", "20000"] if args.quick else []
     ingest = ["--seconds", "5"] if args.quick else []
     failed = run("B1-instructions", [python, str(BENCH / "instructions.py")], out) != 0
+    failed += run("send-client", [python, str(BENCH / "http1_client.py")], out) != 0
     for number in range(1, args.rounds + 1):
         failed += run(f"B1-ingest-{number}", [python, str(BENCH / "ingest.py"), *ingest], out) != 0
         failed += run(f"B2-B5-sessions-{number}", [python, str(BENCH / "sessions.py"), *sessions], out) != 0
