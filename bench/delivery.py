@@ -116,6 +116,11 @@ async def baseline_app(api_url: str) -> web.Application:
 def serve_child(kind: str, config: str, api_url: str, conn: Connection) -> None:
     """Child process: serve the gateway or the baseline on 127.0.0.1:0 until told to stop."""
 
+    if kind == "gateway":
+        from gateway.serving import share_the_gil_sooner
+
+        share_the_gil_sooner()  # as `chat-gateway serve` does (gateway/app.py)
+
     async def main() -> None:
         app = await (gateway_app(Path(config)) if kind == "gateway" else baseline_app(api_url))
         runner = web.AppRunner(app, access_log=None)

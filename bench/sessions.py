@@ -41,6 +41,7 @@ from gateway.flows import FlowResult, FlowTurn
 from gateway.models import Change, EventKind, InboundEvent, Session
 from gateway.outbox import Outbox
 from gateway.policy import EndpointPolicy
+from gateway.serving import share_the_gil_sooner
 from gateway.sessions import SessionManager
 from gateway.settings import OnCloseSettings, SessionMode
 from gateway.store.sqlite import SqliteStore
@@ -309,4 +310,5 @@ if __name__ == "__main__":
         asyncio.run(seed(args.seed, args.sessions, args.due, args.seeded_at))
     else:
         messages = min(args.messages, args.sessions - args.due)
+        share_the_gil_sooner()  # as `chat-gateway serve` does (gateway/app.py): the writer thread's GIL waits
         asyncio.run(main(args.sessions, args.due, messages, freeze=not args.no_freeze, profile=args.profile_burst))

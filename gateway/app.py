@@ -42,7 +42,14 @@ from gateway.outbox import Outbox
 from gateway.outbox_outcomes import RetryPolicy
 from gateway.ratelimit import RateLimiter
 from gateway.runtime_settings import apply_stored_settings, load_policies
-from gateway.serving import GuardedSite, log_loop_exceptions, make_runner, raise_open_files_limit, read_in_time
+from gateway.serving import (
+    GuardedSite,
+    log_loop_exceptions,
+    make_runner,
+    raise_open_files_limit,
+    read_in_time,
+    share_the_gil_sooner,
+)
 from gateway.sessions import SessionManager
 from gateway.sessions.ownership import Ownership, SoleOwner
 from gateway.settings import Settings, StorageBackend
@@ -300,6 +307,7 @@ def serve(settings: Settings) -> int:
     """Run the gateway until SIGINT/SIGTERM; returns the process exit code: 0 after a clean
     stop, 1 when it could not start (port in use, database locked: one logged line)."""
     raise_open_files_limit(settings.server.max_connections)
+    share_the_gil_sooner()
     return asyncio.run(_serve(settings))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.serving import GIL_SWITCH_INTERVAL_S, share_the_gil_sooner
 from tests.conftest import write_config
 from tests.gateway_process import GatewayProcess, free_port
 
@@ -183,3 +185,14 @@ async def test_accept_failures_out_of_descriptors_are_logged_at_most_once_a_seco
                 return
         await asyncio.sleep(0.05)
     raise AssertionError("the gateway did not recover")
+
+
+def test_the_gil_switch_interval_is_shortened_for_the_store_threads() -> None:
+    """``chat-gateway serve`` calls this before its loop starts (gateway/app.py ``serve``)."""
+    before = sys.getswitchinterval()
+    try:
+        share_the_gil_sooner()
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+        assert GIL_SWITCH_INTERVAL_S < before  # shorter than the interpreter's default of 5 ms
+    finally:
+        sys.setswitchinterval(before)
