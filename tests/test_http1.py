@@ -161,6 +161,18 @@ async def test_connection_close_and_close_delimited_answers_open_a_new_connectio
     await client.aclose()
 
 
+async def test_an_http_1_0_answer_is_not_kept_alive(scripted) -> None:
+    async def old(peer: Peer, request: bytes) -> None:
+        peer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = await scripted(old)
+    client = Http1Client(server.url)
+    assert await post(client) == (200, b"ok")
+    assert await post(client) == (200, b"ok")
+    assert server.connections == 2
+    await client.aclose()
+
+
 async def test_server_closing_before_the_answer_is_connection_failed(scripted) -> None:
     async def hang_up(peer: Peer, request: bytes) -> None:
         peer.close()
