@@ -384,6 +384,8 @@ class Http1Client:
             connection.abort()
         self._open -= len(self._idle)
         self._idle.clear()
+        while self._wake_one(None):  # requests waiting for a connection learn it is closed
+            pass
 
     # -- the pool ---------------------------------------------------------------------------------
 
@@ -416,11 +418,17 @@ class Http1Client:
                 elif waiter in self._waiters:
                     self._waiters.remove(waiter)
                 raise
+            if self._closed:
+                if freed is not None:
+                    self._drop(freed)
+                raise ConnectionFailed("the client is closed")
             if freed is not None:
                 return freed
             connection = self._take_idle()
             if connection is not None:
                 return connection
+        if self._closed:
+            raise ConnectionFailed("the client is closed")
         self._open += 1
         try:
             return await self._connect()

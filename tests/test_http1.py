@@ -283,6 +283,24 @@ async def test_waiting_for_a_connection_counts_against_the_timeout(scripted) -> 
     await client.aclose()
 
 
+async def test_requests_waiting_for_a_connection_fail_when_the_client_closes(scripted) -> None:
+    async def slow(peer: Peer, request: bytes) -> None:
+        await asyncio.sleep(0.2)
+        peer.write(OK)
+
+    server = await scripted(slow)
+    client = Http1Client(server.url, max_connections=1)
+    first = asyncio.create_task(post(client))
+    waiting = asyncio.create_task(post(client))
+    await asyncio.sleep(0.05)
+    await client.aclose()
+    with pytest.raises(ConnectionFailed, match="client is closed"):
+        await waiting
+    assert await first == (200, b'{"ok":true}')  # a request in flight finishes
+    assert server.connections == 1
+    await asyncio.wait_for(server.closed.wait(), 5.0)  # and its connection is closed after it
+
+
 async def test_idle_connections_close_after_the_idle_timeout(scripted) -> None:
     server = await scripted(answer_ok)
     client = Http1Client(server.url, idle_timeout_s=0.2)
