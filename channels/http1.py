@@ -297,7 +297,8 @@ def _time_out(answer: asyncio.Future[Answer]) -> None:
 
 class Http1Client:
     """Keep-alive HTTP/1.1 connections to one origin (``base_url``'s scheme, host and port),
-    for small requests with a prepared head. Create and use it inside the running loop."""
+    for small requests with a prepared head; request paths are relative to ``base_url``'s path.
+    Create and use it inside the running loop."""
 
     def __init__(
         self,
@@ -313,8 +314,9 @@ class Http1Client:
             raise ValueError(f"{base_url!r} is not an http:// or https:// URL")
         self._https = parts.scheme == "https"
         self._host = parts.hostname
-        self._port = parts.port or (443 if self._https else 80)
         default_port = 443 if self._https else 80
+        self._port = parts.port or default_port
+        self._base_path = parts.path.rstrip("/")
         host = f"[{self._host}]" if ":" in self._host else self._host
         self.host_header = host if self._port == default_port else f"{host}:{self._port}"
         self._ssl = (ssl_context or verified_tls()) if self._https else None
@@ -336,11 +338,12 @@ class Http1Client:
     def closed(self) -> bool:
         return self._closed
 
-    def prepare(self, method: str, target: str, headers: Mapping[str, str]) -> bytes:
+    def prepare(self, method: str, path: str, headers: Mapping[str, str]) -> bytes:
         """The head of a request up to its ``Content-Length`` line, to pass to ``request``.
-        ``target`` is the path (and query); ``Host`` is added here."""
-        if any(c in target for c in " \r\n") or not target.startswith("/"):
-            raise ValueError(f"bad request target {target!r}")
+        ``path`` (and query) is relative to ``base_url``'s path; ``Host`` is added here."""
+        if any(c in path for c in " \r\n"):
+            raise ValueError(f"bad request path {path!r}")
+        target = f"{self._base_path}/{path.lstrip('/')}"
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
         for name, value in headers.items():
             if name.lower() in ("host", "content-length", "transfer-encoding", "connection"):

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -236,8 +236,8 @@ class MessengerAdapter:
     def _request_head(self, poster: Http1Client, token: str) -> bytes:
         """The Send API request's head for ``token`` (prepared again only when it changes)."""
         if self._head[0] != token:
-            target = f"{urlsplit(self._base).path}{self._path}?access_token={quote(token, safe='')}"
-            self._head = (token, poster.prepare("POST", target, {"Content-Type": "application/json"}))
+            path = f"{self._path}?access_token={quote(token, safe='')}"
+            self._head = (token, poster.prepare("POST", path, {"Content-Type": "application/json"}))
         return self._head[1]
 
     async def _post(self, poster: Http1Client, token: str, body: JSONDict) -> None:

@@ -42,7 +42,6 @@ import time
 from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -143,7 +142,7 @@ class SlackAdapter:
         )
         client.proxy = None  # see the module docstring: the session decides about proxies
         poster = Http1Client(self._base_url)
-        self._post_head = poster.prepare("POST", urlsplit(self._base_url).path + "chat.postMessage", self._post_headers)
+        self._post_head = poster.prepare("POST", "chat.postMessage", self._post_headers)
         self._client, self._poster, self._state = client, poster, _State.RUNNING
         if self._bot_user_id is None:
             await self._learn_bot_user(client)

@@ -335,8 +335,11 @@ async def test_prepare_refuses_headers_the_client_sets_and_line_breaks() -> None
         client.prepare("POST", "/x", {"Content-Length": "3"})
     with pytest.raises(ValueError, match="line break"):
         client.prepare("POST", "/x", {"Authorization": "Bearer x\r\nX-Evil: 1"})
-    with pytest.raises(ValueError, match="request target"):
+    with pytest.raises(ValueError, match="request path"):
         client.prepare("POST", "/x y", {})
+    under_api = Http1Client("http://127.0.0.1:9/api/")
+    assert under_api.prepare("POST", "chat.postMessage", {}).startswith(b"POST /api/chat.postMessage HTTP/1.1\r\n")
+    assert client.prepare("GET", "/v1/me?a=b", {}).startswith(b"GET /v1/me?a=b HTTP/1.1\r\n")
     with pytest.raises(ValueError, match="not an http"):
         Http1Client("ftp://example.com")
     assert Http1Client("https://slack.com/api/").host_header == "slack.com"
