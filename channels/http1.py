@@ -162,9 +162,8 @@ class _Connection(asyncio.Protocol):
     def _finish(self, body: bytes) -> None:
         answer = self._answer
         self._stage = _Stage.IDLE
-        if self._buffer:
-            self._close()  # bytes beyond the answer: not a server to keep talking to
-        elif not self.reusable:
+        # Bytes beyond the answer (not a server to keep talking to), or the answer said close.
+        if self._buffer or not self.reusable:
             self._close()
         if answer is not None and not answer.done():
             answer.set_result(Answer(self._status, CIMultiDictProxy(self._headers), body))
@@ -226,9 +225,7 @@ class _Connection(asyncio.Protocol):
                 if len(self._body) > self._max_body:
                     raise BadAnswer(f"answer body over {self._max_body} bytes")
                 return
-            else:  # IDLE: the answer is complete (a 204 or 304); more bytes would be out of turn
-                if buffer:
-                    self._close()
+            else:  # IDLE: the answer is complete (a 204 or 304); _finish judged what came after it
                 return
 
     @staticmethod
@@ -290,6 +287,11 @@ class _Connection(asyncio.Protocol):
             self._stage, self.reusable = _Stage.UNTIL_CLOSE, False
 
 
+def _expired(connection: _Connection, idle_since_before: float) -> bool:
+    """An idle connection not to use again: the server closed it, or it idled too long."""
+    return connection.closed or connection.idle_since <= idle_since_before
+
+
 def _time_out(answer: asyncio.Future[Answer]) -> None:
     if not answer.done():
         answer.set_exception(TimeoutError())
@@ -333,10 +335,6 @@ class Http1Client:
     def __repr__(self) -> str:
         scheme = "https" if self._https else "http"
         return f"Http1Client({scheme}://{self.host_header}, idle={len(self._idle)})"
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def prepare(self, method: str, path: str, headers: Mapping[str, str]) -> bytes:
         """The head of a request up to its ``Content-Length`` line, to pass to ``request``.
@@ -383,10 +381,9 @@ class Http1Client:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        for connection in self._idle:
-            connection.abort()
-        self._open -= len(self._idle)
-        self._idle.clear()
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            self._drop(connection)
         while self._wake_one(None):  # requests waiting for a connection learn it is closed
             pass
 
@@ -397,10 +394,9 @@ class Http1Client:
         expired_before = self._loop.time() - self._idle_timeout_s
         while idle:
             connection = idle.pop()  # the most recently used: least likely closed by the server
-            if not connection.closed and connection.idle_since > expired_before:
+            if not _expired(connection, expired_before):
                 return connection
-            connection.abort()
-            self._open -= 1
+            self._drop(connection)
         return None
 
     async def _new_or_freed(self) -> _Connection:
@@ -467,6 +463,7 @@ class Http1Client:
             self._sweep = self._loop.call_later(self._idle_timeout_s, self._close_expired)
 
     def _drop(self, connection: _Connection) -> None:
+        """Close a connection for good; a waiting request may open one instead."""
         connection.abort()
         self._open -= 1
         self._wake_one(None)
@@ -487,9 +484,8 @@ class Http1Client:
         expired_before = self._loop.time() - self._idle_timeout_s
         kept = []
         for connection in self._idle:
-            if connection.closed or connection.idle_since <= expired_before:
-                connection.abort()
-                self._open -= 1
+            if _expired(connection, expired_before):
+                self._drop(connection)
             else:
                 kept.append(connection)
         self._idle[:] = kept

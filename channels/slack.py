@@ -210,7 +210,7 @@ class SlackAdapter:
         if not message.text.strip():
             raise DeliverySkipped("empty text")
         poster = self._poster
-        if poster is None or poster.closed:
+        if poster is None:  # not started, or closed (aclose forgets it)
             raise DeliveryError("slack adapter is not running", retryable=True)
         parts = split_text(message.text, MAX_TEXT_CHARS, prefer_line_breaks=True)
         post = functools.partial(self._send_part, poster, channel, thread_ts, message.conversation, len(parts))
