@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
 import orjson
+from ingest import free_port
 
 from channels.http1 import Http1Client
 
@@ -75,13 +75,6 @@ def measuring(posts: int, in_flight: int, out: list[tuple[float, float]]) -> Cal
         out.append((time.process_time() - cpu, time.perf_counter() - wall))
 
     return run
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def main(argv: list[str] | None = None) -> int:
