@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import hashlib
 import hmac
 import json
@@ -116,6 +115,8 @@ async def baseline_app(api_url: str) -> web.Application:
 def serve_child(kind: str, config: str, api_url: str, conn: Connection) -> None:
     """Child process: serve the gateway or the baseline on 127.0.0.1:0 until told to stop."""
 
+    from gateway.collector import CollectorPacer
+
     if kind == "gateway":
         from gateway.serving import share_the_gil_sooner
 
@@ -126,9 +127,8 @@ def serve_child(kind: str, config: str, api_url: str, conn: Connection) -> None:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         # As `chat-gateway serve` does once started (gateway/app.py), for both servers: what
-        # start-up allocated stays out of the collector's full passes.
-        gc.collect()
-        gc.freeze()
+        # start-up allocated and what lives long stays out of the collector's passes.
+        CollectorPacer().install()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         conn.send(runner.addresses[0][1])
         await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"

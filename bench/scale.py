@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import re
 import shutil
@@ -51,6 +50,7 @@ from aiohttp import web
 from delivery import APP_SECRET, ENDPOINT, PAGE_TOKEN, SEND_PATH, percentile, signed_webhook
 from sessions import BULK, DUE, SilentFlow, StallMeter, lag_line, policy, seeded_changes
 
+from gateway.collector import CollectorPacer
 from gateway.models import Session
 from gateway.outbox import Outbox
 from gateway.sessions import SessionManager
@@ -327,8 +327,7 @@ async def mass_expiry(prefix: str, sessions: int, due: int) -> None:
     await manager.start()
     restore_s = time.perf_counter() - started
     print(f"restore + arm from Redis: {sessions / restore_s:,.0f} sessions/s ({restore_s:.1f} s)")
-    gc.collect()
-    gc.freeze()  # as `chat-gateway serve` does once started, and bench/sessions.py after restore
+    CollectorPacer().install()  # as `chat-gateway serve` does once started, and bench/sessions.py after restore
     # Far enough ahead that storing the due sessions' new deadlines (before re-arming) is done.
     window_start = time.time() + 15.0
     manager.stats.record_lags = True

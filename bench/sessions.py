@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
 
+from gateway.collector import CollectorPacer
 from gateway.flows import FlowResult, FlowTurn
 from gateway.models import Change, EventKind, InboundEvent, Session
 from gateway.outbox import Outbox
@@ -217,8 +218,9 @@ async def main(sessions: int, due: int, messages: int, *, freeze: bool = True, p
         restore_s = time.perf_counter() - started
         gc.collect()
         per_session = (rss_bytes() - before) / sessions
+        pacer = CollectorPacer()
         if freeze:
-            gc.freeze()  # as `chat-gateway serve` does once started (gateway/app.py)
+            pacer.install()  # as `chat-gateway serve` does once started (gateway/app.py)
         print(f"restore + arm: {sessions / restore_s:,.0f} sessions/s ({restore_s:.1f} s; B5: 1M in <= 5 s)")
         print(f"RSS per open session: {per_session:.0f} B (target <= 640)")
 
@@ -280,6 +282,8 @@ async def main(sessions: int, due: int, messages: int, *, freeze: bool = True, p
         print(lag_line("close lag (close committed - deadline)", manager.stats.close_lags_s) + " (contract: < 100 ms)")
         print(f"longest event-loop stall during the burst: {stall.longest_s * 1000:.1f} ms (target <= 20 ms)")
         print(f"open sessions now: {manager.open_count:,}")
+        passes = pacer.stats.whole_heap_passes
+        print(f"garbage collector (gateway/collector.py): {pacer.stats.freezes} freezes, {passes} whole-heap passes")
         await manager.aclose()
         await outbox.aclose()
         await store.aclose()
@@ -301,7 +305,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seeded-at", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--no-freeze", action="store_true", help="skip gc.freeze() after restore (to compare)")
+    parser.add_argument(
+        "--no-freeze", action="store_true", help="skip the collector pacer (gc.freeze()) after restore (to compare)"
+    )
     parser.add_argument("--profile-burst", type=Path, metavar="FILE", help="cProfile the event loop in the burst")
     args = parser.parse_args()
     if args.baseline:
