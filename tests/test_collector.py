@@ -47,17 +47,38 @@ class Memory:
         return self.bytes
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
 def memory() -> Memory:
     return Memory()
 
 
 @pytest.fixture
-def pacer(memory: Memory) -> Iterator[CollectorPacer]:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def pacer(memory: Memory, clock: Clock) -> Iterator[CollectorPacer]:
     """An installed pacer with small thresholds. Automatic collections are off: each test says
     which generation is collected when (the pacer acts after every collection, automatic or not)."""
     before = gc.get_threshold()
-    paced = CollectorPacer(young=200, middle=2, regrowth=0.25, min_regrowth_bytes=1024 * 1024, memory=memory)
+    paced = CollectorPacer(
+        young=200,
+        middle=2,
+        regrowth=0.5,
+        min_regrowth_bytes=1024 * 1024,
+        min_pass_interval_s=600,
+        memory=memory,
+        clock=clock,
+    )
     paced.install()
     gc.disable()
     try:
@@ -83,7 +104,7 @@ def test_survivors_of_a_middle_collection_are_frozen_and_no_longer_walked(pacer:
 
 
 def test_dead_cycles_among_frozen_objects_are_freed_once_the_process_grows(
-    pacer: CollectorPacer, memory: Memory
+    pacer: CollectorPacer, memory: Memory, clock: Clock
 ) -> None:
     cycles = [cycle() for _ in range(100)]
     gc.collect(1)  # alive: frozen
@@ -93,27 +114,38 @@ def test_dead_cycles_among_frozen_objects_are_freed_once_the_process_grows(
     assert all(probe() is not None for probe in probes)
     assert pacer.stats.whole_heap_passes == 0
 
-    memory.bytes += 24 * 1024 * 1024  # less than a quarter more: nothing yet
+    memory.bytes += 48 * 1024 * 1024  # less than half more: nothing yet
+    clock.now += 3600
     gc.collect(1)
     gc.collect()
     assert all(probe() is not None for probe in probes)
     assert pacer.stats.whole_heap_passes == 0
 
     grown = [Node() for _ in range(1_000)]
-    memory.bytes += 2 * 1024 * 1024  # past a quarter of the 100 MiB measured at install
+    memory.bytes += 4 * 1024 * 1024  # past half of the 100 MiB measured at install
     gc.collect(1)  # frozen too; past the limit, the frozen heap is released to the next full pass
     assert all(probe() is not None for probe in probes)
     gc.collect()
     assert all(probe() is None for probe in probes)
     assert pacer.stats.whole_heap_passes == 1
     assert pacer.stats.last_unreachable >= 200
-    # The survivors are frozen again, and the next pass waits for another quarter of growth.
+    # The survivors are frozen again, and the next pass waits for another half of growth...
     walked = tracked_ids()
     assert not any(id(node) in walked for node in grown)
-    memory.bytes += 20 * 1024 * 1024  # < 25% of 126 MiB
+    memory.bytes += 60 * 1024 * 1024  # < 50% of 152 MiB
     gc.collect(1)
     gc.collect()
     assert pacer.stats.whole_heap_passes == 1
+    # ...and for ten minutes since the last pass, however fast the process grows.
+    memory.bytes += 200 * 1024 * 1024
+    clock.now += 599
+    gc.collect(1)
+    gc.collect()
+    assert pacer.stats.whole_heap_passes == 1
+    clock.now += 2
+    gc.collect(1)
+    gc.collect()
+    assert pacer.stats.whole_heap_passes == 2
 
 
 def test_automatic_collections_follow_the_pacers_thresholds(pacer: CollectorPacer) -> None:
