@@ -4,7 +4,9 @@ heap has grown, and ``chat-gateway serve`` installs it."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,3 +184,26 @@ async def test_serve_paces_the_collector(tmp_path: Path) -> None:
     log = process.log_path.read_text()
     assert "garbage collector paced:" in log
     assert "young collections every 5000 new objects" in log
+
+
+async def test_a_whole_heap_pass_is_logged_through_the_loop(
+    memory: Memory, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.collector")
+    paced = CollectorPacer(
+        loop=asyncio.get_running_loop(), min_regrowth_bytes=1024, min_pass_interval_s=0, memory=memory, clock=clock
+    )
+    paced.install()
+    gc.disable()
+    try:
+        memory.bytes *= 2
+        gc.collect(1)  # past the limit: released to the next full pass
+        gc.collect()
+        assert paced.stats.whole_heap_passes == 1
+        assert "whole-heap pass" not in caplog.text  # not from inside the collector
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert "garbage collector: whole-heap pass in" in caplog.text
+    finally:
+        gc.enable()
+        paced.uninstall()
