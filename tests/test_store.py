@@ -190,6 +190,32 @@ async def test_session_round_trip_every_field(store: Store, db_path: Path) -> No
         await store.aclose()
 
 
+async def test_an_open_session_restores_with_every_field(store: Store) -> None:
+    """Restore reads fewer columns than ``get_session`` (SQLite): what it builds is the same."""
+    full = Session(
+        id="s-open",
+        endpoint="fb-main",
+        channel="messenger",
+        conversation="psid:2",
+        started_at=T0,
+        last_activity_at=T0 + 1.5,
+        expires_at=T0 + 1801.5,
+        interactive=False,
+        developer=True,
+        message_count=7,
+        intent="billing",
+        variables={"plan": "pro", "n": 3},
+        context={"tags": {"current": ["a"]}, "sentiment": -0.5},
+    )
+    closed = make_session(2)
+    closed.state, closed.closed_at, closed.close_reason = SessionState.CLOSED, T0 + 5, CloseReason.ADMIN
+    await store.commit(Change(sessions=[full, make_session(1), closed]))
+    restored = {s.id: s async for chunk in store.open_sessions() for s in chunk}
+    assert sorted(restored) == sorted(["s-open", make_session(1).id])
+    assert fields(restored["s-open"]) == fields(full)
+    assert fields(restored[make_session(1).id]) == fields(make_session(1))
+
+
 async def test_contact_round_trip_and_update(store: Store) -> None:
     contact = Contact(
         id="web:c1",

@@ -13,11 +13,13 @@ from typing import Any
 from gateway.models import Contact, OutboundMessage, Session, StoredEvent
 from gateway.store.base import SessionQuery, encode_cursor
 from gateway.store.sqlite_rows import (
+    OPEN_SESSION_COLUMNS,
     OUTBOX_COLUMNS,
     SELECT_CONTACTS,
     SESSION_COLUMNS,
     event_from_json,
     row_to_contact,
+    row_to_open_session,
     row_to_outbound,
     row_to_session,
 )
@@ -41,10 +43,14 @@ def _outbox(conn: sqlite3.Connection, tail: str, params: Sequence[Any]) -> list[
 def select_open_sessions(conn: sqlite3.Connection, after: tuple[str, str] | None, limit: int) -> list[Session]:
     """Up to ``limit`` open sessions by (endpoint, conversation), those after ``after`` (the last
     (endpoint, conversation) read before), through the partial index of open sessions."""
+    head = f"SELECT {', '.join(OPEN_SESSION_COLUMNS)} FROM sessions WHERE state = 'open'"
     if after is None:
-        return _sessions(conn, "WHERE state = 'open' ORDER BY endpoint, conversation LIMIT ?", [limit])
-    tail = "WHERE state = 'open' AND (endpoint, conversation) > (?, ?) ORDER BY endpoint, conversation LIMIT ?"
-    return _sessions(conn, tail, [*after, limit])
+        rows = conn.execute(f"{head} ORDER BY endpoint, conversation LIMIT ?", [limit])
+    else:
+        rows = conn.execute(
+            f"{head} AND (endpoint, conversation) > (?, ?) ORDER BY endpoint, conversation LIMIT ?", [*after, limit]
+        )
+    return [row_to_open_session(r) for r in rows]
 
 
 def select_session(conn: sqlite3.Connection, session_id: str) -> Session | None:
