@@ -146,8 +146,9 @@ class CollectorPacer:
         self._reclaim_at = memory + max(self._min_regrowth, int(memory * self._regrowth))
 
     def _on_collection(self, phase: str, info: dict[str, Any]) -> None:
-        # Runs inside the collector, after (or before) a pass: it allocates nothing tracked and
-        # never collects. freeze/unfreeze only move the generations' lists.
+        # Runs inside the collector, before and after each pass, on whichever thread allocated:
+        # it allocates little (no collection starts during another) and only logs through the
+        # loop. freeze/unfreeze only move the generations' lists from one to another.
         generation = info["generation"]
         if phase == "start":
             if self._whole_heap and generation == 2:
