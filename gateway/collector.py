@@ -108,13 +108,9 @@ class CollectorPacer:
         self._started = 0.0
         self.stats = CollectorStats()
 
-    @property
-    def installed(self) -> bool:
-        return self._saved_thresholds is not None
-
     def install(self) -> None:
         """Collect everything once, freeze the survivors, and pace the collector from now on."""
-        if self.installed:
+        if self._saved_thresholds is not None:
             return
         self._saved_thresholds = gc.get_threshold()
         self.stats.last_unreachable = gc.collect()
